@@ -1,0 +1,301 @@
+"""The `distill` command line. Each subcommand parses its options into a config and makes one library call.
+
+Errors a user can fix (DistillError, bad option values) print one line, `error: ...`, and exit with status 2;
+an interrupted run says how to resume it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from distill import config as cfg
+from distill.errors import DistillError
+
+try:  # typer vendors click from 0.20 on
+    from typer._click.exceptions import ClickException, UsageError
+except ImportError:  # pragma: no cover - older typer with click
+    from click.exceptions import ClickException, UsageError  # type: ignore[assignment]
+
+app = typer.Typer(
+    help="Knowledge distillation that proves what was kept and what was saved.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console(width=None if sys.stdout.isatty() else 120)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Progress: the rich reporter
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class RichReporter:
+    """Draws one progress bar per stage on stderr; epoch results appear on the bar."""
+
+    def __init__(self, console: Console, enabled: bool = True):
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("[bold]{task.description:<24}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+            console=console,
+            disable=not enabled,
+        )
+        self.task: Any = None
+        self.info: dict[str, str] = {}
+
+    def __enter__(self) -> RichReporter:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def stage(self, name: str, total: int | None = None) -> None:
+        self.end()
+        self.info = {}
+        self.task = self.progress.add_task(name, total=total, info="")
+
+    def advance(self, steps: int = 1, **metrics: float) -> None:
+        if self.task is None:
+            return
+        if "loss" in metrics:
+            self.info["loss"] = f"loss {metrics['loss']:.4f}"
+        self.progress.update(self.task, advance=steps, info="  ".join(self.info.values()))
+
+    def event(self, kind: str, **data: Any) -> None:
+        if kind == "epoch" and self.task is not None and "test_accuracy" in data:
+            self.info["acc"] = f"test acc {100 * data['test_accuracy']:.1f} %"
+            self.progress.update(self.task, info="  ".join(self.info.values()))
+
+    def end(self) -> None:
+        if self.task is not None:
+            task = self.progress.tasks[-1]
+            if task.total is None:
+                self.progress.update(self.task, total=max(task.completed, 1), completed=max(task.completed, 1))
+            self.progress.stop_task(self.task)
+            self.task = None
+
+    def cancelled(self) -> bool:
+        return False
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    """Where generated data sets and extracted models are kept between runs ($DISTILL_CACHE, else ~/.cache/distill)."""
+    if os.environ.get("DISTILL_CACHE"):
+        return Path(os.environ["DISTILL_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "distill"
+
+
+def output_dir(output: Optional[Path], prefix: str, resume: bool) -> Path:
+    """`--output`, or runs/<prefix>-<timestamp>; with --resume and no --output, the newest runs/<prefix>-*."""
+    if output is not None:
+        if resume and not output.exists():
+            raise DistillError(f"cannot resume: {output} does not exist")
+        return output
+    if resume:
+        previous = sorted(Path("runs").glob(f"{prefix}-*"))
+        if not previous:
+            raise DistillError(f"cannot resume: no earlier run in runs/{prefix}-*; pass --output DIR")
+        return previous[-1]
+    return Path("runs") / f"{prefix}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def _without(data: dict[str, Any], *keys: str) -> dict[str, Any]:
+    return {k: v for k, v in data.items() if k not in keys}
+
+
+def print_classification(metrics: dict[str, Any], output: Path) -> None:
+    """The comparison as a compact terminal table (the full one is in report.md), then the summary."""
+    from distill.report import classification_summary, classification_table
+
+    full = classification_table(metrics)
+    keep = ["model", "test accuracy", "parameters", "latency ms (batch 1)", "rows/s (batch 256)", "agreement", "ECE"]
+    columns = [full.header.index(name) for name in keep]
+    table = Table(title=f"distill {metrics['recipe']}: {metrics.get('description', '')}", title_justify="left")
+    for name in keep:
+        table.add_column(
+            name.replace(" (batch 1)", "").replace(" (batch 256)", ""), justify="left" if name == "model" else "right"
+        )
+    for row in full.rows:
+        table.add_row(*[row[i] for i in columns])
+    out.print(table)
+    for line in classification_summary(metrics):
+        out.print("• " + line.replace("**", ""))
+    out.print(
+        f"Wrote {output}/report.md, report.html, metrics.json and the student in {output}/student "
+        f"({metrics['seconds']:.0f} s)."
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Commands
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@app.command()
+def run(
+    recipe: Optional[str] = typer.Option(
+        None, help="Built-in recipe: mnist1d (MNIST-1D, generated offline) or digits."
+    ),
+    teachers: Optional[int] = typer.Option(None, help="Teachers to train; several are averaged as an ensemble."),
+    ensemble: Optional[str] = typer.Option(
+        None, help="How an ensemble combines: mean (of probabilities) or geometric."
+    ),
+    student_width: Optional[int] = typer.Option(None, help="Hidden units per layer of the student MLP."),
+    temperature: Optional[float] = typer.Option(None, help="Softening temperature T of the soft targets."),
+    alpha: Optional[float] = typer.Option(None, help="Weight of the soft-target loss; 1 - alpha goes to hard labels."),
+    divergence: Optional[str] = typer.Option(None, help="forward_kl (Hinton), reverse_kl, jsd or tvd."),
+    transfer_size: Optional[int] = typer.Option(
+        None, help="Extra unlabeled inputs generated and labeled by the teacher."
+    ),
+    epochs: Optional[int] = typer.Option(
+        None, help="Epochs of the distilled student (the student alone gets as many steps)."
+    ),
+    teacher_epochs: Optional[int] = typer.Option(None, help="Epochs of each teacher."),
+    seed: Optional[int] = typer.Option(None, help="Random seed of data order, initialisation and transfer set."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file with any of these settings."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config key, e.g. --set loss.temperature=4."),
+    output: Optional[Path] = typer.Option(
+        None, "--output", "-o", help="Output directory (default runs/<recipe>-<time>)."
+    ),
+    resume: bool = typer.Option(False, help="Continue a killed run from its checkpoints (the newest, or --output)."),
+    as_json: bool = typer.Option(False, "--json", help="Print metrics.json to stdout instead of the table."),
+) -> None:
+    """Run a built-in recipe end to end: teacher(s), student alone, student distilled, the report.
+
+    The default, MNIST-1D, trains a 1-D CNN teacher, then distills it into a small MLP using a transfer set of
+    freshly generated signals, and compares it with the same MLP trained alone.
+    """
+    from distill.recipes import run_array_recipe
+
+    options = {
+        "recipe": recipe,
+        "teachers": teachers,
+        "ensemble": ensemble,
+        "student_width": student_width,
+        "epochs": epochs,
+        "teacher_epochs": teacher_epochs,
+        "transfer_size": transfer_size,
+        "seed": seed,
+        "loss.temperature": temperature,
+        "loss.alpha": alpha,
+        "loss.divergence": divergence,
+    }
+    overrides = list(set_) + [f"{k}={v}" for k, v in options.items() if v is not None]
+    run_config = cfg.load(cfg.ClassifyRunConfig, config, overrides)
+    directory = output_dir(output, run_config.recipe, resume)
+    with RichReporter(err, enabled=not as_json) as reporter:
+        metrics = run_array_recipe(run_config, directory, resume=resume, cache_dir=cache_dir(), reporter=reporter)
+    if as_json:
+        out.print_json(json.dumps(_without(metrics, "history"), default=str))
+    else:
+        print_classification(metrics, directory)
+
+
+@app.command("train")
+def train_command(
+    config: Path = typer.Option(
+        ..., "--config", "-c", help="YAML file: data, student, teacher (optional), loss, train."
+    ),
+    set_: list[str] = typer.Option([], "--set", help="Override a config key, e.g. --set train.epochs=5."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output directory (default runs/train-<time>)."),
+    resume: bool = typer.Option(False, help="Continue a killed run from its checkpoints."),
+    as_json: bool = typer.Option(False, "--json", help="Print metrics.json to stdout instead of the table."),
+) -> None:
+    """Train a built-in MLP/CNN on your own arrays (CSV, TSV or NPZ), distilled from saved teachers if given.
+
+    Without `teacher:` the model is trained on the labels alone and saved, ready to teach another run.
+    """
+    from distill.recipes.arrays import run_train_job
+
+    job = cfg.load(cfg.TrainJobConfig, config, list(set_))
+    directory = output_dir(output, "train", resume)
+    with RichReporter(err, enabled=not as_json) as reporter:
+        metrics = run_train_job(job, directory, resume=resume, reporter=reporter)
+    if as_json:
+        out.print_json(json.dumps(_without(metrics, "history"), default=str))
+    elif "model" in metrics:
+        m = metrics["model"]
+        out.print(f"test accuracy {100 * m['accuracy']:.1f} %, {m['params']:,} parameters; saved to {m['path']}")
+    else:
+        print_classification(metrics, directory)
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="A run directory holding metrics.json.")) -> None:
+    """Render report.md and report.html again from a run's metrics.json."""
+    from distill import report as rep
+
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        raise DistillError(f"{path} does not exist; is {run_dir} a run directory?")
+    try:
+        metrics = json.loads(path.read_text())
+        rendered = rep.classification_report(metrics)
+    except (ValueError, KeyError, TypeError) as error:
+        raise DistillError(f"{path} is not a classification run's metrics ({error})") from None
+    rep.write(rendered, run_dir)
+    out.print(f"Wrote {run_dir}/report.md and {run_dir}/report.html")
+
+
+def main() -> None:
+    """Entry point: run the app, turning user errors into one line and a non-zero exit."""
+    try:
+        app(standalone_mode=False)
+    except DistillError as error:
+        err.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except UsageError as error:
+        command = error.ctx.command_path if error.ctx is not None else "distill"
+        if type(error).__name__ == "NoArgsIsHelpError":
+            err.print(error.ctx.get_help() if error.ctx is not None else "")
+            sys.exit(2)
+        message = error.format_message().splitlines()[0]
+        err.print(f"[red]error:[/red] {message} (see: {command} --help)", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except ClickException as error:
+        err.print(f"[red]error:[/red] {error.format_message()}", highlight=False, soft_wrap=True)
+        sys.exit(error.exit_code)
+    except typer.Exit as done:
+        sys.exit(done.exit_code)
+    except typer.Abort:
+        err.print("aborted")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        err.print("interrupted: run the same command with --resume to continue from the last checkpoint")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

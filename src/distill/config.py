@@ -1,0 +1,210 @@
+"""Configuration: pydantic models for every run kind, loaded from YAML plus `key=value` overrides.
+
+The CLI builds these from its options, `distill train --config FILE.yaml` reads them from a file, and the service
+accepts them as job payloads, so a config never names an import path or anything else that would run code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from distill.errors import DistillError
+
+Divergence = Literal["forward_kl", "reverse_kl", "jsd", "tvd"]
+
+
+class Strict(BaseModel):
+    """Base for every config: unknown keys are errors, so a typo never silently falls back to a default."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class LossConfig(Strict):
+    """Soft-target distillation: alpha * T^2 * D(p_T || q_T) + (1 - alpha) * CE(labels)."""
+
+    divergence: Divergence = "forward_kl"
+    temperature: float = Field(2.0, gt=0, description="softening temperature T for teacher and student")
+    alpha: float = Field(0.9, ge=0, le=1, description="weight of the soft-target term; 1 - alpha on hard labels")
+    beta: float = Field(0.5, ge=0, le=1, description="mixture weight of the generalised JSD (divergence=jsd)")
+
+
+class TrainConfig(Strict):
+    """The one training loop: AdamW, a learning-rate schedule, checkpoints."""
+
+    epochs: int = Field(20, ge=1, le=100_000)
+    batch_size: int = Field(256, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
+    warmup: float = Field(0.1, ge=0, lt=1, description="fraction of steps spent warming up (cosine, onecycle)")
+    grad_clip: float | None = Field(1.0, gt=0)
+    seed: int = 0
+    checkpoint_every: int = Field(100, ge=0, description="steps between checkpoints; 0 = at epoch ends only")
+    eval_every: int = Field(1, ge=1, description="epochs between evaluations")
+    device: str = "cpu"
+
+
+class ModelSpec(Strict):
+    """A built-in architecture, named by family (see `distill.models.FAMILIES`)."""
+
+    family: Literal["mlp", "cnn1d", "cnn2d"] = "mlp"
+    width: int = Field(256, ge=1, le=65_536)
+    depth: int = Field(2, ge=1, le=64, description="hidden layers (mlp) or convolution blocks (cnn)")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    head: int = Field(0, ge=0, description="hidden units of a CNN's fully-connected head; 0 = none")
+
+
+class ClassifyRunConfig(Strict):
+    """`distill run --recipe mnist1d|digits`: teachers, a student alone, a student distilled, the report."""
+
+    recipe: Literal["mnist1d", "digits"] = "mnist1d"
+    teachers: int = Field(1, ge=1, le=32, description="teachers in the ensemble")
+    ensemble: Literal["mean", "geometric"] = "mean"
+    teacher: ModelSpec | None = Field(None, description="teacher architecture (recipe default if unset)")
+    student: ModelSpec | None = Field(None, description="student architecture (recipe default if unset)")
+    student_width: int | None = Field(None, ge=1, le=65_536, description="shortcut: the student's width")
+    epochs: int | None = Field(None, ge=1, description="shortcut: epochs of the distilled student")
+    teacher_epochs: int | None = Field(None, ge=1, description="shortcut: epochs of each teacher")
+    transfer_size: int | None = Field(None, ge=0, description="freshly generated inputs labeled by the teacher")
+    loss: LossConfig = LossConfig()
+    teacher_train: TrainConfig | None = None
+    student_train: TrainConfig | None = None
+    seed: int = 0
+    train_size: int | None = Field(None, ge=10, description="labeled training examples (recipe default if unset)")
+
+
+class DataSpec(Strict):
+    """A user's arrays: CSV/TSV with a header (features + a label column) or NPZ (features + labels arrays)."""
+
+    train: Path
+    test: Path | None = None
+    transfer: Path | None = Field(None, description="unlabeled inputs for the teacher to label (label column optional)")
+    label_column: str = "label"
+    features_key: str = "x"
+    labels_key: str = "y"
+    num_classes: int | None = Field(None, ge=2)
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="held out from train when no test file is given")
+    input_shape: list[int] | None = Field(None, description="reshape flat features, e.g. [8, 8] for a 2-D CNN")
+
+
+class TrainJobConfig(Strict):
+    """`distill train --config FILE.yaml`: train a built-in student, distilled from a saved teacher if one is given.
+
+    Without `teacher` this trains a plain supervised model (which can then be the teacher of another run).
+    """
+
+    data: DataSpec
+    student: ModelSpec = ModelSpec()
+    teacher: list[Path] = Field(default_factory=list, description="saved model directories; several = ensemble")
+    ensemble: Literal["mean", "geometric"] = "mean"
+    loss: LossConfig = LossConfig()
+    train: TrainConfig = TrainConfig()
+    compare_alone: bool = Field(True, description="also train the same student without a teacher, for the report")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _teacher_as_list(cls, values: Any) -> Any:
+        if isinstance(values, dict) and isinstance(values.get("teacher"), (str, Path)):
+            values = {**values, "teacher": [values["teacher"]]}
+        return values
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a", "b"], value parsed as YAML: numbers, booleans, lists, null)."""
+    if "=" not in item:
+        raise DistillError(f"override {item!r} is not of the form key=value (for example train.lr=0.001)")
+    key, raw = item.split("=", 1)
+    path = [part for part in key.strip().split(".") if part]
+    if not path:
+        raise DistillError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of `data` with each `key.sub=value` override set (nested dicts created as needed)."""
+    result: dict[str, Any] = yaml.safe_load(yaml.safe_dump(data)) if data else {}
+    for item in overrides:
+        path, value = parse_override(item)
+        node = result
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[path[-1]] = value
+    return result
+
+
+def format_validation_error(error: ValidationError, source: str) -> str:
+    """One line naming each bad field, e.g. `train.lr: Input should be greater than 0`."""
+    parts = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        parts.append(f"{where}: {item['msg']}")
+    return f"invalid config in {source}: " + "; ".join(parts)
+
+
+def build(model: type[C], data: dict[str, Any], source: str = "config") -> C:
+    """Validate `data` as `model`, turning pydantic's report into one DistillError line."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        raise DistillError(format_validation_error(error, source)) from None
+
+
+def load(model: type[C], path: Path | None, overrides: list[str] | None = None) -> C:
+    """Load a YAML file (or nothing) into `model`, after applying `key=value` overrides."""
+    data: dict[str, Any] = {}
+    source = "overrides"
+    if path is not None:
+        source = str(path)
+        if not path.is_file():
+            raise DistillError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise DistillError(f"config file {path} is not valid YAML{where}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise DistillError(f"config file {path} must hold a mapping of keys to values, not {type(loaded).__name__}")
+        data = loaded
+        data = _resolve_paths(data, path.parent)
+    return build(model, apply_overrides(data, overrides or []), source)
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Relative data and teacher paths in a config file are relative to the file, not to the working directory."""
+    out = dict(data)
+    section = out.get("data")
+    if isinstance(section, dict):
+        section = dict(section)
+        for key in ("train", "test", "transfer"):
+            if isinstance(section.get(key), str) and not Path(section[key]).is_absolute():
+                section[key] = str(base / section[key])
+        out["data"] = section
+    teacher = out.get("teacher")
+    if isinstance(teacher, str):
+        teacher = [teacher]
+    if isinstance(teacher, list):
+        out["teacher"] = [str(base / t) if isinstance(t, str) and not Path(t).is_absolute() else t for t in teacher]
+    return out
+
+
+def dump(config: BaseModel) -> str:
+    """The resolved config as YAML (paths as strings), for a run's `config.yaml`."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,260 @@
+"""Array data: an in-memory dataset, CSV/TSV/NPZ loading with validation, and the epoch order of batches.
+
+Labels use -100 for "no label" (the PyTorch ignore index): a transfer set is an ArrayDataset whose labels are all
+-100, and concatenating it with labeled data gives the mixed set that soft-target distillation trains on.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from distill.errors import DataError
+
+IGNORE = -100
+
+
+class Dataset(Protocol):
+    """What the training loop needs: a length and a batch (a dict of tensors, with `index`) for given rows."""
+
+    def __len__(self) -> int: ...
+
+    def batch(self, index: Tensor) -> dict[str, Tensor]: ...
+
+
+@dataclass
+class ArrayDataset:
+    """Inputs (N, *shape) float32 and labels (N,) int64, -100 where a row has no label."""
+
+    inputs: Tensor
+    labels: Tensor
+
+    def __post_init__(self) -> None:
+        if self.inputs.shape[0] != self.labels.shape[0]:
+            raise DataError(f"{self.inputs.shape[0]} inputs but {self.labels.shape[0]} labels")
+        self.inputs = self.inputs.float()
+        self.labels = self.labels.long()
+
+    def __len__(self) -> int:
+        return int(self.inputs.shape[0])
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.inputs.shape[1:])
+
+    @property
+    def labeled(self) -> int:
+        return int((self.labels != IGNORE).sum())
+
+    def batch(self, index: Tensor) -> dict[str, Tensor]:
+        return {"inputs": self.inputs[index], "labels": self.labels[index], "index": index}
+
+    def unlabeled(self) -> ArrayDataset:
+        """The same inputs with every label removed (a transfer set)."""
+        return ArrayDataset(self.inputs, torch.full_like(self.labels, IGNORE))
+
+    def subset(self, index: Tensor | slice) -> ArrayDataset:
+        return ArrayDataset(self.inputs[index], self.labels[index])
+
+    def fingerprint(self) -> str:
+        """sha256 of the inputs and labels: a cache built for other data will not be used for this data."""
+        digest = hashlib.sha256()
+        digest.update(str(tuple(self.inputs.shape)).encode())
+        digest.update(self.inputs.contiguous().numpy().tobytes())
+        digest.update(self.labels.contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+
+def concat(*parts: ArrayDataset) -> ArrayDataset:
+    """Rows of every part, in order (for example labeled data followed by a transfer set)."""
+    shapes = {p.input_shape for p in parts}
+    if len(shapes) != 1:
+        raise DataError(f"cannot combine data of different input shapes {sorted(shapes)}")
+    return ArrayDataset(torch.cat([p.inputs for p in parts]), torch.cat([p.labels for p in parts]))
+
+
+def check_labels(labels: Tensor, num_classes: int, source: str) -> None:
+    """Every label is -100 (none) or in 0..num_classes-1; otherwise a DataError naming the first bad row."""
+    bad = ((labels < 0) & (labels != IGNORE)) | (labels >= num_classes)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise DataError(
+            f"label {int(labels[row])} at row {row} of {source} is outside 0..{num_classes - 1} "
+            f"(num_classes={num_classes})"
+        )
+
+
+def epoch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[Tensor]:
+    """The batches of one epoch: a permutation fixed by (seed, epoch), so a resumed run sees the same order."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=generator)
+    return list(order.split(batch_size))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_arrays(
+    path: Path,
+    *,
+    label_column: str = "label",
+    features_key: str = "x",
+    labels_key: str = "y",
+    require_labels: bool = True,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Features (N, ...) float32 and integer labels (N,) or None, from a CSV, TSV or NPZ file.
+
+    CSV/TSV: a header row; the label column by name; every other column a numeric feature.
+    NPZ: arrays named `features_key` and `labels_key`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        features, labels = _load_npz(path, features_key, labels_key, require_labels)
+    elif suffix in (".csv", ".tsv", ".txt"):
+        features, labels = _load_table(path, label_column, "\t" if suffix == ".tsv" else ",", require_labels)
+    else:
+        raise DataError(f"data file {path} must be .csv, .tsv or .npz, not {suffix or 'without extension'}")
+    if features.shape[0] == 0:
+        raise DataError(f"data file {path} has no rows")
+    if not np.isfinite(features).all():
+        row = int(np.argwhere(~np.isfinite(features.reshape(len(features), -1)))[0, 0])
+        raise DataError(f"data file {path} has a NaN or infinite feature at row {row}")
+    return features, labels
+
+
+def _load_npz(
+    path: Path, features_key: str, labels_key: str, require_labels: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as error:
+        raise DataError(f"{path} is not a readable .npz file ({error})") from None
+    with archive:
+        names = sorted(archive.files)
+        if features_key not in names:
+            raise DataError(f"{path} has no array {features_key!r} (arrays: {', '.join(names) or 'none'})")
+        features = archive[features_key]
+        labels = archive[labels_key] if labels_key in names else None
+    if labels is None and require_labels:
+        raise DataError(f"{path} has no labels array {labels_key!r} (arrays: {', '.join(names)})")
+    if features.dtype.kind not in "fiub" or features.ndim < 2:
+        raise DataError(
+            f"{path}: {features_key!r} must be a numeric array of shape (rows, features...), "
+            f"got {features.dtype} {features.shape}"
+        )
+    if labels is not None:
+        labels = _integer_labels(
+            np.asarray(labels).reshape(-1) if labels.ndim == 2 and labels.shape[1] == 1 else labels, path
+        )
+        if labels.shape[0] != features.shape[0]:
+            raise DataError(f"{path}: {features.shape[0]} rows of {features_key!r} but {labels.shape[0]} labels")
+    return features.astype(np.float32), labels
+
+
+def _load_table(
+    path: Path, label_column: str, delimiter: str, require_labels: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
+    with path.open(newline="") as handle:
+        reader = csv.reader(handle, delimiter=delimiter)
+        header = next(reader, None)
+        if not header:
+            raise DataError(f"data file {path} is empty (expected a header row)")
+        header = [h.strip() for h in header]
+        if label_column in header:
+            label_at: int | None = header.index(label_column)
+        elif require_labels:
+            raise DataError(f"data file {path} has no column {label_column!r} (columns: {', '.join(header)})")
+        else:
+            label_at = None
+        rows: list[list[float]] = []
+        raw_labels: list[str] = []
+        for number, row in enumerate(reader, start=2):
+            if not row or all(not cell.strip() for cell in row):
+                continue
+            if len(row) != len(header):
+                raise DataError(f"line {number} of {path} has {len(row)} values but the header has {len(header)}")
+            values = []
+            for column, cell in enumerate(row):
+                if column == label_at:
+                    raw_labels.append(cell.strip())
+                    continue
+                try:
+                    values.append(float(cell))
+                except ValueError:
+                    raise DataError(
+                        f"line {number} of {path}, column {header[column]!r}: {cell!r} is not a number"
+                    ) from None
+            rows.append(values)
+    if not rows:
+        raise DataError(f"data file {path} has a header but no rows")
+    if rows and not rows[0]:
+        raise DataError(f"data file {path} has no feature columns besides {label_column!r}")
+    features = np.asarray(rows, dtype=np.float32)
+    labels = None
+    if label_at is not None:
+        try:
+            labels = _integer_labels(np.asarray([float(v) for v in raw_labels]), path)
+        except ValueError:
+            bad = next(v for v in raw_labels if not _is_number(v))
+            raise DataError(f"{path}: label {bad!r} is not an integer class index") from None
+    return features, labels
+
+
+def _is_number(value: str) -> bool:
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _integer_labels(labels: np.ndarray, path: Path) -> np.ndarray:
+    if labels.ndim != 1:
+        raise DataError(f"{path}: labels must be one integer per row, got shape {labels.shape}")
+    if labels.dtype.kind == "f":
+        if not np.isfinite(labels).all() or not np.all(labels == np.round(labels)):
+            row = int(np.argwhere(~np.isfinite(labels) | (labels != np.round(labels)))[0, 0])
+            raise DataError(f"{path}: label {labels[row]} at row {row} is not an integer class index")
+    elif labels.dtype.kind not in "iu":
+        raise DataError(f"{path}: labels must be integers, got {labels.dtype}")
+    return labels.astype(np.int64)
+
+
+def dataset_from_file(
+    path: Path,
+    *,
+    num_classes: int | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    label_column: str = "label",
+    features_key: str = "x",
+    labels_key: str = "y",
+    require_labels: bool = True,
+) -> ArrayDataset:
+    """Load a file into an ArrayDataset, reshaping features to `input_shape` and checking the label range."""
+    features, labels = load_arrays(
+        path, label_column=label_column, features_key=features_key, labels_key=labels_key, require_labels=require_labels
+    )
+    if input_shape is not None:
+        per_row = int(np.prod(features.shape[1:]))
+        if int(np.prod(input_shape)) != per_row:
+            raise DataError(f"{path}: {per_row} features per row cannot be reshaped to input_shape {list(input_shape)}")
+        features = features.reshape((features.shape[0], *input_shape))
+    label_tensor = (
+        torch.from_numpy(labels) if labels is not None else torch.full((features.shape[0],), IGNORE, dtype=torch.long)
+    )
+    dataset = ArrayDataset(torch.from_numpy(features), label_tensor)
+    if num_classes is not None:
+        check_labels(dataset.labels, num_classes, str(path))
+    return dataset

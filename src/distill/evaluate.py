@@ -1,0 +1,156 @@
+"""Metrics: how much of the teacher a student kept, and what it saved.
+
+Quality: accuracy, retention (student / teacher), gap closed ((distilled - alone) / (teacher - alone)), top-1
+agreement with the teacher, KL(teacher || student), expected calibration error with its reliability table.
+Cost: parameters, size on disk, CPU latency at batch 1 and throughput at batch 256, measured for all models side by
+side (interleaved rounds on the same machine at the same time), giving speed-up and compression.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from distill.teachers import Teacher
+from distill.teachers.local import logits_of
+
+
+@torch.no_grad()
+def predict(model: nn.Module | Callable[[Tensor], Tensor], inputs: Tensor, batch_size: int = 1024) -> Tensor:
+    """Logits (N, C) of a model over `inputs` (N, ...), in batches, in eval mode."""
+    if isinstance(model, nn.Module):
+        model.eval()
+        device = next(iter(model.parameters()), torch.empty(0)).device
+    else:
+        device = torch.device("cpu")
+    outputs = [
+        logits_of(model(inputs[i : i + batch_size].to(device))).float().cpu() for i in range(0, len(inputs), batch_size)
+    ]
+    return torch.cat(outputs) if outputs else torch.zeros(0)
+
+
+@torch.no_grad()
+def teacher_logprobs(teacher: Teacher, inputs: Tensor, batch_size: int = 1024) -> Tensor:
+    """A teacher's dense log-probs (N, C) over `inputs` (the index key is the row number)."""
+    parts = []
+    for i in range(0, len(inputs), batch_size):
+        index = torch.arange(i, min(i + batch_size, len(inputs)))
+        parts.append(teacher({"inputs": inputs[index], "index": index}).logprobs.float().cpu())
+    return torch.cat(parts)
+
+
+def accuracy(logits: Tensor, labels: Tensor) -> float:
+    """Share of rows whose arg-max is the label. (N, C), (N,) -> float"""
+    return float((logits.argmax(-1) == labels).float().mean())
+
+
+def agreement(student_logits: Tensor, teacher_logits: Tensor) -> float:
+    """Share of rows where student and teacher predict the same class (top-1)."""
+    return float((student_logits.argmax(-1) == teacher_logits.argmax(-1)).float().mean())
+
+
+def kl_to_teacher(student_logits: Tensor, teacher_logits: Tensor) -> float:
+    """Mean KL(teacher || student) in nats at temperature 1."""
+    log_q = F.log_softmax(student_logits.float(), -1)  # (N, C)
+    log_p = F.log_softmax(teacher_logits.float(), -1)  # (N, C)
+    return float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+
+
+@dataclass
+class Reliability:
+    """Per confidence bin: mean confidence, accuracy and number of rows; plus the expected calibration error."""
+
+    ece: float
+    confidence: list[float]
+    accuracy: list[float]
+    count: list[int]
+    edges: list[float]
+
+
+def calibration(logits: Tensor, labels: Tensor, bins: int = 15) -> Reliability:
+    """Expected calibration error (Guo et al. 2017): sum over equal-width confidence bins of
+    (rows in bin / N) * |accuracy(bin) - confidence(bin)|."""
+    probs = F.softmax(logits.float(), -1)  # (N, C)
+    confidence, predicted = probs.max(-1)  # (N,), (N,)
+    correct = (predicted == labels).float()
+    edges = torch.linspace(0, 1, bins + 1)
+    ece = 0.0
+    conf_out, acc_out, counts = [], [], []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        inside = (confidence > lo) & (confidence <= hi) if lo > 0 else (confidence >= lo) & (confidence <= hi)
+        n = int(inside.sum())
+        counts.append(n)
+        if n:
+            c, a = float(confidence[inside].mean()), float(correct[inside].mean())
+            ece += n / len(labels) * abs(a - c)
+        else:
+            c, a = float((lo + hi) / 2), float("nan")
+        conf_out.append(c)
+        acc_out.append(a)
+    return Reliability(ece=ece, confidence=conf_out, accuracy=acc_out, count=counts, edges=[float(e) for e in edges])
+
+
+def gap_closed(distilled: float, alone: float, teacher: float) -> float | None:
+    """(distilled - alone) / (teacher - alone): 1 = the student reached the teacher, 0 = distillation did nothing.
+    None when the teacher is no better than the student alone (the ratio has no meaning then)."""
+    if teacher - alone <= 1e-9:
+        return None
+    return (distilled - alone) / (teacher - alone)
+
+
+@dataclass
+class Speed:
+    latency_ms: float  # median time of one batch-1 forward pass
+    throughput: float  # rows per second at batch `batch_size`
+
+
+@torch.inference_mode()
+def measure_speed(
+    models: dict[str, Callable[[Tensor], object]],
+    example: Tensor,
+    *,
+    batch_size: int = 256,
+    rounds: int = 7,
+    min_seconds: float = 0.05,
+) -> dict[str, Speed]:
+    """CPU latency at batch 1 and throughput at `batch_size`, for every model side by side.
+
+    Each round times every model in turn (the order alternates between rounds), so load on the machine affects all
+    of them alike; the reported figure is the median over rounds. `example` is one input row (no batch dimension).
+    """
+    single = example.unsqueeze(0)  # (1, ...)
+    big = example.unsqueeze(0).expand(batch_size, *example.shape).contiguous()  # (B, ...)
+    for model in models.values():  # warm-up
+        for _ in range(3):
+            model(single)
+        model(big)
+
+    def timed(fn: Callable[[Tensor], object], inputs: Tensor) -> float:
+        calls, start = 0, time.perf_counter()
+        while True:
+            fn(inputs)
+            calls += 1
+            elapsed = time.perf_counter() - start
+            if elapsed >= min_seconds and calls >= 3:
+                return elapsed / calls
+
+    latency: dict[str, list[float]] = {name: [] for name in models}
+    batch_time: dict[str, list[float]] = {name: [] for name in models}
+    names = list(models)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else reversed(names):
+            latency[name].append(timed(models[name], single))
+            batch_time[name].append(timed(models[name], big))
+    return {
+        name: Speed(
+            latency_ms=1000 * statistics.median(latency[name]),
+            throughput=batch_size / statistics.median(batch_time[name]),
+        )
+        for name in names
+    }

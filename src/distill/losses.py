@@ -1,0 +1,304 @@
+"""Logit distillation losses, each written once, as pure functions.
+
+Notation: the teacher distribution is p, the student distribution is q, both over the same classes (or vocabulary),
+both softened by a temperature T: q = softmax(z_s / T), p = softmax(z_t / T).
+
+A teacher is given either
+
+* **dense**: log-probabilities over all V classes, shape (N, V); or
+* **sparse**: its top-K log-probabilities and their class ids, shapes (N, K) and (N, K). The student's log-probs
+  are gathered at those ids and one *tail bucket* holds the remaining mass on both sides, so both distributions
+  live on K + 1 buckets and every divergence below applies unchanged. With K == V the tail is empty and the sparse
+  loss equals the dense one.
+
+Every divergence returns the mean over the rows selected by `mask` (all rows when `mask` is None). Log-probabilities
+are floored at LOG_FLOOR (e^-100, about 4e-44) so that a zero-probability bucket contributes zero instead of NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from distill.errors import ShapeMismatchError
+
+LOG_FLOOR = -100.0
+# A teacher top-K mass within this of 1 is float32 rounding, not a real tail: treat the tail as empty.
+TAIL_EPS = 1e-6
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Putting student and teacher on the same buckets
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def dense_pair(
+    student_logits: Tensor, teacher_logprobs: Tensor, temperature: float, teacher_temperature: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """Student and teacher log-probs at temperature T over all V classes.
+
+    `teacher_logprobs` may be log-probs at temperature `teacher_temperature` (or raw logits when that is 1): since
+    log_softmax(z / t0) = z / t0 - const, rescaling by t0 / T and renormalising gives log_softmax(z / T) exactly.
+    """
+    if student_logits.shape != teacher_logprobs.shape:
+        raise ShapeMismatchError(
+            f"student outputs shape {tuple(student_logits.shape)} but teacher outputs {tuple(teacher_logprobs.shape)}"
+        )
+    student = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (N, V)
+    teacher = F.log_softmax(teacher_logprobs.float() * (teacher_temperature / temperature), dim=-1)  # (N, V)
+    return student, teacher
+
+
+def sparse_pair(
+    student_logits: Tensor, teacher_logprobs: Tensor, token_ids: Tensor, temperature: float
+) -> tuple[Tensor, Tensor]:
+    """Student and teacher log-probs over K + 1 buckets: the teacher's top-K ids, then the tail.
+
+    The teacher's top-K log-probs must already be at temperature T (a cache records the temperature it was built at;
+    the tail's shape at another temperature is unknown). The student's tail is the exact log-sum-exp of its
+    log-probs outside the K ids, so no probability mass is invented on either side.
+    """
+    if teacher_logprobs.shape != token_ids.shape:
+        raise ShapeMismatchError(
+            f"teacher top-k log-probs {tuple(teacher_logprobs.shape)} and ids {tuple(token_ids.shape)} differ"
+        )
+    if student_logits.shape[:-1] != token_ids.shape[:-1]:
+        raise ShapeMismatchError(
+            f"student outputs {tuple(student_logits.shape)} but teacher top-k ids are {tuple(token_ids.shape)}"
+        )
+    vocab = student_logits.shape[-1]
+    ids = token_ids.long()
+    if ids.numel() and (int(ids.max()) >= vocab or int(ids.min()) < 0):
+        raise ShapeMismatchError(f"teacher token id {int(ids.max())} is outside the student's {vocab} classes")
+    student_all = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (N, V)
+    student_top = student_all.gather(-1, ids)  # (N, K)
+    chosen = torch.zeros_like(student_all, dtype=torch.bool).scatter_(-1, ids, True)  # (N, V)
+    # A finite fill keeps the gradient finite when every class is chosen (K == V).
+    student_tail = torch.logsumexp(student_all.masked_fill(chosen, torch.finfo(student_all.dtype).min), dim=-1)  # (N,)
+
+    teacher_top = teacher_logprobs.float()  # (N, K)
+    tail_mass = 1.0 - teacher_top.exp().sum(-1)  # (N,)
+    tail_mass = torch.where(tail_mass > TAIL_EPS, tail_mass, torch.zeros_like(tail_mass))
+    teacher_tail = torch.log(tail_mass)  # (N,), -inf when empty
+
+    student = torch.cat([student_top, student_tail.unsqueeze(-1)], dim=-1)  # (N, K+1)
+    teacher = torch.cat([teacher_top, teacher_tail.unsqueeze(-1)], dim=-1)  # (N, K+1)
+    return student, teacher
+
+
+def buckets(
+    student_logits: Tensor,
+    teacher_logprobs: Tensor,
+    token_ids: Tensor | None,
+    temperature: float,
+    teacher_temperature: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Dense when `token_ids` is None, sparse otherwise; log-probs floored at LOG_FLOOR."""
+    if token_ids is None:
+        student, teacher = dense_pair(student_logits, teacher_logprobs, temperature, teacher_temperature)
+    else:
+        if not math.isclose(teacher_temperature, temperature, rel_tol=1e-6):
+            raise ShapeMismatchError(
+                f"sparse teacher log-probs were computed at temperature {teacher_temperature} but the loss uses "
+                f"{temperature}; rebuild the cache at that temperature or set the loss temperature to match"
+            )
+        student, teacher = sparse_pair(student_logits, teacher_logprobs, token_ids, temperature)
+    return student.clamp_min(LOG_FLOOR), teacher.clamp_min(LOG_FLOOR)
+
+
+def _mean(rows: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean of per-row values over the rows where `mask` is true (zero, with a gradient, when none are)."""
+    if mask is None:
+        return rows.mean()
+    weights = mask.to(rows.dtype)
+    return (rows * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Divergences between bucket log-probs (N, B): the math lives here, once
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """KL(p || q) = sum_i p_i (log p_i - log q_i), per row. (N, B) -> (N,)"""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def jsd_rows(log_p: Tensor, log_q: Tensor, beta: float) -> Tensor:
+    """Generalised Jensen-Shannon divergence of Agarwal et al. 2024 (GKD, "On-Policy Distillation of Language
+    Models"), per row, with the mixture m = beta p + (1 - beta) q:
+
+        JSD_beta(p || q) = beta KL(p || m) + (1 - beta) KL(q || m)
+
+    beta = 0.5 is the symmetric JSD. As in TRL's GKD trainer, beta = 0 means forward KL(p || q) and beta = 1 means
+    reverse KL(q || p) (the interpolation itself vanishes at both ends).
+    """
+    if beta <= 0.0:
+        return kl_rows(log_p, log_q)
+    if beta >= 1.0:
+        return kl_rows(log_q, log_p)
+    log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log(1.0 - beta)]), dim=0)  # (N, B)
+    return beta * kl_rows(log_p, log_m) + (1.0 - beta) * kl_rows(log_q, log_m)
+
+
+def tvd_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """Total variation distance, 0.5 * sum_i |p_i - q_i|, per row (Wen et al. 2023, "f-Divergence Minimization for
+    Sequence-Level Knowledge Distillation")."""
+    return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public losses: student logits against a dense or sparse teacher
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def forward_kl(
+    student_logits: Tensor,
+    teacher_logprobs: Tensor,
+    *,
+    token_ids: Tensor | None = None,
+    temperature: float = 1.0,
+    teacher_temperature: float = 1.0,
+    mask: Tensor | None = None,
+    beta: float = 0.5,
+) -> Tensor:
+    """Forward KL(p || q), mode-covering; Hinton et al. 2015 ("Distilling the Knowledge in a Neural Network").
+
+    Equals the soft cross-entropy -sum p log q minus the teacher's entropy, which does not depend on the student:
+    the gradients are identical and the loss is zero when the student matches the teacher. `beta` is ignored.
+    """
+    student, teacher = buckets(student_logits, teacher_logprobs, token_ids, temperature, teacher_temperature)
+    return _mean(kl_rows(teacher, student), mask)
+
+
+def reverse_kl(
+    student_logits: Tensor,
+    teacher_logprobs: Tensor,
+    *,
+    token_ids: Tensor | None = None,
+    temperature: float = 1.0,
+    teacher_temperature: float = 1.0,
+    mask: Tensor | None = None,
+    beta: float = 0.5,
+) -> Tensor:
+    """Reverse KL(q || p), mode-seeking; Gu et al. 2024 ("MiniLLM"). `beta` is ignored."""
+    student, teacher = buckets(student_logits, teacher_logprobs, token_ids, temperature, teacher_temperature)
+    return _mean(kl_rows(student, teacher), mask)
+
+
+def jsd(
+    student_logits: Tensor,
+    teacher_logprobs: Tensor,
+    *,
+    token_ids: Tensor | None = None,
+    temperature: float = 1.0,
+    teacher_temperature: float = 1.0,
+    mask: Tensor | None = None,
+    beta: float = 0.5,
+) -> Tensor:
+    """Generalised JSD_beta(p || q) of GKD (Agarwal et al. 2024); see `jsd_rows`."""
+    student, teacher = buckets(student_logits, teacher_logprobs, token_ids, temperature, teacher_temperature)
+    return _mean(jsd_rows(teacher, student, beta), mask)
+
+
+def tvd(
+    student_logits: Tensor,
+    teacher_logprobs: Tensor,
+    *,
+    token_ids: Tensor | None = None,
+    temperature: float = 1.0,
+    teacher_temperature: float = 1.0,
+    mask: Tensor | None = None,
+    beta: float = 0.5,
+) -> Tensor:
+    """Total variation distance between p and q; see `tvd_rows`. `beta` is ignored."""
+    student, teacher = buckets(student_logits, teacher_logprobs, token_ids, temperature, teacher_temperature)
+    return _mean(tvd_rows(teacher, student), mask)
+
+
+Divergence = Callable[..., Tensor]
+
+LOSSES: dict[str, Divergence] = {
+    "forward_kl": forward_kl,
+    "reverse_kl": reverse_kl,
+    "jsd": jsd,
+    "tvd": tvd,
+}
+
+
+def hard_label_ce(student_logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """Cross-entropy with the true labels over the rows that have one (label != ignore_index); zero if none do."""
+    labeled = labels != ignore_index  # (N,)
+    if not bool(labeled.any()):
+        return student_logits.sum() * 0.0
+    return F.cross_entropy(student_logits[labeled].float(), labels[labeled])
+
+
+def hinton_terms(
+    student_logits: Tensor,
+    teacher_logprobs: Tensor,
+    labels: Tensor | None,
+    *,
+    temperature: float,
+    token_ids: Tensor | None = None,
+    teacher_temperature: float = 1.0,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    kd_mask: Tensor | None = None,
+    ignore_index: int = -100,
+) -> dict[str, Tensor]:
+    """The two named terms of soft-target distillation (Hinton et al. 2015):
+
+        kd = T^2 * D(p_T || q_T)      soft targets at temperature T; T^2 keeps the gradient scale independent of T
+        ce = CE(y, q_1)               hard labels, only on rows that have one (a transfer set has none)
+
+    D is forward KL by default (Hinton's soft cross-entropy up to a constant), or any divergence in LOSSES.
+    """
+    if divergence not in LOSSES:
+        raise ValueError(f"unknown divergence {divergence!r}; choose one of {sorted(LOSSES)}")
+    kd = LOSSES[divergence](
+        student_logits,
+        teacher_logprobs,
+        token_ids=token_ids,
+        temperature=temperature,
+        teacher_temperature=teacher_temperature,
+        mask=kd_mask,
+        beta=beta,
+    )
+    terms = {"kd": kd * temperature**2}
+    if labels is not None:
+        terms["ce"] = hard_label_ce(student_logits, labels, ignore_index)
+    return terms
+
+
+def hinton_loss(
+    student_logits: Tensor,
+    teacher_logprobs: Tensor,
+    labels: Tensor | None,
+    *,
+    temperature: float,
+    alpha: float,
+    token_ids: Tensor | None = None,
+    teacher_temperature: float = 1.0,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+) -> Tensor:
+    """alpha * kd + (1 - alpha) * ce with the terms of `hinton_terms`."""
+    terms = hinton_terms(
+        student_logits,
+        teacher_logprobs,
+        labels,
+        temperature=temperature,
+        token_ids=token_ids,
+        teacher_temperature=teacher_temperature,
+        divergence=divergence,
+        beta=beta,
+    )
+    loss = alpha * terms["kd"]
+    if "ce" in terms:
+        loss = loss + (1.0 - alpha) * terms["ce"]
+    return loss

@@ -1,0 +1,123 @@
+"""MNIST-1D (Greydanus 2020): a 1-D CNN teacher distilled into a small MLP, with freshly generated transfer inputs.
+
+The data set is generated offline by the `mnist1d` package (`make_dataset`; never its downloading `get_dataset`):
+the standard 4,000 / 1,000 split from seed 42, and a transfer set of new signals from other seeds, whose labels are
+thrown away so that only the teacher labels them. The data set's authors report 94 % test accuracy for a CNN and
+68 % for an MLP trained on the labeled split alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distill.config import ClassifyRunConfig, ModelSpec, TrainConfig
+from distill.data import ArrayDataset
+from distill.errors import DistillError
+from distill.recipes.classify import Problem, resolve_specs
+
+TEACHER = ModelSpec(family="cnn1d", width=64, depth=4, head=256, dropout=0.3)
+STUDENT = ModelSpec(family="mlp", width=256, depth=2)
+TEACHER_TRAIN = TrainConfig(epochs=40, batch_size=128, lr=3e-3, weight_decay=0.05)
+STUDENT_TRAIN = TrainConfig(epochs=30, batch_size=256, lr=3e-3, weight_decay=0.01)
+ALONE_BATCH = 64  # the student alone: smaller batches over its smaller data set
+TRANSFER_SIZE = 40_000
+SPLIT_SEED = 42  # the data set's standard split
+CHUNK = 5_000  # signals generated per worker task
+
+
+def _generate(num_samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`num_samples` signals (N, 40) float32 and their labels from mnist1d's generator with `seed`, all in one split."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    state = np.random.get_state()
+    try:
+        args = get_dataset_args()
+        args.num_samples, args.seed, args.train_split = num_samples, seed, 1.0
+        data = make_dataset(args)
+    finally:
+        np.random.set_state(state)  # make_dataset reseeds numpy's global generator
+    return data["x"].astype(np.float32), data["y"].astype(np.int64)
+
+
+def _standard_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    state = np.random.get_state()
+    try:
+        args = get_dataset_args()
+        args.seed = SPLIT_SEED
+        data = make_dataset(args)
+    finally:
+        np.random.set_state(state)
+    return (
+        data["x"].astype(np.float32),
+        data["y"].astype(np.int64),
+        data["x_test"].astype(np.float32),
+        data["y_test"].astype(np.int64),
+    )
+
+
+def transfer_inputs(size: int, seed: int, cache_dir: Path | None, workers: int = 2) -> np.ndarray:
+    """`size` fresh MNIST-1D signals (labels discarded), generated in chunks by `workers` processes.
+
+    Chunk i uses generator seed 10_000 + 1_000 * seed + i, never the split's seed. Generation is deterministic, so the
+    result is kept in `cache_dir` (when given) and reused by later runs with the same seed and size.
+    """
+    if size == 0:
+        return np.zeros((0, 40), np.float32)
+    key = hashlib.sha256(f"mnist1d-transfer-v1-{size}-{seed}-{CHUNK}".encode()).hexdigest()[:16]
+    path = cache_dir / "mnist1d" / f"transfer-{key}.npy" if cache_dir is not None else None
+    if path is not None and path.exists():
+        try:
+            cached = np.load(path)
+            if cached.shape == (size, 40):
+                return cached
+        except (ValueError, OSError):
+            pass  # a damaged cache file is regenerated below
+    sizes = [min(CHUNK, size - start) for start in range(0, size, CHUNK)]
+    seeds = [10_000 + 1_000 * seed + i for i in range(len(sizes))]
+    if workers > 1 and len(sizes) > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            parts = list(pool.map(_generate, sizes, seeds))
+    else:
+        parts = [_generate(n, s) for n, s in zip(sizes, seeds)]
+    inputs = np.concatenate([p[0] for p in parts])
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npy")
+        np.save(tmp, inputs)
+        tmp.replace(path)
+    return inputs
+
+
+def problem(config: ClassifyRunConfig, cache_dir: Path | None = None) -> Problem:
+    """The MNIST-1D problem for a run config (unset fields take the defaults above)."""
+    try:
+        import mnist1d  # noqa: F401
+    except ImportError:
+        raise DistillError("the mnist1d recipe needs the package mnist1d: pip install mnist1d") from None
+    x, y, x_test, y_test = _standard_split()
+    if config.train_size is not None:
+        if config.train_size > len(x):
+            raise DistillError(f"train_size {config.train_size} is more than the {len(x)} labeled MNIST-1D signals")
+        x, y = x[: config.train_size], y[: config.train_size]
+    size = TRANSFER_SIZE if config.transfer_size is None else config.transfer_size
+    transfer = transfer_inputs(size, config.seed, cache_dir)
+    return Problem(
+        name="mnist1d",
+        description=(
+            f"MNIST-1D: {len(x)} labeled training signals, {len(x_test)} test signals, "
+            f"{len(transfer)} freshly generated unlabeled transfer signals"
+        ),
+        train=ArrayDataset(torch.from_numpy(x), torch.from_numpy(y)),
+        test=ArrayDataset(torch.from_numpy(x_test), torch.from_numpy(y_test)),
+        transfer=ArrayDataset(torch.from_numpy(transfer), torch.full((len(transfer),), -100)),
+        num_classes=10,
+        **resolve_specs(config, TEACHER, STUDENT, TEACHER_TRAIN, STUDENT_TRAIN),
+        alone_batch_size=ALONE_BATCH,
+    )

@@ -1,0 +1,175 @@
+"""A teacher's outputs computed once, stored on disk with a manifest, and reused by every epoch and every student.
+
+Layout of a cache directory:
+
+    manifest.json          format, teacher id, data fingerprint, rows, width, shards with their sha256
+    logprobs-00000.npy     (rows_in_shard, C) float32 log-probabilities, read memory-mapped
+    ...
+    partial.json           only while building: the shards finished so far (a killed build resumes from it)
+
+A cache answers for one teacher and one data set: `CachedTeacher` refuses a manifest whose teacher id or data
+fingerprint differ from what the caller expects, and a shard whose checksum does not match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from distill.data import Dataset
+from distill.errors import CacheError
+from distill.progress import NULL, Reporter
+from distill.teachers import Teacher, TeacherOutput
+
+FORMAT = "distill-teacher-cache"
+VERSION = 1
+MANIFEST = "manifest.json"
+PARTIAL = "partial.json"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def build_cache(
+    teacher: Teacher,
+    data: Dataset,
+    directory: Path,
+    *,
+    teacher_id: str,
+    data_id: str,
+    batch_size: int = 1024,
+    shard_rows: int = 65_536,
+    reporter: Reporter = NULL,
+) -> CachedTeacher:
+    """Score every row of `data` with `teacher` and store the log-probs; resume a killed build; reuse a finished one."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    identity = {"teacher": teacher_id, "data": data_id, "rows": len(data), "width": teacher.num_classes}
+    manifest_path = directory / MANIFEST
+    if manifest_path.exists():
+        manifest = _read_json(manifest_path)
+        if all(manifest.get(k) == v for k, v in identity.items()):
+            return CachedTeacher(directory, teacher_id=teacher_id, data_id=data_id)
+        raise CacheError(
+            f"{directory} already holds a cache for another teacher or data set; choose another directory or delete it"
+        )
+
+    partial_path = directory / PARTIAL
+    shards: list[dict[str, Any]] = []
+    if partial_path.exists():
+        partial = _read_json(partial_path)
+        if all(partial.get(k) == v for k, v in identity.items()):
+            for shard in partial.get("shards", []):
+                path = directory / shard["file"]
+                if path.exists() and sha256_file(path) == shard["sha256"]:
+                    shards.append(shard)
+                else:
+                    break  # rebuild from the first missing or damaged shard on
+    start = sum(s["rows"] for s in shards)
+    total = len(data)
+    reporter.stage("teacher cache", total=total)
+    reporter.advance(start)
+    while start < total:
+        stop = min(start + shard_rows, total)
+        parts = []
+        for begin in range(start, stop, batch_size):
+            index = torch.arange(begin, min(begin + batch_size, stop))
+            output = teacher(data.batch(index))
+            if output.sparse:
+                raise CacheError("this cache stores dense teacher outputs; the teacher returned top-k outputs")
+            parts.append(output.logprobs.float().cpu().numpy())  # (b, C)
+            reporter.advance(len(index))
+        values = np.concatenate(parts)  # (rows_in_shard, C)
+        name = f"logprobs-{len(shards):05d}.npy"
+        tmp = directory / (name + ".tmp")
+        with tmp.open("wb") as handle:
+            np.save(handle, values)
+        os.replace(tmp, directory / name)
+        shards.append({"file": name, "first_row": start, "rows": stop - start, "sha256": sha256_file(directory / name)})
+        _write_json(partial_path, {**identity, "shards": shards})
+        start = stop
+    reporter.end()
+    _write_json(manifest_path, {"format": FORMAT, "version": VERSION, "kind": "dense", **identity, "shards": shards})
+    partial_path.unlink(missing_ok=True)
+    return CachedTeacher(directory, teacher_id=teacher_id, data_id=data_id)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise CacheError(f"{path} is not readable JSON ({error}); delete the cache directory and rebuild it") from None
+    if not isinstance(data, dict):
+        raise CacheError(f"{path} is not a cache manifest; delete the cache directory and rebuild it")
+    return data
+
+
+class CachedTeacher:
+    """Serves the stored log-probs of the rows in `batch["index"]`, checked against the manifest on open."""
+
+    def __init__(
+        self, directory: Path, *, teacher_id: str | None = None, data_id: str | None = None, verify: bool = True
+    ):
+        self.directory = Path(directory)
+        manifest_path = self.directory / MANIFEST
+        if not manifest_path.exists():
+            hint = " (its build did not finish; run it again to resume)" if (self.directory / PARTIAL).exists() else ""
+            raise CacheError(f"{self.directory} has no {MANIFEST}: not a teacher cache{hint}")
+        manifest = _read_json(manifest_path)
+        if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+            raise CacheError(f"{manifest_path} is not a {FORMAT} v{VERSION} manifest")
+        if teacher_id is not None and manifest.get("teacher") != teacher_id:
+            raise CacheError(f"cache {self.directory} was built by another teacher; rebuild it for this teacher")
+        if data_id is not None and manifest.get("data") != data_id:
+            raise CacheError(f"cache {self.directory} was built for other data; rebuild it for this data set")
+        self.manifest = manifest
+        self.num_classes = int(manifest["width"])
+        arrays = []
+        expected_start = 0
+        for shard in manifest["shards"]:
+            path = self.directory / shard["file"]
+            if not path.exists():
+                raise CacheError(f"cache shard {path} is missing; rebuild the cache")
+            if verify and sha256_file(path) != shard["sha256"]:
+                raise CacheError(f"cache shard {path} fails its sha256 check (corrupt); rebuild the cache")
+            try:
+                array = np.load(path, mmap_mode="r")
+            except (ValueError, OSError) as error:
+                raise CacheError(f"cache shard {path} is unreadable ({error}); rebuild the cache") from None
+            if shard["first_row"] != expected_start or array.shape != (shard["rows"], self.num_classes):
+                raise CacheError(f"cache shard {path} has shape {array.shape}, not what the manifest says; rebuild it")
+            expected_start += shard["rows"]
+            arrays.append(array)
+        if expected_start != manifest["rows"]:
+            raise CacheError(f"cache {self.directory} covers {expected_start} of {manifest['rows']} rows; rebuild it")
+        # Small caches are gathered into one tensor; the arrays stay memory-mapped until then.
+        self.logprobs = torch.from_numpy(
+            np.concatenate(arrays) if arrays else np.zeros((0, self.num_classes), np.float32)
+        )
+
+    def __len__(self) -> int:
+        return int(self.logprobs.shape[0])
+
+    def __call__(self, batch: dict[str, Tensor]) -> TeacherOutput:
+        index = batch["index"]
+        if int(index.max()) >= len(self):
+            raise CacheError(f"row {int(index.max())} is beyond the {len(self)} rows in cache {self.directory}")
+        return TeacherOutput(logprobs=self.logprobs[index.cpu()])

@@ -1,0 +1,58 @@
+import pytest
+
+from distill import config as cfg
+from distill.errors import DistillError
+
+
+def test_overrides_parse_yaml_values():
+    data = cfg.apply_overrides({"loss": {"alpha": 0.5}}, ["loss.temperature=4", "teachers=3", "x.y.z=[1, 2]", "s=abc"])
+    assert data == {"loss": {"alpha": 0.5, "temperature": 4}, "teachers": 3, "x": {"y": {"z": [1, 2]}}, "s": "abc"}
+    with pytest.raises(DistillError, match="key=value"):
+        cfg.apply_overrides({}, ["novalue"])
+
+
+def test_load_yaml_with_overrides_and_relative_paths(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("data:\n  train: train.csv\nteacher: models/t\ntrain:\n  epochs: 3\n")
+    job = cfg.load(cfg.TrainJobConfig, path, ["train.lr=0.01"])
+    assert job.train.epochs == 3 and job.train.lr == 0.01
+    assert job.data.train == tmp_path / "train.csv"
+    assert job.teacher == [tmp_path / "models/t"]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("data: [1, 2\n", "not valid YAML at line"),
+        ("- 1\n- 2\n", "must hold a mapping"),
+        ("data:\n  train: a.csv\ntrain:\n  lr: -1\n", "train.lr: Input should be greater than 0"),
+        ("data:\n  train: a.csv\ntrian:\n  lr: 1\n", "trian: Extra inputs are not permitted"),
+        ("train:\n  lr: 1\n", "data: Field required"),
+    ],
+)
+def test_bad_config_files(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(DistillError, match=message):
+        cfg.load(cfg.TrainJobConfig, path)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(DistillError, match="does not exist"):
+        cfg.load(cfg.TrainJobConfig, tmp_path / "nope.yaml")
+
+
+def test_run_config_rejects_unknown_recipe_and_values():
+    with pytest.raises(DistillError, match="recipe"):
+        cfg.load(cfg.ClassifyRunConfig, None, ["recipe=imagenet"])
+    with pytest.raises(DistillError, match="loss.alpha"):
+        cfg.load(cfg.ClassifyRunConfig, None, ["loss.alpha=2"])
+    with pytest.raises(DistillError, match="teachers"):
+        cfg.load(cfg.ClassifyRunConfig, None, ["teachers=0"])
+
+
+def test_dump_round_trips():
+    run = cfg.load(cfg.ClassifyRunConfig, None, ["teachers=2", "loss.temperature=3"])
+    import yaml
+
+    assert cfg.ClassifyRunConfig.model_validate(yaml.safe_load(cfg.dump(run))) == run
