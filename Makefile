@@ -20,10 +20,10 @@ demo: setup
 	$(VENV)/bin/distill run
 
 test: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n 2 -m "not slow"
 
 test-all: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
@@ -32,6 +32,7 @@ lint: setup
 
 bench: setup
 	$(PY) benchmarks/kd_overhead.py
+	$(PY) benchmarks/soft_targets.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -176,15 +176,19 @@ def test_non_finite_loss_is_one_line(tmp_path):
 
 
 def test_corrupt_cache_on_resume_is_one_line(tmp_path):
+    write_csv(tmp_path / "train.csv")
+    assert distill_cli("train", "--config", write_job(tmp_path), "--output", tmp_path / "t", cwd=tmp_path).returncode == 0
+    job = write_job(tmp_path, teacher="t/model")
     out = tmp_path / "run"
-    assert distill_cli("run", "--recipe", "digits", *SMALL, "--output", out, cwd=tmp_path).returncode == 0
+    assert distill_cli("train", "--config", job, "--output", out, cwd=tmp_path).returncode == 0
     shard = out / "cache" / "teacher" / "logprobs-00000.npy"
     shard.write_bytes(shard.read_bytes()[:-8] + b"\x00" * 8)
     (out / "models" / "student-distilled" / "history.json").unlink()
-    result = distill_cli("run", "--recipe", "digits", *SMALL, "--output", out, "--resume", cwd=tmp_path)
+    result = distill_cli("train", "--config", job, "--output", out, "--resume", cwd=tmp_path)
     assert_one_line_error(result, "fails its sha256 check")
 
 
+@pytest.mark.slow
 def test_run_killed_and_resumed_ends_like_an_uninterrupted_run(tmp_path):
     args = ["run", "--recipe", "digits", "--epochs", "6", "--teacher-epochs", "4", "--transfer-size", "4000", "--json"]
     straight = distill_cli(*args, "--output", tmp_path / "a", cwd=tmp_path)

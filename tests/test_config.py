@@ -56,3 +56,15 @@ def test_dump_round_trips():
     import yaml
 
     assert cfg.ClassifyRunConfig.model_validate(yaml.safe_load(cfg.dump(run))) == run
+
+
+def test_example_recipe_files_are_valid():
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent / "recipes"
+    run = cfg.load(cfg.ClassifyRunConfig, root / "mnist1d-ensemble.yaml")
+    assert run.teachers == 5
+    job = cfg.load(cfg.TrainJobConfig, root / "own-arrays.yaml", ["teacher=null"])
+    assert job.teacher == [] and job.data.train == root / "../data/train.csv"
+    first_line = (root / "own-arrays.yaml").read_text().splitlines()[0]
+    assert first_line.startswith("# distill train --config")

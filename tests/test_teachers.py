@@ -134,3 +134,16 @@ def test_fingerprint_changes_with_weights():
     a, b = mlp(seed=0), mlp(seed=1)
     assert fingerprint(a) == fingerprint(mlp(seed=0))
     assert fingerprint(a) != fingerprint(b)
+
+
+def test_cache_at_temperature_serves_softened_targets(tmp_path):
+    data = blobs(40)
+    teacher = LocalTeacher(mlp(), 4)
+    cache = build_cache(teacher, data, tmp_path, teacher_id="t", data_id="d")
+    warm = cache.at_temperature(3.0)
+    index = torch.arange(40)
+    out = warm({"index": index})
+    logits = mlp()(data.inputs).detach()
+    assert out.temperature == 3.0
+    assert torch.allclose(out.logprobs, F.log_softmax(logits / 3.0, -1), atol=1e-5)
+    assert cache({"index": index}).temperature == 1.0  # the original is unchanged

@@ -95,9 +95,10 @@ def distill(
             "they must predict the same classes"
         )
     if cache_dir is not None and fingerprint_id:
-        source = build_cache(
+        cache = build_cache(
             source, train_set, Path(cache_dir), teacher_id=fingerprint_id, data_id=train_set.fingerprint()
         )
+        source = cache.at_temperature(temperature)
     config = train_config or TrainConfig(
         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed
     )

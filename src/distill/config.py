@@ -70,7 +70,7 @@ class ClassifyRunConfig(Strict):
     epochs: int | None = Field(None, ge=1, description="shortcut: epochs of the distilled student")
     teacher_epochs: int | None = Field(None, ge=1, description="shortcut: epochs of each teacher")
     transfer_size: int | None = Field(None, ge=0, description="freshly generated inputs labeled by the teacher")
-    loss: LossConfig = LossConfig()
+    loss: LossConfig = Field(default_factory=LossConfig, description="settings given here replace the recipe's")
     teacher_train: TrainConfig | None = None
     student_train: TrainConfig | None = None
     seed: int = 0
@@ -108,8 +108,12 @@ class TrainJobConfig(Strict):
     @model_validator(mode="before")
     @classmethod
     def _teacher_as_list(cls, values: Any) -> Any:
-        if isinstance(values, dict) and isinstance(values.get("teacher"), (str, Path)):
-            values = {**values, "teacher": [values["teacher"]]}
+        if isinstance(values, dict) and "teacher" in values:
+            teacher = values["teacher"]
+            if teacher is None:
+                values = {**values, "teacher": []}
+            elif isinstance(teacher, (str, Path)):
+                values = {**values, "teacher": [teacher]}
         return values
 
 

@@ -48,8 +48,13 @@ def dense_pair(
         raise ShapeMismatchError(
             f"student outputs shape {tuple(student_logits.shape)} but teacher outputs {tuple(teacher_logprobs.shape)}"
         )
-    student = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (N, V)
-    teacher = F.log_softmax(teacher_logprobs.float() * (teacher_temperature / temperature), dim=-1)  # (N, V)
+    scaled = student_logits.float() if temperature == 1.0 else student_logits.float() / temperature
+    student = F.log_softmax(scaled, dim=-1)  # (N, V)
+    ratio = teacher_temperature / temperature
+    if ratio == 1.0:  # already log-probs at T (a teacher's outputs are normalised)
+        teacher = teacher_logprobs.float()  # (N, V)
+    else:
+        teacher = F.log_softmax(teacher_logprobs.float() * ratio, dim=-1)  # (N, V)
     return student, teacher
 
 
@@ -97,16 +102,17 @@ def buckets(
     temperature: float,
     teacher_temperature: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
-    """Dense when `token_ids` is None, sparse otherwise; log-probs floored at LOG_FLOOR."""
+    """Dense when `token_ids` is None, sparse otherwise. The teacher's log-probs (and the sparse student's tail) are
+    floored at LOG_FLOOR; a dense student's log_softmax of finite logits is finite and is left as it is."""
     if token_ids is None:
         student, teacher = dense_pair(student_logits, teacher_logprobs, temperature, teacher_temperature)
-    else:
-        if not math.isclose(teacher_temperature, temperature, rel_tol=1e-6):
-            raise ShapeMismatchError(
-                f"sparse teacher log-probs were computed at temperature {teacher_temperature} but the loss uses "
-                f"{temperature}; rebuild the cache at that temperature or set the loss temperature to match"
-            )
-        student, teacher = sparse_pair(student_logits, teacher_logprobs, token_ids, temperature)
+        return student, teacher.clamp_min(LOG_FLOOR)
+    if not math.isclose(teacher_temperature, temperature, rel_tol=1e-6):
+        raise ShapeMismatchError(
+            f"sparse teacher log-probs were computed at temperature {teacher_temperature} but the loss uses "
+            f"{temperature}; rebuild the cache at that temperature or set the loss temperature to match"
+        )
+    student, teacher = sparse_pair(student_logits, teacher_logprobs, token_ids, temperature)
     return student.clamp_min(LOG_FLOOR), teacher.clamp_min(LOG_FLOOR)
 
 
@@ -124,8 +130,11 @@ def _mean(rows: Tensor, mask: Tensor | None) -> Tensor:
 
 
 def kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """KL(p || q) = sum_i p_i (log p_i - log q_i), per row. (N, B) -> (N,)"""
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
+    """KL(p || q) = sum_i p_i (log p_i - log q_i), per row. (N, B) -> (N,)
+
+    Computed by `F.kl_div(log q, log p, log_target=True)`, which fuses the element-wise terms in one kernel each way.
+    """
+    return F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
 
 
 def jsd_rows(log_p: Tensor, log_q: Tensor, beta: float) -> Tensor:
@@ -172,6 +181,8 @@ def forward_kl(
     the gradients are identical and the loss is zero when the student matches the teacher. `beta` is ignored.
     """
     student, teacher = buckets(student_logits, teacher_logprobs, token_ids, temperature, teacher_temperature)
+    if mask is None:  # one fused kernel each way: sum of KL over rows / rows
+        return F.kl_div(student.flatten(0, -2), teacher.flatten(0, -2), reduction="batchmean", log_target=True)
     return _mean(kl_rows(teacher, student), mask)
 
 
@@ -231,11 +242,10 @@ LOSSES: dict[str, Divergence] = {
 
 
 def hard_label_ce(student_logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
-    """Cross-entropy with the true labels over the rows that have one (label != ignore_index); zero if none do."""
-    labeled = labels != ignore_index  # (N,)
-    if not bool(labeled.any()):
-        return student_logits.sum() * 0.0
-    return F.cross_entropy(student_logits[labeled].float(), labels[labeled])
+    """Cross-entropy with the true labels, averaged over the rows that have one (label != ignore_index); zero if
+    none do. No host synchronisation: the count stays a tensor."""
+    total = F.cross_entropy(student_logits.float(), labels, ignore_index=ignore_index, reduction="sum")
+    return total / (labels != ignore_index).sum().clamp_min(1)
 
 
 def hinton_terms(

@@ -39,7 +39,6 @@ def run_array_recipe(
         problem,
         teachers=config.teachers,
         ensemble=config.ensemble,
-        loss=config.loss,
         seed=config.seed,
         output=output,
         resume=resume,

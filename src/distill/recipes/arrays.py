@@ -99,13 +99,13 @@ def run_train_job(
             teacher_train=config.train,
             student_train=config.train,
             alone_batch_size=config.train.batch_size,
+            loss=config.loss,
             pretrained=list(config.teacher),
         )
         metrics = run_classification(
             problem,
             teachers=len(config.teacher),
             ensemble=config.ensemble,
-            loss=config.loss,
             seed=config.train.seed,
             output=output,
             resume=resume,

@@ -51,6 +51,8 @@ class Problem:
     teacher_train: TrainConfig
     student_train: TrainConfig
     alone_batch_size: int
+    loss: LossConfig
+    teacher_data: ArrayDataset | None = None  # what the teachers train on (default: `train`), e.g. augmented
     pretrained: list[Path] | None = None  # saved teacher directories; None = train teachers from `teacher`
 
 
@@ -60,8 +62,11 @@ def resolve_specs(
     student: ModelSpec,
     teacher_train: TrainConfig,
     student_train: TrainConfig,
+    loss: LossConfig,
 ) -> dict[str, Any]:
-    """A recipe's defaults with the run config's choices applied (full specs first, then the shortcuts)."""
+    """A recipe's defaults with the run config's choices applied (full specs first, then the shortcuts; loss
+    settings one by one, so `--alpha` alone keeps the recipe's temperature)."""
+    loss = loss.model_copy(update=config.loss.model_dump(exclude_unset=True))
     teacher = config.teacher or teacher
     student = config.student or student
     teacher_train = config.teacher_train or teacher_train
@@ -72,7 +77,13 @@ def resolve_specs(
         student_train = student_train.model_copy(update={"epochs": config.epochs})
     if config.teacher_epochs is not None:
         teacher_train = teacher_train.model_copy(update={"epochs": config.teacher_epochs})
-    return {"teacher": teacher, "student": student, "teacher_train": teacher_train, "student_train": student_train}
+    return {
+        "teacher": teacher,
+        "student": student,
+        "teacher_train": teacher_train,
+        "student_train": student_train,
+        "loss": loss,
+    }
 
 
 @dataclass
@@ -153,7 +164,6 @@ def run_classification(
     *,
     teachers: int,
     ensemble: str,
-    loss: LossConfig,
     seed: int,
     output: Path,
     resume: bool = False,
@@ -162,6 +172,7 @@ def run_classification(
     """Run every stage and return the metrics (also written to output/metrics.json)."""
     started = time.perf_counter()
     output.mkdir(parents=True, exist_ok=True)
+    loss = problem.loss
     labeled = problem.train
     transfer = problem.transfer.unlabeled() if problem.transfer is not None and len(problem.transfer) else None
     kd_data = concat(labeled, transfer) if transfer is not None else labeled
@@ -175,7 +186,7 @@ def run_classification(
                 f"teacher-{i}",
                 problem.teacher,
                 problem,
-                labeled,
+                problem.teacher_data if problem.teacher_data is not None else labeled,
                 problem.teacher_train.model_copy(update={"seed": seed + 100 * i}),
                 output,
                 init_seed=seed + 100 * i,
@@ -235,7 +246,7 @@ def run_classification(
         kd_data,
         problem.student_train.model_copy(update={"seed": seed}),
         output,
-        teacher=cache,
+        teacher=cache.at_temperature(loss.temperature),
         loss=loss,
         init_seed=student_seed,
         resume=resume,
@@ -250,7 +261,7 @@ def run_classification(
             kd_data,
             problem.student_train.model_copy(update={"seed": seed}),
             output,
-            teacher=single_cache,
+            teacher=single_cache.at_temperature(loss.temperature),
             loss=loss,
             init_seed=student_seed,
             resume=resume,

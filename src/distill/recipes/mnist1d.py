@@ -15,16 +15,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distill.config import ClassifyRunConfig, ModelSpec, TrainConfig
+from distill.config import ClassifyRunConfig, LossConfig, ModelSpec, TrainConfig
 from distill.data import ArrayDataset
 from distill.errors import DistillError
 from distill.recipes.classify import Problem, resolve_specs
 
 TEACHER = ModelSpec(family="cnn1d", width=64, depth=4, head=256, dropout=0.3)
 STUDENT = ModelSpec(family="mlp", width=256, depth=2)
-TEACHER_TRAIN = TrainConfig(epochs=40, batch_size=128, lr=3e-3, weight_decay=0.05)
-STUDENT_TRAIN = TrainConfig(epochs=30, batch_size=256, lr=3e-3, weight_decay=0.01)
-ALONE_BATCH = 64  # the student alone: smaller batches over its smaller data set
+TEACHER_TRAIN = TrainConfig(epochs=30, batch_size=128, lr=3e-3, weight_decay=0.05)
+STUDENT_TRAIN = TrainConfig(epochs=30, batch_size=512, lr=5e-3, weight_decay=0.01)
+ALONE_BATCH = 32  # the student alone: small batches over its small data set (it plateaus near 70 %)
+LOSS = LossConfig(temperature=2.0, alpha=0.9)
 TRANSFER_SIZE = 40_000
 SPLIT_SEED = 42  # the data set's standard split
 CHUNK = 5_000  # signals generated per worker task
@@ -118,6 +119,6 @@ def problem(config: ClassifyRunConfig, cache_dir: Path | None = None) -> Problem
         test=ArrayDataset(torch.from_numpy(x_test), torch.from_numpy(y_test)),
         transfer=ArrayDataset(torch.from_numpy(transfer), torch.full((len(transfer),), -100)),
         num_classes=10,
-        **resolve_specs(config, TEACHER, STUDENT, TEACHER_TRAIN, STUDENT_TRAIN),
+        **resolve_specs(config, TEACHER, STUDENT, TEACHER_TRAIN, STUDENT_TRAIN, LOSS),
         alone_batch_size=ALONE_BATCH,
     )

@@ -13,6 +13,7 @@ fingerprint differ from what the caller expects, and a shard whose checksum does
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -161,15 +162,20 @@ class CachedTeacher:
         if expected_start != manifest["rows"]:
             raise CacheError(f"cache {self.directory} covers {expected_start} of {manifest['rows']} rows; rebuild it")
         # Small caches are gathered into one tensor; the arrays stay memory-mapped until then.
-        self.logprobs = torch.from_numpy(
-            np.concatenate(arrays) if arrays else np.zeros((0, self.num_classes), np.float32)
-        )
+        stacked = np.concatenate(arrays) if arrays else np.zeros((0, self.num_classes), np.float32)
+        self.logprobs = torch.from_numpy(stacked)  # (rows, C)
+        self.temperature = 1.0
 
     def __len__(self) -> int:
         return int(self.logprobs.shape[0])
 
+    def at_temperature(self, temperature: float) -> CachedTeacher:
+        """The same cache serving log_softmax(log p / T): softened once here instead of in every training step."""
+        softened = copy.copy(self)
+        softened.logprobs = torch.log_softmax(self.logprobs * (self.temperature / temperature), dim=-1)
+        softened.temperature = temperature
+        return softened
+
     def __call__(self, batch: dict[str, Tensor]) -> TeacherOutput:
-        index = batch["index"]
-        if int(index.max()) >= len(self):
-            raise CacheError(f"row {int(index.max())} is beyond the {len(self)} rows in cache {self.directory}")
-        return TeacherOutput(logprobs=self.logprobs[index.cpu()])
+        logprobs = torch.index_select(self.logprobs, 0, batch["index"].cpu())  # (B, C)
+        return TeacherOutput(logprobs=logprobs, temperature=self.temperature)
