@@ -177,7 +177,9 @@ def test_non_finite_loss_is_one_line(tmp_path):
 
 def test_corrupt_cache_on_resume_is_one_line(tmp_path):
     write_csv(tmp_path / "train.csv")
-    assert distill_cli("train", "--config", write_job(tmp_path), "--output", tmp_path / "t", cwd=tmp_path).returncode == 0
+    assert (
+        distill_cli("train", "--config", write_job(tmp_path), "--output", tmp_path / "t", cwd=tmp_path).returncode == 0
+    )
     job = write_job(tmp_path, teacher="t/model")
     out = tmp_path / "run"
     assert distill_cli("train", "--config", job, "--output", out, cwd=tmp_path).returncode == 0
