@@ -26,3 +26,31 @@ def toy() -> ArrayDataset:
 def mlp(dim: int = 8, classes: int = 4, width: int = 16, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(dim, width), nn.ReLU(), nn.Linear(width, classes))
+
+
+TINY_WORDS = (
+    "the a an movie film is was great good bad dull fun boring best worst of and to it this that i love hate "
+    "man woman child dog cat plays playing guitar riding horse eating food runs running street car fast slow "
+    "very not really story acting plot funny sad happy year performance one , . ! ?"
+).split()
+
+
+def tiny_bert(directory, *, layers: int = 6, hidden: int = 32, heads: int = 4, num_labels: int | None = None):
+    """A tiny random BERT (and its word-piece tokenizer) saved with save_pretrained into `directory`."""
+    from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizerFast
+
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *TINY_WORDS]
+    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(vocab=str(directory / "vocab.txt"), do_lower_case=True)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=heads, intermediate_size=2 * hidden, max_position_embeddings=64)
+    torch.manual_seed(0)
+    if num_labels:
+        config.num_labels = num_labels
+        model = BertForSequenceClassification(config)
+    else:
+        model = BertModel(config)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return model, tokenizer

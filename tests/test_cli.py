@@ -87,7 +87,10 @@ def test_run_mnist1d_ensemble_prints_the_table(tmp_path):
 @pytest.mark.parametrize(
     "args, fragment",
     [
-        (["run", "--recipe", "imagenet"], "recipe: Input should be 'mnist1d' or 'digits'"),
+        (["run", "--recipe", "imagenet"], "unknown recipe 'imagenet'; choose one of mnist1d, digits, stsb, sst2"),
+        (["run", "--recipe", "stsb", "--teachers", "2"], "--teachers does not apply to the stsb recipe"),
+        (["run", "--recipe", "digits", "--teacher", "x"], "--teacher does not apply to the digits recipe"),
+        (["run", "--recipe", "sst2", "--data-dir", "nowhere"], "the sst2 recipe needs the reference data sets"),
         (["run", "--teachers", "many"], "Invalid value for '--teachers'"),
         (["run", "--temperature", "0"], "loss.temperature: Input should be greater than 0"),
         (["run", "--divergence", "l2"], "loss.divergence"),

@@ -163,27 +163,91 @@ def print_classification(metrics: dict[str, Any], output: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# Which `distill run` options each recipe takes, and the config key each one sets.
+_ARRAY_OPTIONS = {
+    "teachers": "teachers",
+    "ensemble": "ensemble",
+    "student_width": "student_width",
+    "epochs": "epochs",
+    "teacher_epochs": "teacher_epochs",
+    "transfer_size": "transfer_size",
+    "seed": "seed",
+    "temperature": "loss.temperature",
+    "alpha": "loss.alpha",
+    "divergence": "loss.divergence",
+}
+RUN_OPTIONS: dict[str, dict[str, str]] = {
+    "mnist1d": _ARRAY_OPTIONS,
+    "digits": _ARRAY_OPTIONS,
+    "stsb": {
+        "teacher": "teacher",
+        "sample_size": "sample_size",
+        "data_dir": "data_dir",
+        "epochs": "train.epochs",
+        "seed": "seed",
+    },
+    "sst2": {
+        "teacher": "teacher",
+        "sample_size": "train_size",
+        "transfer_size": "transfer_size",
+        "data_dir": "data_dir",
+        "epochs": "student_train.epochs",
+        "teacher_epochs": "teacher_train.epochs",
+        "seed": "seed",
+        "temperature": "loss.temperature",
+        "alpha": "loss.alpha",
+        "divergence": "loss.divergence",
+    },
+}
+
+
+def default_data_dir() -> Path | None:
+    """The reference data sets: ../shared/data from here or from the repository, when present."""
+    repository = Path(__file__).resolve().parents[2]
+    for candidate in (Path("../shared/data"), Path("shared/data"), repository.parent / "shared" / "data"):
+        if candidate.is_dir():
+            return candidate.resolve()
+    return None
+
+
+def print_report_tables(metrics: dict[str, Any], output: Path) -> None:
+    from distill import report
+
+    rendered = report.REPORTS[metrics["recipe"]](metrics)
+    for table_data in rendered.tables:
+        table = Table(title=f"{table_data.title}: {rendered.description}", title_justify="left")
+        for i, column in enumerate(table_data.header):
+            table.add_column(column, justify="left" if i == 0 else "right")
+        for row in table_data.rows:
+            table.add_row(*row)
+        out.print(table)
+    for line in rendered.summary:
+        out.print("• " + line.replace("**", ""))
+    out.print(f"Wrote {output}/report.md, report.html and metrics.json ({metrics['seconds']:.0f} s).")
+
+
 @app.command()
 def run(
     recipe: Optional[str] = typer.Option(
-        None, help="Built-in recipe: mnist1d (MNIST-1D, generated offline) or digits."
+        None, help="Built-in recipe: mnist1d (default, generated offline), digits, stsb or sst2 (real text data)."
     ),
-    teachers: Optional[int] = typer.Option(None, help="Teachers to train; several are averaged as an ensemble."),
-    ensemble: Optional[str] = typer.Option(
-        None, help="How an ensemble combines: mean (of probabilities) or geometric."
+    teachers: Optional[int] = typer.Option(None, help="[mnist1d, digits] Teachers to train; several = an ensemble."),
+    ensemble: Optional[str] = typer.Option(None, help="[mnist1d, digits] How an ensemble combines: mean or geometric."),
+    student_width: Optional[int] = typer.Option(None, help="[mnist1d, digits] Hidden units of the student MLP."),
+    teacher: Optional[str] = typer.Option(
+        None, help="[stsb, sst2] Teacher: minilm-l6 (packaged all-MiniLM-L6-v2), a model folder or a hub name."
     ),
-    student_width: Optional[int] = typer.Option(None, help="Hidden units per layer of the student MLP."),
+    sample_size: Optional[int] = typer.Option(
+        None, help="[stsb] Unlabeled training sentences; [sst2] labeled training phrases (0 = all)."
+    ),
+    data_dir: Optional[Path] = typer.Option(None, help="[stsb, sst2] Folder with sst2/, stsb/, agnews/."),
     temperature: Optional[float] = typer.Option(None, help="Softening temperature T of the soft targets."),
     alpha: Optional[float] = typer.Option(None, help="Weight of the soft-target loss; 1 - alpha goes to hard labels."),
     divergence: Optional[str] = typer.Option(None, help="forward_kl (Hinton), reverse_kl, jsd or tvd."),
-    transfer_size: Optional[int] = typer.Option(
-        None, help="Extra unlabeled inputs generated and labeled by the teacher."
-    ),
-    epochs: Optional[int] = typer.Option(
-        None, help="Epochs of the distilled student (the student alone gets as many steps)."
-    ),
-    teacher_epochs: Optional[int] = typer.Option(None, help="Epochs of each teacher."),
-    seed: Optional[int] = typer.Option(None, help="Random seed of data order, initialisation and transfer set."),
+    transfer_size: Optional[int] = typer.Option(None, help="Extra unlabeled inputs labeled by the teacher."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs of the distilled students."),
+    teacher_epochs: Optional[int] = typer.Option(None, help="Epochs of each teacher (fine-tuning for sst2)."),
+    seed: Optional[int] = typer.Option(None, help="Random seed of data order, initialisation and samples."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file with any of these settings."),
     set_: list[str] = typer.Option([], "--set", help="Override a config key, e.g. --set loss.temperature=4."),
     output: Optional[Path] = typer.Option(
@@ -192,35 +256,62 @@ def run(
     resume: bool = typer.Option(False, help="Continue a killed run from its checkpoints (the newest, or --output)."),
     as_json: bool = typer.Option(False, "--json", help="Print metrics.json to stdout instead of the table."),
 ) -> None:
-    """Run a built-in recipe end to end: teacher(s), student alone, student distilled, the report.
+    """Run a built-in recipe end to end: teacher(s), students alone and distilled, the report.
 
     The default, MNIST-1D, trains a 1-D CNN teacher, then distills it into a small MLP using a transfer set of
-    freshly generated signals, and compares it with the same MLP trained alone.
+    freshly generated signals, and compares it with the same MLP trained alone. stsb and sst2 distill the real
+    all-MiniLM-L6-v2 (the minilm extra) into students derived from its layers.
     """
-    from distill.recipes import run_array_recipe
+    from distill.recipes import RECIPES
 
-    options = {
-        "recipe": recipe,
+    name = recipe
+    if name is None and config is not None:
+        name = cfg.load_mapping(config).get("recipe")
+    name = name or "mnist1d"
+    if name not in RECIPES:
+        raise DistillError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
+    given = {
         "teachers": teachers,
         "ensemble": ensemble,
         "student_width": student_width,
+        "teacher": teacher,
+        "sample_size": sample_size,
+        "data_dir": data_dir,
+        "temperature": temperature,
+        "alpha": alpha,
+        "divergence": divergence,
+        "transfer_size": transfer_size,
         "epochs": epochs,
         "teacher_epochs": teacher_epochs,
-        "transfer_size": transfer_size,
         "seed": seed,
-        "loss.temperature": temperature,
-        "loss.alpha": alpha,
-        "loss.divergence": divergence,
     }
-    overrides = list(set_) + [f"{k}={v}" for k, v in options.items() if v is not None]
-    run_config = cfg.load(cfg.ClassifyRunConfig, config, overrides)
-    directory = output_dir(output, run_config.recipe, resume)
+    mapping = RUN_OPTIONS[name]
+    for option, value in given.items():
+        if value is not None and option not in mapping:
+            takers = [r for r, m in RUN_OPTIONS.items() if option in m]
+            raise DistillError(
+                f"--{option.replace('_', '-')} does not apply to the {name} recipe (it applies to {', '.join(takers)})"
+            )
+    overrides = [f"recipe={name}", *set_] + [f"{mapping[k]}={v}" for k, v in given.items() if v is not None]
+    model, runner = RECIPES[name]
+    run_config = cfg.load(model, config, overrides)
+    folder = getattr(run_config, "data_dir", None) or default_data_dir()
+    if name in ("stsb", "sst2") and (folder is None or not Path(folder).is_dir()):
+        raise DistillError(
+            f"the {name} recipe needs the reference data sets (sst2/, stsb/, agnews/); pass --data-dir PATH "
+            "(see ../shared/data/README.md)"
+        )
+    directory = output_dir(output, name, resume)
     with RichReporter(err, enabled=not as_json) as reporter:
-        metrics = run_array_recipe(run_config, directory, resume=resume, cache_dir=cache_dir(), reporter=reporter)
+        metrics = runner(
+            run_config, directory, resume=resume, cache_dir=cache_dir(), data_dir=folder, reporter=reporter
+        )
     if as_json:
         out.print_json(json.dumps(_without(metrics, "history"), default=str))
-    else:
+    elif name in ("mnist1d", "digits"):
         print_classification(metrics, directory)
+    else:
+        print_report_tables(metrics, directory)
 
 
 @app.command("train")

@@ -23,13 +23,25 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
+class FeatureLoss(Strict):
+    """One feature-distillation term between a student module and a teacher module (named as in named_modules())."""
+
+    kind: Literal["hidden_mse", "cosine", "attention_kl"]
+    student: str = Field(description="module in the student, e.g. encoder.layer.1")
+    teacher: str = Field(description="module in the teacher, e.g. encoder.layer.3")
+    weight: float = Field(1.0, ge=0)
+    heads: int = Field(12, ge=1, description="relation heads of attention_kl (both widths must divide by it)")
+
+
 class LossConfig(Strict):
-    """Soft-target distillation: alpha * T^2 * D(p_T || q_T) + (1 - alpha) * CE(labels)."""
+    """Soft-target distillation: alpha * T^2 * D(p_T || q_T) + (1 - alpha) * CE(labels), plus feature terms."""
 
     divergence: Divergence = "forward_kl"
     temperature: float = Field(2.0, gt=0, description="softening temperature T for teacher and student")
     alpha: float = Field(0.9, ge=0, le=1, description="weight of the soft-target term; 1 - alpha on hard labels")
     beta: float = Field(0.5, ge=0, le=1, description="mixture weight of the generalised JSD (divergence=jsd)")
+    features: list[FeatureLoss] = Field(default_factory=list, description="hidden-state / attention terms")
+    logits: bool = Field(True, description="distill the output distribution; false for encoders (features only)")
 
 
 class TrainConfig(Strict):
@@ -75,6 +87,56 @@ class ClassifyRunConfig(Strict):
     student_train: TrainConfig | None = None
     seed: int = 0
     train_size: int | None = Field(None, ge=10, description="labeled training examples (recipe default if unset)")
+
+
+class TextStudentsConfig(Strict):
+    """Shared settings of the transformer recipes."""
+
+    teacher: str = Field("minilm-l6", description="minilm-l6 (the packaged all-MiniLM-L6-v2), a folder or a hub name")
+    data_dir: Path | None = Field(None, description="folder with sst2/, stsb/, agnews/ (default ../shared/data)")
+    max_length: int = Field(64, ge=8, le=512, description="tokens per text (longer texts are truncated)")
+    seed: int = 0
+
+
+class StsbRunConfig(TextStudentsConfig):
+    """`distill run --recipe stsb`: sentence-embedding students derived from the teacher, scored on STS-B."""
+
+    recipe: Literal["stsb"] = "stsb"
+    sentences: Path | None = Field(None, description="unlabeled sentences, one per line (default: the data sets')")
+    sample_size: int = Field(20_000, ge=0, description="training sentences drawn from them; 0 = all")
+    students: list[int] = Field(default_factory=lambda: [3, 1], description="layer counts of the derived students")
+    ablation: bool = Field(True, description="also train other 3-layer choices and a random initialisation")
+    embedding_weight: float = Field(1.0, ge=0, description="weight of the sentence-embedding cosine term")
+    hidden_weight: float = Field(1.0, ge=0, description="weight of each hidden-state MSE term")
+    train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(epochs=2, batch_size=64, lr=1e-4, weight_decay=0.01, schedule="cosine")
+    )
+
+
+class Sst2RunConfig(TextStudentsConfig):
+    """`distill run --recipe sst2`: a fine-tuned teacher, a derived 2-layer transformer and a BiLSTM student."""
+
+    recipe: Literal["sst2"] = "sst2"
+    train_size: int = Field(6_000, ge=0, description="labeled SST-2 training phrases used; 0 = all 60,614")
+    transfer_size: int = Field(
+        15_000, ge=0, description="augmented sentences (masking, n-grams) labeled by the teacher"
+    )
+    student_layers: list[int] | None = Field(None, description="teacher layers the transformer student keeps")
+    student_num_layers: int = Field(2, ge=1, description="layers of the transformer student when not listed")
+    ablation_layers: list[int] | None = Field(
+        default_factory=lambda: [4, 5], description="another choice of layers, distilled the same way; null = none"
+    )
+    bilstm: bool = Field(True, description="also distill into the BiLSTM student of Tang et al. 2019")
+    loss: LossConfig = Field(default_factory=lambda: LossConfig(temperature=2.0, alpha=0.5))
+    teacher_train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(epochs=2, batch_size=32, lr=5e-5, schedule="cosine", warmup=0.1)
+    )
+    student_train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(epochs=2, batch_size=32, lr=1e-4, schedule="cosine", warmup=0.1)
+    )
+    bilstm_train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(epochs=6, batch_size=64, lr=2e-3, schedule="cosine", warmup=0.05)
+    )
 
 
 class DataSpec(Strict):
@@ -168,26 +230,30 @@ def build(model: type[C], data: dict[str, Any], source: str = "config") -> C:
         raise DistillError(format_validation_error(error, source)) from None
 
 
+def load_mapping(path: Path) -> dict[str, Any]:
+    """A YAML config file as a mapping (or a one-line DistillError)."""
+    if not path.is_file():
+        raise DistillError(f"config file {path} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise DistillError(f"config file {path} is not valid YAML{where}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise DistillError(f"config file {path} must hold a mapping of keys to values, not {type(loaded).__name__}")
+    return loaded
+
+
 def load(model: type[C], path: Path | None, overrides: list[str] | None = None) -> C:
     """Load a YAML file (or nothing) into `model`, after applying `key=value` overrides."""
     data: dict[str, Any] = {}
     source = "overrides"
     if path is not None:
         source = str(path)
-        if not path.is_file():
-            raise DistillError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as error:
-            mark = getattr(error, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark is not None else ""
-            raise DistillError(f"config file {path} is not valid YAML{where}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise DistillError(f"config file {path} must hold a mapping of keys to values, not {type(loaded).__name__}")
-        data = loaded
-        data = _resolve_paths(data, path.parent)
+        data = _resolve_paths(load_mapping(path), path.parent)
     return build(model, apply_overrides(data, overrides or []), source)
 
 
@@ -201,7 +267,14 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
             if isinstance(section.get(key), str) and not Path(section[key]).is_absolute():
                 section[key] = str(base / section[key])
         out["data"] = section
+    for key in ("data_dir", "sentences"):
+        if isinstance(out.get(key), str) and not Path(out[key]).is_absolute():
+            out[key] = str(base / out[key])
     teacher = out.get("teacher")
+    if isinstance(teacher, str) and "recipe" in out:
+        if (base / teacher).exists():  # a text recipe's teacher: a folder next to the file, else a name
+            out["teacher"] = str(base / teacher)
+        return out
     if isinstance(teacher, str):
         teacher = [teacher]
     if isinstance(teacher, list):

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ class Dataset(Protocol):
 
     def __len__(self) -> int: ...
 
-    def batch(self, index: Tensor) -> dict[str, Tensor]: ...
+    def batch(self, index: Tensor) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -91,11 +92,22 @@ def check_labels(labels: Tensor, num_classes: int, source: str) -> None:
         )
 
 
-def epoch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[Tensor]:
-    """The batches of one epoch: a permutation fixed by (seed, epoch), so a resumed run sees the same order."""
+def epoch_order(n: int, batch_size: int, seed: int, epoch: int, lengths: Tensor | None = None) -> list[Tensor]:
+    """The batches of one epoch: a permutation fixed by (seed, epoch), so a resumed run sees the same order.
+
+    With `lengths` (texts), rows are sorted by length within windows of 50 batches and the batches are shuffled:
+    each batch then pads little, and the order stays random across batches.
+    """
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(n, generator=generator)
-    return list(order.split(batch_size))
+    if lengths is None:
+        return list(order.split(batch_size))
+    batches: list[Tensor] = []
+    for window in order.split(batch_size * 50):
+        ranked = window[torch.argsort(lengths[window], stable=True)]
+        batches += list(ranked.split(batch_size))
+    shuffle = torch.randperm(len(batches), generator=generator)
+    return [batches[i] for i in shuffle.tolist()]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -258,3 +270,136 @@ def dataset_from_file(
     if num_classes is not None:
         check_labels(dataset.labels, num_classes, str(path))
     return dataset
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Text
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class TextDataset:
+    """Tokenized texts (ragged token ids) with labels; a batch is padded to its longest row.
+
+    A batch is `{"inputs": {"input_ids": (B, T), "attention_mask": (B, T)[, "token_type_ids"]}, "labels": (B,),
+    "index": (B,)}`, ready for a Hugging Face model's keyword arguments or the built-in text students.
+    """
+
+    def __init__(
+        self, ids: Sequence[Sequence[int]], labels: Tensor | None = None, *, pad_id: int = 0, token_types: bool = False
+    ):
+        lengths = torch.tensor([len(row) for row in ids], dtype=torch.long)
+        if bool((lengths == 0).any()):
+            raise DataError(f"text row {int((lengths == 0).nonzero()[0, 0])} has no tokens")
+        self.flat = torch.tensor([token for row in ids for token in row], dtype=torch.long)  # (total,)
+        self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])  # (N + 1,)
+        self.lengths = lengths  # (N,)
+        self.labels = (labels if labels is not None else torch.full((len(ids),), IGNORE)).long()
+        if len(self.labels) != len(ids):
+            raise DataError(f"{len(ids)} texts but {len(self.labels)} labels")
+        self.pad_id = pad_id
+        self.token_types = token_types
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def row(self, i: int) -> list[int]:
+        return self.flat[int(self.offsets[i]) : int(self.offsets[i + 1])].tolist()
+
+    def batch(self, index: Tensor) -> dict[str, Any]:
+        rows = index.tolist()
+        width = int(self.lengths[index].max()) if rows else 0
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)  # (B, T)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
+        for b, i in enumerate(rows):
+            start, stop = int(self.offsets[i]), int(self.offsets[i + 1])
+            input_ids[b, : stop - start] = self.flat[start:stop]
+            mask[b, : stop - start] = 1
+        inputs = {"input_ids": input_ids, "attention_mask": mask}
+        if self.token_types:
+            inputs["token_type_ids"] = torch.zeros_like(input_ids)
+        return {"inputs": inputs, "labels": self.labels[index], "index": index}
+
+    def subset(self, index: Tensor) -> TextDataset:
+        return TextDataset(
+            [self.row(i) for i in index.tolist()], self.labels[index], pad_id=self.pad_id, token_types=self.token_types
+        )
+
+    def unlabeled(self) -> TextDataset:
+        copy = TextDataset.__new__(TextDataset)
+        copy.__dict__.update(self.__dict__)
+        copy.labels = torch.full_like(self.labels, IGNORE)
+        return copy
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        for tensor in (self.flat, self.offsets, self.labels):
+            digest.update(tensor.contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+
+def concat_text(*parts: TextDataset) -> TextDataset:
+    """Rows of every part, in order (labeled data followed by a transfer set)."""
+    joined = TextDataset.__new__(TextDataset)
+    joined.flat = torch.cat([p.flat for p in parts])
+    joined.lengths = torch.cat([p.lengths for p in parts])
+    joined.offsets = torch.cat([torch.zeros(1, dtype=torch.long), joined.lengths.cumsum(0)])
+    joined.labels = torch.cat([p.labels for p in parts])
+    joined.pad_id, joined.token_types = parts[0].pad_id, parts[0].token_types
+    return joined
+
+
+def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int = 128) -> list[list[int]]:
+    """Token ids of each text with a Hugging Face tokenizer (special tokens added, truncated to `max_length`)."""
+    return list(tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"])
+
+
+def read_table(
+    path: Path, columns: Sequence[str], *, header: bool = True, names: Sequence[str] | None = None
+) -> dict[str, list[str]]:
+    """The named columns of a TSV/CSV file as lists of strings.
+
+    With `header`, columns are found by the header row's names; without, `names` gives every column's name.
+    A missing column or a short row is a DataError naming the file, the line and what exists.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist")
+    delimiter = "\t" if path.suffix.lower() in (".tsv", ".txt") else ","
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.reader(
+            handle, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+        )
+        if header:
+            first = next(reader, None)
+            if not first:
+                raise DataError(f"data file {path} is empty (expected a header row)")
+            heading = [h.strip() for h in first]
+        else:
+            heading = list(names or [])
+        missing = [c for c in columns if c not in heading]
+        if missing:
+            raise DataError(f"data file {path} has no column {missing[0]!r} (columns: {', '.join(heading) or 'none'})")
+        where = [heading.index(c) for c in columns]
+        table: dict[str, list[str]] = {c: [] for c in columns}
+        for number, row in enumerate(reader, start=2 if header else 1):
+            if not row:
+                continue
+            if len(row) <= max(where):
+                raise DataError(f"line {number} of {path} has {len(row)} columns; expected at least {max(where) + 1}")
+            for column, at in zip(columns, where):
+                table[column].append(row[at])
+    if not table[columns[0]]:
+        raise DataError(f"data file {path} has no rows")
+    return table
+
+
+def read_lines(path: Path) -> list[str]:
+    """Non-empty lines of a text file (one sentence each)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"text file {path} does not exist")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    lines = [line for line in lines if line]
+    if not lines:
+        raise DataError(f"text file {path} has no sentences")
+    return lines

@@ -10,38 +10,44 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from distill.data import Dataset
+from distill.errors import DistillError
 from distill.teachers import Teacher
-from distill.teachers.local import logits_of
+from distill.teachers.local import logits_of, run_model, to_device
 
 
 @torch.no_grad()
-def predict(model: nn.Module | Callable[[Tensor], Tensor], inputs: Tensor, batch_size: int = 1024) -> Tensor:
-    """Logits (N, C) of a model over `inputs` (N, ...), in batches, in eval mode."""
+def predict(model: nn.Module | Callable[[Any], Any], data: Tensor | Dataset, batch_size: int = 1024) -> Tensor:
+    """Logits (N, C) of a model over inputs (N, ...) or over a dataset's batches, in eval mode."""
+    device = torch.device("cpu")
     if isinstance(model, nn.Module):
         model.eval()
         device = next(iter(model.parameters()), torch.empty(0)).device
-    else:
-        device = torch.device("cpu")
-    outputs = [
-        logits_of(model(inputs[i : i + batch_size].to(device))).float().cpu() for i in range(0, len(inputs), batch_size)
-    ]
+    outputs = []
+    for index in torch.arange(len(data)).split(batch_size):
+        inputs = data[index] if isinstance(data, Tensor) else data.batch(index)["inputs"]
+        outputs.append(logits_of(run_model(model, to_device(inputs, device))).float().cpu())  # type: ignore[arg-type]
     return torch.cat(outputs) if outputs else torch.zeros(0)
 
 
 @torch.no_grad()
-def teacher_logprobs(teacher: Teacher, inputs: Tensor, batch_size: int = 1024) -> Tensor:
-    """A teacher's dense log-probs (N, C) over `inputs` (the index key is the row number)."""
+def teacher_logprobs(teacher: Teacher, data: Tensor | Dataset, batch_size: int = 1024) -> Tensor:
+    """A teacher's dense log-probs (N, C) over inputs or a dataset (the index key is the row number)."""
     parts = []
-    for i in range(0, len(inputs), batch_size):
-        index = torch.arange(i, min(i + batch_size, len(inputs)))
-        parts.append(teacher({"inputs": inputs[index], "index": index}).logprobs.float().cpu())
+    for index in torch.arange(len(data)).split(batch_size):
+        batch = {"inputs": data[index], "index": index} if isinstance(data, Tensor) else data.batch(index)
+        output = teacher(batch).logprobs
+        if output is None:
+            raise DistillError("the teacher gives no log-probs to evaluate against")
+        parts.append(output.float().cpu())
     return torch.cat(parts)
 
 
@@ -110,31 +116,43 @@ class Speed:
     throughput: float  # rows per second at batch `batch_size`
 
 
+def example_inputs(example: Tensor, batch_size: int = 256) -> tuple[Tensor, Tensor]:
+    """Inputs of batch 1 and of `batch_size` made of one row (no batch dimension), for `measure_speed`."""
+    return example.unsqueeze(0), example.unsqueeze(0).expand(batch_size, *example.shape).contiguous()
+
+
+def _rows(inputs: Any) -> int:
+    first = next(iter(inputs.values())) if isinstance(inputs, dict) else inputs
+    return int(first.shape[0])
+
+
 @torch.inference_mode()
 def measure_speed(
-    models: dict[str, Callable[[Tensor], object]],
-    example: Tensor,
+    models: Mapping[str, Callable[..., object]],
+    single: Any,
+    batch: Any,
     *,
-    batch_size: int = 256,
     rounds: int = 7,
     min_seconds: float = 0.05,
+    inputs: dict[str, tuple[Any, Any]] | None = None,
 ) -> dict[str, Speed]:
-    """CPU latency at batch 1 and throughput at `batch_size`, for every model side by side.
+    """CPU latency at batch 1 and throughput (rows per second) at a larger batch, for every model side by side.
 
-    Each round times every model in turn (the order alternates between rounds), so load on the machine affects all
-    of them alike; the reported figure is the median over rounds. `example` is one input row (no batch dimension).
+    `single` and `batch` are model inputs (a tensor, or a dict of tensors for tokenized text); `inputs` gives other
+    ones to some models (a student with its own tokenizer), as (single, batch) of the same texts. Each round times
+    every model in turn (the order alternates between rounds), so load on the machine affects all of them alike;
+    the reported figure is the median over rounds.
     """
-    single = example.unsqueeze(0)  # (1, ...)
-    big = example.unsqueeze(0).expand(batch_size, *example.shape).contiguous()  # (B, ...)
-    for model in models.values():  # warm-up
+    pairs = {name: (inputs or {}).get(name, (single, batch)) for name in models}
+    for name, model in models.items():  # warm-up
         for _ in range(3):
-            model(single)
-        model(big)
+            run_model(model, pairs[name][0])  # type: ignore[arg-type]
+        run_model(model, pairs[name][1])  # type: ignore[arg-type]
 
-    def timed(fn: Callable[[Tensor], object], inputs: Tensor) -> float:
+    def timed(fn: Callable[..., object], inputs: Any) -> float:
         calls, start = 0, time.perf_counter()
         while True:
-            fn(inputs)
+            run_model(fn, inputs)  # type: ignore[arg-type]
             calls += 1
             elapsed = time.perf_counter() - start
             if elapsed >= min_seconds and calls >= 3:
@@ -145,12 +163,19 @@ def measure_speed(
     names = list(models)
     for r in range(rounds):
         for name in names if r % 2 == 0 else reversed(names):
-            latency[name].append(timed(models[name], single))
-            batch_time[name].append(timed(models[name], big))
+            latency[name].append(timed(models[name], pairs[name][0]))
+            batch_time[name].append(timed(models[name], pairs[name][1]))
     return {
         name: Speed(
             latency_ms=1000 * statistics.median(latency[name]),
-            throughput=batch_size / statistics.median(batch_time[name]),
+            throughput=_rows(pairs[name][1]) / statistics.median(batch_time[name]),
         )
         for name in names
     }
+
+
+def spearman(predicted: Tensor, gold: Tensor) -> float:
+    """Spearman rank correlation (ties get their average rank), as reported on STS-B."""
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(predicted.double().numpy(), gold.double().numpy()).statistic)

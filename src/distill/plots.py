@@ -30,35 +30,41 @@ def _png(fig: Any) -> bytes:
 
 
 def learning_curves(history: dict[str, list[dict[str, float]]], metric: str = "test_accuracy") -> bytes:
-    """Left: `metric` after each epoch of every run; right: the students' mean loss terms per epoch; x = step."""
+    """Left: `metric` after each epoch of every run; right: the students' mean loss terms per epoch (kd, ce and
+    feature terms). The x axis is the optimizer step, so runs over data of different sizes line up."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    styles = ["-", "--", ":", "-."]
     for name, records in history.items():
-        epochs = [r["epoch"] for r in records if metric in r]
-        values = [100 * r[metric] for r in records if metric in r]
+        steps = [r["step"] for r in records if metric in r]
+        values = [(100 if "accuracy" in metric else 1) * r[metric] for r in records if metric in r]
+        faded = name.startswith("teacher-") and name != "teacher-0"
         if values:
-            left.plot(
-                epochs,
-                values,
-                label=name,
-                color=_color(name),
-                alpha=0.6 if name.startswith("teacher-") and name != "teacher-0" else 1.0,
-            )
-        for term, style in (("kd", "-"), ("ce", "--")):
-            points = [(r["epoch"], r[term]) for r in records if term in r]
-            if points and not name.startswith("teacher"):
-                right.plot(*zip(*points), style, color=_color(name), label=f"{name} {term}")
+            left.plot(steps, values, label=name, color=_color(name), alpha=0.5 if faded else 1.0)
+        if name.startswith("teacher"):
+            continue
+        terms = [k for k in (records[0] if records else {}) if k in ("kd", "ce") or ":" in k]
+        for i, term in enumerate(terms):
+            points = [(r["step"], r[term]) for r in records if term in r]
+            right.plot(*zip(*points), styles[i % len(styles)], color=_color(name), label=f"{name} {term}")
+    unit = " (%)" if "accuracy" in metric else ""
     left.set(
-        xlabel="optimizer step", ylabel=f"{metric.replace('_', ' ')} (%)", title="Held-out accuracy during training"
+        xlabel="optimizer step",
+        ylabel=metric.replace("_", " ") + unit,
+        title=f"{metric.replace('_', ' ')} during training",
     )
     left.grid(alpha=0.3)
-    left.legend(fontsize=8)
+    if left.get_legend_handles_labels()[0]:
+        left.legend(fontsize=8)
     right.set(xlabel="optimizer step", ylabel="loss", title="Loss terms (students)", yscale="log")
     right.grid(alpha=0.3)
-    right.legend(fontsize=8)
+    if right.get_legend_handles_labels()[0]:
+        right.legend(fontsize=7)
     return _png(fig)
 
 
-def accuracy_vs_size(points: Sequence[dict[str, Any]], xlabel: str = "parameters") -> bytes:
+def accuracy_vs_size(
+    points: Sequence[dict[str, Any]], xlabel: str = "parameters", ylabel: str = "test accuracy (%)"
+) -> bytes:
     """One marker per model: `{"name", "params", "accuracy"}`; log-scaled size axis."""
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for point in points:
@@ -71,7 +77,7 @@ def accuracy_vs_size(points: Sequence[dict[str, Any]], xlabel: str = "parameters
             fontsize=8,
         )
     ax.set_xscale("log")
-    ax.set(xlabel=xlabel, ylabel="test accuracy (%)", title="Accuracy against size")
+    ax.set(xlabel=xlabel, ylabel=ylabel, title="Quality against size")
     ax.grid(alpha=0.3, which="both")
     return _png(fig)
 

@@ -15,7 +15,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,10 +27,11 @@ from torch import Tensor, nn
 from distill.config import LossConfig, TrainConfig
 from distill.data import Dataset, check_labels, epoch_order
 from distill.errors import DistillError, NonFiniteLossError, ShapeMismatchError
+from distill.features import FeatureDistiller, capture
 from distill.losses import hard_label_ce, hinton_terms
 from distill.progress import NULL, Cancelled, Reporter
 from distill.teachers import Teacher
-from distill.teachers.local import logits_of
+from distill.teachers.local import logits_of, run_model, to_device
 
 CHECKPOINT = "checkpoint.pt"
 Evaluate = Callable[[nn.Module], dict[str, float]]
@@ -50,10 +51,11 @@ class TrainResult:
         return self.history[-1] if self.history else {}
 
 
-def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices and convolution kernels only (not on biases or norms)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+def make_optimizer(modules: Sequence[nn.Module], config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices and convolution kernels only (not on biases, norms or embeddings' rows)."""
+    parameters = [p for m in modules for p in m.parameters() if p.requires_grad]
+    decay = [p for p in parameters if p.dim() >= 2]
+    no_decay = [p for p in parameters if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
 
@@ -78,33 +80,66 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_
 
 
 def loss_terms(
-    model: nn.Module, batch: dict[str, Tensor], teacher: Teacher | None, loss: LossConfig
+    model: nn.Module,
+    batch: dict[str, Any],
+    teacher: Teacher | None,
+    loss: LossConfig,
+    features: FeatureDistiller | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, float]]:
-    """The named loss terms of one batch and their weights in the total."""
-    student_logits = logits_of(model(batch["inputs"]))  # (B, C)
+    """The named loss terms of one batch and their weights in the total.
+
+    Logit terms (`loss.logits`): `ce` alone without a teacher, else Hinton's `kd` (weight alpha) and `ce` (1 - alpha),
+    over all positions of the output (rows, or tokens of a sequence). Feature terms: one per `loss.features` pair,
+    named `kind:student_module`, weighted as configured.
+    """
+    with capture(model, features.student_hooks if features is not None else []) as captured:
+        output = run_model(model, batch["inputs"])
     labels = batch.get("labels")
-    if teacher is None:
-        if labels is None:
-            raise DistillError("training without a teacher needs labels")
-        return {"ce": hard_label_ce(student_logits, labels)}, {"ce": 1.0}
-    output = teacher(batch)
-    if not output.sparse and output.logprobs.shape[-1] != student_logits.shape[-1]:
-        raise ShapeMismatchError(
-            f"the teacher has {output.logprobs.shape[-1]} outputs but the student has {student_logits.shape[-1]}; "
-            "they must predict the same classes"
-        )
-    terms = hinton_terms(
-        student_logits,
-        output.logprobs.to(student_logits.device),
-        labels,
-        temperature=loss.temperature,
-        token_ids=None if output.token_ids is None else output.token_ids.to(student_logits.device),
-        teacher_temperature=output.temperature,
-        divergence=loss.divergence,
-        beta=loss.beta,
-    )
-    weights = {"kd": loss.alpha, "ce": 1.0 - loss.alpha}
-    return terms, {k: weights[k] for k in terms}
+    output_of_teacher = teacher(batch) if teacher is not None else None
+    terms: dict[str, Tensor] = {}
+    weights: dict[str, float] = {}
+    if loss.logits:
+        logits = logits_of(output)
+        student_logits = logits.reshape(-1, logits.shape[-1])  # (N, C): rows, or every token position
+        flat_labels = labels.reshape(-1) if labels is not None else None  # (N,)
+        if output_of_teacher is None:
+            if flat_labels is None:
+                raise DistillError("training without a teacher needs labels")
+            terms["ce"], weights["ce"] = hard_label_ce(student_logits, flat_labels), 1.0
+        else:
+            if output_of_teacher.logprobs is None:
+                raise DistillError("the teacher gives no log-probs; set loss.logits to false to distill features only")
+            width = output_of_teacher.logprobs.shape[-1]
+            if not output_of_teacher.sparse and width != student_logits.shape[-1]:
+                raise ShapeMismatchError(
+                    f"the teacher has {width} outputs but the student has {student_logits.shape[-1]}; "
+                    "they must predict the same classes"
+                )
+            ids = output_of_teacher.token_ids
+            kd_mask = batch.get("kd_mask")
+            logit_terms = hinton_terms(
+                student_logits,
+                output_of_teacher.logprobs.reshape(-1, width).to(student_logits.device),
+                flat_labels,
+                temperature=loss.temperature,
+                token_ids=None if ids is None else ids.reshape(-1, width).to(student_logits.device),
+                teacher_temperature=output_of_teacher.temperature,
+                divergence=loss.divergence,
+                beta=loss.beta,
+                kd_mask=None if kd_mask is None else kd_mask.reshape(-1),
+            )
+            terms.update(logit_terms)
+            weights.update({k: {"kd": loss.alpha, "ce": 1.0 - loss.alpha}[k] for k in logit_terms})
+    if features is not None:
+        if output_of_teacher is None or output_of_teacher.hidden_states is None:
+            raise DistillError("feature distillation needs a live teacher that captures the named modules")
+        inputs = batch["inputs"]
+        mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+        for pair, (name, value) in zip(
+            features.pairs, features(captured, output_of_teacher.hidden_states, mask).items()
+        ):
+            terms[name], weights[name] = value, pair.weight
+    return terms, weights
 
 
 def _signature(data: Dataset, config: TrainConfig, teacher: Teacher | None, loss: LossConfig) -> dict[str, Any]:
@@ -144,6 +179,7 @@ def train(
     resume: bool = False,
     reporter: Reporter = NULL,
     name: str = "train",
+    features: FeatureDistiller | None = None,
 ) -> TrainResult:
     """Train `model` on `data`; with a `teacher`, by soft-target distillation (see `distill.losses.hinton_terms`).
 
@@ -158,7 +194,8 @@ def train(
     labels = getattr(data, "labels", None)
     if teacher is not None and isinstance(labels, Tensor):
         check_labels(labels, teacher.num_classes, "the training data")
-    optimizer = make_optimizer(model, config)
+    trained = [model] if features is None else [model, features.to(device)]
+    optimizer = make_optimizer(trained, config)
     batches_per_epoch = math.ceil(len(data) / config.batch_size)
     total_steps = config.epochs * batches_per_epoch
     scheduler = make_scheduler(optimizer, config, total_steps)
@@ -179,6 +216,8 @@ def train(
                     "resume with the same config, or delete it to start over"
                 )
             model.load_state_dict(saved["model"])
+            if features is not None:
+                features.load_state_dict(saved["features"])
             optimizer.load_state_dict(saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
             state = saved["state"]
@@ -189,6 +228,7 @@ def train(
             payload = {
                 "signature": signature,
                 "model": model.state_dict(),
+                "features": features.state_dict() if features is not None else None,
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "state": state,
@@ -200,14 +240,14 @@ def train(
     reporter.advance(state["step"])
     started = time.perf_counter() - state["seconds"]
     for epoch in range(state["epoch"], config.epochs):
-        order = epoch_order(len(data), config.batch_size, config.seed, epoch)
+        order = epoch_order(len(data), config.batch_size, config.seed, epoch, getattr(data, "lengths", None))
         model.train()
         for position in range(state["batch"], len(order)):
             if reporter.cancelled():
                 checkpoint()
                 raise Cancelled(f"{name} cancelled at step {state['step']}")
-            batch = {k: v.to(device) for k, v in data.batch(order[position]).items()}
-            terms, weights = loss_terms(model, batch, teacher, loss)
+            batch = to_device(data.batch(order[position]), device)
+            terms, weights = loss_terms(model, batch, teacher, loss, features)
             total = sum(weights[k] * terms[k] for k in terms)
             assert isinstance(total, Tensor)
             value = float(total.detach())
@@ -220,7 +260,7 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             if config.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                torch.nn.utils.clip_grad_norm_([p for m in trained for p in m.parameters()], config.grad_clip)
             optimizer.step()
             scheduler.step()
             for key, term in terms.items():

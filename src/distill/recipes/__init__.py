@@ -1,6 +1,8 @@
 """Built-in end-to-end recipes, each a plain function: data, teacher(s), students, evaluation, report.
 
-`distill run --recipe NAME` picks one from `ARRAY_RECIPES` (soft-target distillation of a classifier on arrays).
+`distill run --recipe NAME` looks NAME up in `RECIPES`: its config model and the function that runs it. Every run
+function takes the config and the output directory (plus where data and caches live) and returns the metrics; it
+writes metrics.json, report.md, report.html and the resolved config.yaml into the output directory.
 """
 
 from __future__ import annotations
@@ -10,7 +12,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from distill.config import ClassifyRunConfig, dump
+from pydantic import BaseModel
+
+from distill import report
+from distill.config import ClassifyRunConfig, Sst2RunConfig, StsbRunConfig, dump
+from distill.errors import DistillError
 from distill.progress import NULL, Reporter
 from distill.recipes import digits, mnist1d
 from distill.recipes.classify import Problem, finish, run_classification
@@ -27,6 +33,7 @@ def run_array_recipe(
     *,
     resume: bool = False,
     cache_dir: Path | None = None,
+    data_dir: Path | None = None,
     reporter: Reporter = NULL,
 ) -> dict[str, Any]:
     """Run a classification recipe end to end and write its outputs into `output`; return the metrics."""
@@ -47,3 +54,58 @@ def run_array_recipe(
     metrics["seconds"] = time.perf_counter() - started
     finish(metrics, output, dump(config))
     return metrics
+
+
+def _write(metrics: dict[str, Any], output: Path, config: BaseModel) -> dict[str, Any]:
+    report.write(report.REPORTS[metrics["recipe"]](metrics), output, metrics)
+    (output / "config.yaml").write_text(dump(config))
+    return metrics
+
+
+def _folders(kind: str, cache_dir: Path | None, data_dir: Path | None) -> tuple[Path, Path]:
+    if cache_dir is None or data_dir is None:
+        raise DistillError(f"the {kind} recipe needs a cache directory and a data directory")
+    return cache_dir, data_dir
+
+
+def run_stsb_recipe(
+    config: StsbRunConfig,
+    output: Path,
+    *,
+    resume: bool = False,
+    cache_dir: Path | None = None,
+    data_dir: Path | None = None,
+    reporter: Reporter = NULL,
+) -> dict[str, Any]:
+    """Sentence-embedding students on STS-B (see `distill.recipes.stsb`); writes the outputs into `output`."""
+    from distill.recipes.stsb import run_stsb
+
+    cache, data = _folders("stsb", cache_dir, data_dir)
+    metrics = run_stsb(config, output, data_dir=data, cache_dir=cache, resume=resume, reporter=reporter)
+    metrics.update(embedding_weight=config.embedding_weight, hidden_weight=config.hidden_weight)
+    return _write(metrics, output, config)
+
+
+def run_sst2_recipe(
+    config: Sst2RunConfig,
+    output: Path,
+    *,
+    resume: bool = False,
+    cache_dir: Path | None = None,
+    data_dir: Path | None = None,
+    reporter: Reporter = NULL,
+) -> dict[str, Any]:
+    """Transformer and BiLSTM students on SST-2 (see `distill.recipes.sst2`); writes the outputs into `output`."""
+    from distill.recipes.sst2 import run_sst2
+
+    cache, data = _folders("sst2", cache_dir, data_dir)
+    metrics = run_sst2(config, output, data_dir=data, cache_dir=cache, resume=resume, reporter=reporter)
+    return _write(metrics, output, config)
+
+
+RECIPES: dict[str, tuple[type[BaseModel], Callable[..., dict[str, Any]]]] = {
+    "mnist1d": (ClassifyRunConfig, run_array_recipe),
+    "digits": (ClassifyRunConfig, run_array_recipe),
+    "stsb": (StsbRunConfig, run_stsb_recipe),
+    "sst2": (Sst2RunConfig, run_sst2_recipe),
+}

@@ -140,7 +140,7 @@ def _supervised(
     )
     weights = models.save(result.model, output / "model", config.student, train_set.input_shape, classes)
     logits = ev.predict(result.model, test_set.inputs)
-    speed = ev.measure_speed({"model": result.model}, test_set.inputs[0])["model"]
+    speed = ev.measure_speed({"model": result.model}, *ev.example_inputs(test_set.inputs[0]))["model"]
     reliability = ev.calibration(logits, test_set.labels)
     metrics: dict[str, Any] = {
         "recipe": "train",

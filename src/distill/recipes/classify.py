@@ -278,7 +278,9 @@ def run_classification(
     student_size = (distilled.directory / models.WEIGHTS).stat().st_size
 
     ensemble_forward = _ensemble_forward([m.model for m in members])
-    speed = ev.measure_speed({"teacher": ensemble_forward, "student": distilled.model}, test.inputs[0])
+    speed = ev.measure_speed(
+        {"teacher": ensemble_forward, "student": distilled.model}, *ev.example_inputs(test.inputs[0])
+    )
     teacher_accuracy = ev.accuracy(teacher_logits, test.labels)
     alone_logits = ev.predict(alone.model, test.inputs)
     alone_reliability = ev.calibration(alone_logits, test.labels)

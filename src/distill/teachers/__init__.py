@@ -16,15 +16,16 @@ from torch import Tensor
 class TeacherOutput:
     """What a teacher says about a batch.
 
-    logprobs:      dense (..., V) log-probabilities, or the top-K (..., K) when `token_ids` is given
+    logprobs:      dense (..., V) log-probabilities, or the top-K (..., K) when `token_ids` is given; None for a
+                   teacher that only provides features (an encoder without a head)
     token_ids:     (..., K) class / token ids of a sparse teacher; None when dense
-    hidden_states: optional captured features, for feature distillation
+    hidden_states: captured outputs of named modules, for feature distillation ({module name: tensor})
     temperature:   the temperature the log-probs were computed at (1.0 for a live model)
     """
 
-    logprobs: Tensor
+    logprobs: Tensor | None
     token_ids: Tensor | None = None
-    hidden_states: tuple[Tensor, ...] | None = None
+    hidden_states: dict[str, Tensor] | None = None
     temperature: float = 1.0
 
     @property

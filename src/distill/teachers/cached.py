@@ -94,8 +94,8 @@ def build_cache(
         for begin in range(start, stop, batch_size):
             index = torch.arange(begin, min(begin + batch_size, stop))
             output = teacher(data.batch(index))
-            if output.sparse:
-                raise CacheError("this cache stores dense teacher outputs; the teacher returned top-k outputs")
+            if output.sparse or output.logprobs is None:
+                raise CacheError("this cache stores dense teacher log-probs; the teacher returned top-k or none")
             parts.append(output.logprobs.float().cpu().numpy())  # (b, C)
             reporter.advance(len(index))
         values = np.concatenate(parts)  # (rows_in_shard, C)
@@ -179,3 +179,51 @@ class CachedTeacher:
     def __call__(self, batch: dict[str, Tensor]) -> TeacherOutput:
         logprobs = torch.index_select(self.logprobs, 0, batch["index"].cpu())  # (B, C)
         return TeacherOutput(logprobs=logprobs, temperature=self.temperature)
+
+
+class FeatureTable:
+    """A teacher's captured features over every row of a text data set, computed once and kept in memory (float16),
+    served padded to each batch like the live teacher would (`TeacherOutput.hidden_states`).
+
+    Token-level features (B, T, D) are stored per row without padding; pooled ones (B, D) as they are. Every student
+    trained on the same data reads the table instead of running the teacher again.
+    """
+
+    def __init__(self, teacher: Teacher, data: Any, batch_size: int = 128, reporter: Reporter = NULL):
+        self.num_classes = teacher.num_classes
+        self.rows: dict[str, list[Tensor]] = {}
+        lengths = getattr(data, "lengths", None)
+        if lengths is None:
+            raise CacheError("a feature table needs text data (rows with lengths)")
+        order = torch.argsort(lengths, stable=True)  # similar lengths together: little padding
+        slots: list[Tensor | None] = [None] * len(data)
+        reporter.stage("teacher features", total=len(data))
+        per_row: dict[str, list[Tensor | None]] = {}
+        for index in order.split(batch_size):
+            batch = data.batch(index)
+            output = teacher(batch)
+            if output.hidden_states is None:
+                raise CacheError("the teacher captured no features to keep")
+            for name, value in output.hidden_states.items():
+                store = per_row.setdefault(name, list(slots))
+                for b, row in enumerate(index.tolist()):
+                    kept = value[b, : int(lengths[row])] if value.dim() == 3 else value[b]
+                    store[row] = kept.to(torch.float16).clone()
+            reporter.advance(len(index))
+        reporter.end()
+        self.rows = {name: [t for t in store if t is not None] for name, store in per_row.items()}
+
+    def __call__(self, batch: dict[str, Any]) -> TeacherOutput:
+        rows = batch["index"].tolist()
+        width = int(batch["inputs"]["attention_mask"].shape[1])
+        features: dict[str, Tensor] = {}
+        for name, store in self.rows.items():
+            first = store[rows[0]]
+            if first.dim() == 1:
+                features[name] = torch.stack([store[r] for r in rows]).float()  # (B, D)
+                continue
+            padded = torch.zeros(len(rows), width, first.shape[-1])  # (B, T, D)
+            for b, r in enumerate(rows):
+                padded[b, : store[r].shape[0]] = store[r].float()
+            features[name] = padded
+        return TeacherOutput(logprobs=None, hidden_states=features)

@@ -45,10 +45,10 @@ class EnsembleTeacher:
 
     def __call__(self, batch: dict[str, Tensor]) -> TeacherOutput:
         outputs = [member(batch) for member in self.members]
-        if any(o.sparse for o in outputs):
+        if any(o.sparse or o.logprobs is None for o in outputs):
             raise DistillError("an ensemble combines dense teachers only; a sparse (top-k) member cannot be averaged")
         logprobs = torch.stack(
-            [torch.log_softmax(o.logprobs.float() * o.temperature, dim=-1) for o in outputs]
+            [torch.log_softmax(o.logprobs.float() * o.temperature, dim=-1) for o in outputs if o.logprobs is not None]
         )  # (M, B, C), each at temperature 1
         shape = (-1,) + (1,) * (logprobs.dim() - 1)
         weights = torch.tensor(self.weights, dtype=logprobs.dtype, device=logprobs.device).view(shape)  # (M, 1, 1)

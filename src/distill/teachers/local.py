@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,20 +27,48 @@ def logits_of(output: object) -> Tensor:
     return logits
 
 
-class LocalTeacher:
-    """Runs `model` in eval mode without gradients and returns its dense log-probabilities."""
+def run_model(model: nn.Module, inputs: Any) -> Any:
+    """Call a model on a batch's inputs: keyword arguments for a dict (tokenized text), one tensor otherwise."""
+    return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
 
-    def __init__(self, model: nn.Module, num_classes: int, device: str | torch.device = "cpu"):
+
+def to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, Mapping):
+        return {k: to_device(v, device) for k, v in value.items()}
+    return value
+
+
+class LocalTeacher:
+    """Runs `model` in eval mode without gradients; returns its dense log-probabilities (when `has_logits`) and the
+    outputs of the modules named in `capture` (for feature distillation)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int,
+        device: str | torch.device = "cpu",
+        capture: Sequence[str] = (),
+        has_logits: bool = True,
+    ):
         self.model = model.to(device).eval()
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
         self.num_classes = num_classes
         self.device = torch.device(device)
+        self.capture = list(capture)
+        self.has_logits = has_logits
 
     @torch.no_grad()
-    def __call__(self, batch: dict[str, Tensor]) -> TeacherOutput:
-        logits = logits_of(self.model(batch["inputs"].to(self.device)))  # (B, C)
-        return TeacherOutput(logprobs=F.log_softmax(logits.float(), dim=-1))
+    def __call__(self, batch: dict[str, Any]) -> TeacherOutput:
+        from distill.features import capture
+
+        inputs = batch["inputs"]
+        with capture(self.model, self.capture) as captured:
+            output = run_model(self.model, to_device(inputs, self.device))
+        logprobs = F.log_softmax(logits_of(output).float(), dim=-1) if self.has_logits else None  # (..., C)
+        return TeacherOutput(logprobs=logprobs, hidden_states=dict(captured) if self.capture else None)
 
 
 def fingerprint(model: nn.Module) -> str:
