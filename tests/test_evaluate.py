@@ -33,7 +33,9 @@ def test_gap_closed():
 
 def test_measure_speed_side_by_side():
     small, big = mlp(width=4), mlp(width=2048)
-    speed = ev.measure_speed({"big": big, "small": small}, *ev.example_inputs(torch.randn(8)), rounds=3, min_seconds=0.01)
+    speed = ev.measure_speed(
+        {"big": big, "small": small}, *ev.example_inputs(torch.randn(8)), rounds=3, min_seconds=0.01
+    )
     assert set(speed) == {"big", "small"}
     assert all(s.latency_ms > 0 and math.isfinite(s.throughput) for s in speed.values())
     assert speed["small"].throughput > speed["big"].throughput

@@ -55,7 +55,7 @@ def test_augmentation_masks_and_samples_ngrams():
     import random
 
     rng = random.Random(0)
-    sentence = "the movie was not really very funny".split()
+    sentence = ["the", "movie", "was", "not", "really", "very", "funny"]
     outs = [augment_sentence(sentence, rng, p_mask=0.5, p_ngram=1.0) for _ in range(50)]
     assert all(1 <= len(o) <= 5 for o in outs)
     assert any(MASK_TOKEN in o for o in outs)
