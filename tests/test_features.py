@@ -1,6 +1,5 @@
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import tiny_bert
 from distill.config import FeatureLoss
@@ -70,8 +69,12 @@ def test_distiller_projects_narrower_students_and_names_terms(tmp_path):
     pairs = [
         FeatureLoss(kind="hidden_mse", student="encoder.layer.1", teacher="encoder.layer.5", weight=2.0),
         FeatureLoss(kind="cosine", student="encoder.layer.0", teacher="encoder.layer.2"),
-        FeatureLoss(kind="attention_kl", student="encoder.layer.1.attention.self",
-                    teacher="encoder.layer.5.attention.self", heads=4),
+        FeatureLoss(
+            kind="attention_kl",
+            student="encoder.layer.1.attention.self",
+            teacher="encoder.layer.5.attention.self",
+            heads=4,
+        ),
     ]
     example = {"input_ids": torch.randint(0, 50, (2, 6)), "attention_mask": torch.ones(2, 6, dtype=torch.long)}
     distiller = FeatureDistiller.build(pairs, student, teacher, example)
@@ -82,8 +85,11 @@ def test_distiller_projects_narrower_students_and_names_terms(tmp_path):
         with torch.no_grad():
             teacher(**example)
     terms = distiller(s_out, t_out, example["attention_mask"])
-    assert list(terms) == ["hidden_mse:encoder.layer.1", "cosine:encoder.layer.0",
-                           "attention_kl:encoder.layer.1.attention.self"]
+    assert list(terms) == [
+        "hidden_mse:encoder.layer.1",
+        "cosine:encoder.layer.0",
+        "attention_kl:encoder.layer.1.attention.self",
+    ]
     total = sum(terms.values())
     total.backward()
     assert distiller.projections["0"].weight.grad is not None

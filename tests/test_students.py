@@ -6,10 +6,11 @@ from distill.errors import DistillError
 from distill.students import derive, layer_stack, uniform_layers
 
 
-def test_uniform_layers_spread_from_the_bottom():
-    assert uniform_layers(6, 3) == [0, 2, 4]
-    assert uniform_layers(12, 6) == [0, 2, 4, 6, 8, 10]
-    assert uniform_layers(6, 1) == [0]
+def test_uniform_layers_spread_from_first_to_last():
+    assert uniform_layers(12, 6) == [0, 2, 4, 7, 9, 11]  # DistilBERT's choice
+    assert uniform_layers(6, 3) == [0, 2, 5]
+    assert uniform_layers(6, 2) == [0, 5]
+    assert uniform_layers(6, 1) == [5]
     assert uniform_layers(6, 6) == [0, 1, 2, 3, 4, 5]
     with pytest.raises(DistillError, match="cannot keep 7 of 6"):
         uniform_layers(6, 7)
@@ -29,14 +30,16 @@ def test_derived_student_copies_embeddings_and_the_kept_layers(tmp_path):
     assert "bert.encoder.layer.2.output.dense.weight" not in s
     # the copy is independent of the teacher
     s["bert.embeddings.word_embeddings.weight"].add_(1.0)
-    assert not torch.equal(student.state_dict()["bert.embeddings.word_embeddings.weight"],
-                           teacher.state_dict()["bert.embeddings.word_embeddings.weight"])
+    assert not torch.equal(
+        student.state_dict()["bert.embeddings.word_embeddings.weight"],
+        teacher.state_dict()["bert.embeddings.word_embeddings.weight"],
+    )
 
 
 def test_num_layers_random_init_and_narrower_students(tmp_path):
     teacher, _ = tiny_bert(tmp_path / "t")
     student, info = derive(teacher, num_layers=3)
-    assert info.layers == [0, 2, 4]
+    assert info.layers == [0, 2, 5]
     random_student, info = derive(teacher, num_layers=3, init="random")
     assert info.init == "random"
     key = "encoder.layer.0.attention.self.query.weight"

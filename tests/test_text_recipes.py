@@ -51,14 +51,35 @@ def data_dir(tmp_path):
 
 def test_stsb_recipe_trains_derived_students_and_reports_the_ablation(tmp_path, data_dir):
     tiny_bert(tmp_path / "teacher")
-    config = cfg.load(cfg.StsbRunConfig, None, [f"teacher={tmp_path / 'teacher'}", "sample_size=40",
-                                                "students=[3, 1]", "train.epochs=1", "train.batch_size=16"])
+    config = cfg.load(
+        cfg.StsbRunConfig,
+        None,
+        [
+            f"teacher={tmp_path / 'teacher'}",
+            "sample_size=40",
+            "students=[3, 1]",
+            "train.epochs=1",
+            "train.batch_size=16",
+        ],
+    )
     out = tmp_path / "run"
     metrics = run_stsb_recipe(config, out, cache_dir=tmp_path / "cache", data_dir=data_dir)
     names = [s["name"] for s in metrics["students"]]
-    assert names == ["3-layer", "1-layer", "3-layer top", "3-layer bottom", "3-layer random init"]
+    assert names == [
+        "3-layer",
+        "1-layer",
+        "3-layer every other",
+        "3-layer top",
+        "3-layer bottom",
+        "3-layer random init",
+    ]
     three = metrics["students"][0]
-    assert three["layers"] == [0, 2, 4] and -1 <= three["spearman"] <= 1 and three["params"] < metrics["teacher"]["params"]
+    assert (
+        three["layers"] == [0, 2, 5]
+        and metrics["students"][1]["layers"] == [5]
+        and -1 <= three["spearman"] <= 1
+        and three["params"] < metrics["teacher"]["params"]
+    )
     assert three["throughput"] > 0 and "speedup" in three
     assert set(three["history"][0]) >= {"cosine:pool", "hidden_mse:transformer.encoder.layer.2", "loss"}
     assert (out / "students" / "3-layer" / "modules.json").exists()
@@ -71,15 +92,27 @@ def test_stsb_recipe_trains_derived_students_and_reports_the_ablation(tmp_path, 
 
 def test_sst2_recipe_fine_tunes_caches_and_distills(tmp_path, data_dir):
     tiny_bert(tmp_path / "teacher")
-    overrides = [f"teacher={tmp_path / 'teacher'}", "train_size=40", "transfer_size=60", "teacher_train.epochs=1",
-                 "student_train.epochs=1", "bilstm_train.epochs=2", "ablation_layers=[4, 5]"]
+    overrides = [
+        f"teacher={tmp_path / 'teacher'}",
+        "train_size=40",
+        "transfer_size=60",
+        "teacher_train.epochs=1",
+        "student_train.epochs=1",
+        "bilstm_train.epochs=2",
+        "ablation_layers=[4, 5]",
+    ]
     config = cfg.load(cfg.Sst2RunConfig, None, overrides)
     out = tmp_path / "run"
     metrics = run_sst2_recipe(config, out, cache_dir=tmp_path / "cache", data_dir=data_dir)
     students = metrics["students"]
-    assert set(students) == {"transformer-distilled", "transformer-alone", "transformer-ablation-distilled",
-                             "bilstm-distilled", "bilstm-alone"}
-    assert students["transformer-distilled"]["layers"] == [0, 3]
+    assert set(students) == {
+        "transformer-distilled",
+        "transformer-alone",
+        "transformer-ablation-distilled",
+        "bilstm-distilled",
+        "bilstm-alone",
+    }
+    assert students["transformer-distilled"]["layers"] == [0, 5]
     assert students["transformer-ablation-distilled"]["layers"] == [4, 5]
     assert {"kd", "ce"} <= set(students["transformer-distilled"]["history"][0])
     assert students["bilstm-distilled"]["params"] > 0 and students["bilstm-distilled"]["kind"] == "bilstm"

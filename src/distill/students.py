@@ -2,7 +2,7 @@
 
 The student has the teacher's architecture and configuration with fewer layers. With `init="teacher"` it starts
 from the teacher's own weights: embeddings, heads and every non-layer weight are copied, and student layer i is a
-copy of teacher layer `layers[i]`. A narrower `hidden_size` (or `init="random"`, the ablation) starts from fresh
+copy of teacher layer `layers[i]`; by default the layers are spread evenly from the first to the last. A narrower `hidden_size` (or `init="random"`, the ablation) starts from fresh
 weights instead. Works for any Hugging Face model whose blocks are one `nn.ModuleList` of `num_hidden_layers`
 modules (BERT `encoder.layer`, GPT-2 `transformer.h`, Llama `model.layers`, ...).
 """
@@ -49,10 +49,14 @@ def layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def uniform_layers(total: int, keep: int) -> list[int]:
-    """`keep` of `total` layers spread evenly from the bottom, DistilBERT style: 3 of 6 -> [0, 2, 4], 1 -> [0]."""
+    """`keep` of `total` layers spread evenly from the first to the last (the last is always kept: it produces what
+    the head and the pooling read). 6 of 12 -> [0, 2, 4, 7, 9, 11] (DistilBERT's choice), 3 of 6 -> [0, 2, 5],
+    1 -> [total - 1]."""
     if not 1 <= keep <= total:
         raise DistillError(f"cannot keep {keep} of {total} layers; choose 1 to {total}")
-    return [(i * total) // keep for i in range(keep)]
+    if keep == 1:
+        return [total - 1]
+    return [round(i * (total - 1) / (keep - 1)) for i in range(keep)]
 
 
 def check_layers(layers: list[int], total: int) -> list[int]:

@@ -55,6 +55,12 @@ def load_sst2(data_dir: Path, train_size: int, seed: int) -> tuple[list[str], to
     return [texts[i] for i in order], labels[order], test_texts, test_labels
 
 
+def freeze_word_embeddings(model: nn.Module) -> nn.Module:
+    """Keep a transformer's word embeddings at their pretrained values (the rest trains)."""
+    model.get_input_embeddings().weight.requires_grad_(False)  # type: ignore[operator, union-attr]
+    return model
+
+
 def _evaluator(test: TextDataset) -> Any:
     return lambda m: {"test_accuracy": ev.accuracy(ev.predict(m, test, 256), test.labels)}
 
@@ -204,12 +210,12 @@ def run_sst2(
         choices.append(("transformer-ablation", config.ablation_layers))
     for kind, layers in choices:
         num = None if layers else config.student_num_layers
-        base, derivation = derive(pretrained, layers=layers, num_layers=num)
-        initial = {k: v.clone() for k, v in base.state_dict().items()}
         runs = [("distilled", kd_data, soft)] + ([("alone", labeled, None)] if kind == "transformer" else [])
         for mode, data, source in runs:
             name = f"{kind}-{mode}"
-            base.load_state_dict(initial)  # both runs start from the same derived weights
+            base, derivation = derive(pretrained, layers=layers, num_layers=num)  # the same weights for both runs
+            if config.freeze_embeddings:
+                freeze_word_embeddings(base)
             model, history, seconds = _train_student(
                 name,
                 base,
@@ -233,7 +239,6 @@ def run_sst2(
                 "train_seconds": seconds,
                 **_scores(model, test, teacher_logits),
             }
-            base, _ = derive(pretrained, layers=derivation.layers)
 
     if config.bilstm:
         vocab = WordVocab.build(texts + transfer_texts)

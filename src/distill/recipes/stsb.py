@@ -107,13 +107,15 @@ def feature_pairs(layers: list[int], teacher_layers: int, config: StsbRunConfig)
 
 
 def student_plan(config: StsbRunConfig, total: int) -> list[dict[str, Any]]:
-    """The students to train: the requested layer counts (uniform choice), then the ablation."""
+    """The students to train: the requested layer counts (layers spread from first to last), then the ablation of
+    other 3-layer choices and of a random initialisation."""
     plan = [
         {"name": f"{n}-layer", "layers": uniform_layers(total, n), "init": "teacher", "main": True}
         for n in config.students
     ]
     if config.ablation and total >= 6:
         plan += [
+            {"name": "3-layer every other", "layers": [0, 2, 4], "init": "teacher", "main": False},
             {"name": "3-layer top", "layers": [total - 3, total - 2, total - 1], "init": "teacher", "main": False},
             {"name": "3-layer bottom", "layers": [0, 1, 2], "init": "teacher", "main": False},
             {"name": "3-layer random init", "layers": uniform_layers(total, 3), "init": "random", "main": False},
@@ -138,8 +140,9 @@ def run_stsb(
     sentences = training_sentences(config, data_dir)
     first, second, gold = stsb_pairs(data_dir)
     data = TextDataset(tokenize(tokenizer, sentences, config.max_length), pad_id=tokenizer.pad_token_id or 0)
-    test_a = TextDataset(tokenize(tokenizer, first, config.max_length), pad_id=tokenizer.pad_token_id or 0)
-    test_b = TextDataset(tokenize(tokenizer, second, config.max_length), pad_id=tokenizer.pad_token_id or 0)
+    # Scored without truncation (up to 128 tokens), whatever length the students trained on.
+    test_a = TextDataset(tokenize(tokenizer, first, 128), pad_id=tokenizer.pad_token_id or 0)
+    test_b = TextDataset(tokenize(tokenizer, second, 128), pad_id=tokenizer.pad_token_id or 0)
     reporter.end()
 
     reporter.stage("teacher on STS-B", total=None)

@@ -43,7 +43,7 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
+def write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2))
     os.replace(tmp, path)
@@ -66,7 +66,7 @@ def build_cache(
     identity = {"teacher": teacher_id, "data": data_id, "rows": len(data), "width": teacher.num_classes}
     manifest_path = directory / MANIFEST
     if manifest_path.exists():
-        manifest = _read_json(manifest_path)
+        manifest = read_json(manifest_path)
         if all(manifest.get(k) == v for k, v in identity.items()):
             return CachedTeacher(directory, teacher_id=teacher_id, data_id=data_id)
         raise CacheError(
@@ -76,7 +76,7 @@ def build_cache(
     partial_path = directory / PARTIAL
     shards: list[dict[str, Any]] = []
     if partial_path.exists():
-        partial = _read_json(partial_path)
+        partial = read_json(partial_path)
         if all(partial.get(k) == v for k, v in identity.items()):
             for shard in partial.get("shards", []):
                 path = directory / shard["file"]
@@ -105,15 +105,15 @@ def build_cache(
             np.save(handle, values)
         os.replace(tmp, directory / name)
         shards.append({"file": name, "first_row": start, "rows": stop - start, "sha256": sha256_file(directory / name)})
-        _write_json(partial_path, {**identity, "shards": shards})
+        write_json(partial_path, {**identity, "shards": shards})
         start = stop
     reporter.end()
-    _write_json(manifest_path, {"format": FORMAT, "version": VERSION, "kind": "dense", **identity, "shards": shards})
+    write_json(manifest_path, {"format": FORMAT, "version": VERSION, "kind": "dense", **identity, "shards": shards})
     partial_path.unlink(missing_ok=True)
     return CachedTeacher(directory, teacher_id=teacher_id, data_id=data_id)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as error:
@@ -134,7 +134,7 @@ class CachedTeacher:
         if not manifest_path.exists():
             hint = " (its build did not finish; run it again to resume)" if (self.directory / PARTIAL).exists() else ""
             raise CacheError(f"{self.directory} has no {MANIFEST}: not a teacher cache{hint}")
-        manifest = _read_json(manifest_path)
+        manifest = read_json(manifest_path)
         if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
             raise CacheError(f"{manifest_path} is not a {FORMAT} v{VERSION} manifest")
         if teacher_id is not None and manifest.get("teacher") != teacher_id:

@@ -1,0 +1,253 @@
+"""Reports of the transformer and language-model recipes (STS-B, SST-2, LM), built on `distill.report`, and
+`REPORTS`: which builder renders which recipe's metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from distill import plots
+from distill.report import Report, Table, classification_report, count, num, pct, ratio, seconds, size
+
+
+def _history_plot(histories: dict[str, list[dict[str, float]]], metric: str) -> dict[str, bytes]:
+    usable = {name: h for name, h in histories.items() if h}
+    return {"learning_curves.png": plots.learning_curves(usable, metric)} if usable else {}
+
+
+def stsb_report(metrics: dict[str, Any]) -> Report:
+    teacher, students = metrics["teacher"], metrics["students"]
+    rows = [
+        [
+            "teacher",
+            f"all {teacher['layers']}",
+            "pretrained",
+            num(teacher["spearman"], 4),
+            "100.0 %",
+            count(teacher["params"]),
+            "1.0x",
+            count(round(teacher["throughput"])),
+            num(teacher["latency_ms"], 1),
+        ]
+    ]
+    for s in students:
+        rows.append(
+            [
+                s["name"],
+                ", ".join(map(str, s["layers"])),
+                s["init"],
+                num(s["spearman"], 4),
+                pct(s["retention"]),
+                count(s["params"]),
+                ratio(s["compression"]),
+                count(round(s["throughput"])) if s.get("throughput") else "–",
+                num(s.get("latency_ms"), 1) if s.get("latency_ms") else "–",
+            ]
+        )
+    header = [
+        "model",
+        "teacher layers kept",
+        "init",
+        "STS-B Spearman",
+        "retention",
+        "parameters",
+        "compression",
+        "sentences/s (batch 128)",
+        "latency ms (batch 1)",
+    ]
+    main = [s for s in students if s["main"]]
+    summary = [
+        f"The {s['name']} student keeps **{pct(s['retention'])}** of the teacher's Spearman "
+        f"({num(s['spearman'], 4)} vs {num(teacher['spearman'], 4)}) and encodes **{ratio(s.get('speedup'))}** as many "
+        "sentences per second on this CPU."
+        for s in main
+    ]
+    three = [s for s in students if len(s["layers"]) == 3 and s["init"] == "teacher"]
+    if len(three) > 1:
+        best = max(three, key=lambda s: s["spearman"])
+        worst = min(three, key=lambda s: s["spearman"])
+        summary.append(
+            f"Which layers a 3-layer student keeps matters: layers {', '.join(map(str, best['layers']))} reach "
+            f"{pct(best['retention'])} retention, layers {', '.join(map(str, worst['layers']))} "
+            f"{pct(worst['retention'])}, from the same teacher with the same training."
+        )
+    for s in students:
+        if s["init"] == "random":
+            summary.append(
+                f"Without the teacher's weights (random initialisation, same training) a {len(s['layers'])}-layer "
+                f"student reaches {pct(s['retention'])}: the DistilBERT initialisation does much of the work."
+            )
+    notes = [
+        "Loss per student: cosine distance between student and teacher sentence embeddings (weight "
+        f"{metrics.get('embedding_weight', 1.0)}) plus, per student layer i, MSE to teacher layer (i + 1) L / n - 1 "
+        f"(weight {metrics.get('hidden_weight', 1.0)}); terms per epoch are in metrics.json.",
+        "Speed: teacher and students timed side by side on the same STS-B sentences (interleaved rounds, median).",
+        f"Whole run: {seconds(metrics.get('seconds'))}.",
+    ]
+    return Report(
+        title="distill report: stsb",
+        description=metrics["description"],
+        summary=summary,
+        tables=[Table("Teacher vs students (STS-B test)", header, rows)],
+        notes=notes,
+        images={
+            **_history_plot({s["name"]: s["history"] for s in students}, "loss"),
+            "accuracy_vs_params.png": plots.accuracy_vs_size(
+                [{"name": "teacher", "params": teacher["params"], "accuracy": teacher["spearman"]}]
+                + [{"name": s["name"], "params": s["params"], "accuracy": s["spearman"]} for s in students],
+                ylabel="STS-B Spearman x 100",
+            ),
+        },
+    )
+
+
+def sst2_report(metrics: dict[str, Any]) -> Report:
+    teacher, students = metrics["teacher"], metrics["students"]
+    rows = [
+        [
+            "teacher (fine-tuned)",
+            "all",
+            pct(teacher["accuracy"]),
+            "100.0 %",
+            "–",
+            count(teacher["params"]),
+            "1.0x",
+            num(teacher["latency_ms"], 1),
+            count(round(teacher["throughput"])),
+            pct(teacher["ece"]),
+        ]
+    ]
+    for name, s in students.items():
+        rows.append(
+            [
+                name,
+                ", ".join(map(str, s.get("layers", []))) or "–",
+                pct(s["accuracy"]),
+                pct(s["retention"]),
+                pct(s["agreement"]),
+                count(s["params"]),
+                ratio(teacher["params"] / s["params"]),
+                num(s.get("latency_ms"), 1) if s.get("latency_ms") else "–",
+                count(round(s["throughput"])) if s.get("throughput") else "–",
+                pct(s["ece"]),
+            ]
+        )
+    header = [
+        "model",
+        "teacher layers kept",
+        "test accuracy",
+        "retention",
+        "agreement",
+        "parameters",
+        "compression",
+        "latency ms (batch 1)",
+        "sentences/s (batch 128)",
+        "ECE",
+    ]
+    summary = []
+    for kind in ("transformer", "bilstm"):
+        distilled, alone = students.get(f"{kind}-distilled"), students.get(f"{kind}-alone")
+        if distilled and alone:
+            diff = distilled["accuracy"] - alone["accuracy"]
+            summary.append(
+                f"{kind}: distilled **{pct(distilled['accuracy'])}** ({pct(distilled['retention'])} of the teacher) "
+                f"against {pct(alone['accuracy'])} trained alone ({'+' if diff >= 0 else ''}{100 * diff:.1f} points), "
+                f"{ratio(distilled.get('latency_speedup'))} lower latency, {ratio(distilled.get('speedup'))} throughput."
+            )
+    ablation = students.get("transformer-ablation-distilled")
+    if ablation and "transformer-distilled" in students:
+        main = students["transformer-distilled"]
+        summary.append(
+            f"Kept layers matter: layers {', '.join(map(str, main['layers']))} give {pct(main['accuracy'])}, layers "
+            f"{', '.join(map(str, ablation['layers']))} {pct(ablation['accuracy'])} (same data, same training)."
+        )
+    loss = metrics["loss"]
+    notes = [
+        f"Loss of the distilled students: {loss['alpha']} * T^2 * {loss['divergence']}(teacher_T || student_T) + "
+        f"{1 - loss['alpha']:.2f} * CE(labels) on labeled rows, T = {loss['temperature']}; the transfer set has no labels.",
+        "The transformer students start from the pretrained teacher's layers (never the fine-tuned ones); the "
+        "distilled and alone runs of a student start from the same weights.",
+        "Speed: teacher and students timed side by side on the same test sentences (interleaved rounds, median).",
+        f"Whole run: {seconds(metrics.get('seconds'))}.",
+    ]
+    histories = {"teacher": teacher.get("history") or [], **{n: s["history"] for n, s in students.items()}}
+    return Report(
+        title="distill report: sst2",
+        description=metrics["description"],
+        summary=summary,
+        tables=[Table("Teacher vs students (SST-2, 872 test sentences)", header, rows)],
+        notes=notes,
+        images={
+            **_history_plot(histories, "test_accuracy"),
+            "accuracy_vs_params.png": plots.accuracy_vs_size(
+                [{"name": "teacher", "params": teacher["params"], "accuracy": teacher["accuracy"]}]
+                + [{"name": n, "params": s["params"], "accuracy": s["accuracy"]} for n, s in students.items()]
+            ),
+        },
+    )
+
+
+def lm_report(metrics: dict[str, Any]) -> Report:
+    rows_in = metrics["models"]
+    header = [
+        "model",
+        "held-out perplexity",
+        "KL to teacher",
+        "next-token agreement",
+        "parameters",
+        "size",
+        "tokens/s (batch 16)",
+        "train time",
+    ]
+    rows = []
+    for name, m in rows_in.items():
+        rows.append(
+            [
+                name,
+                num(m["perplexity"], 2),
+                num(m.get("kl_to_teacher"), 3),
+                pct(m.get("agreement")),
+                count(m["params"]),
+                size(m.get("size_bytes")),
+                count(round(m["tokens_per_second"])),
+                seconds(m.get("train_seconds")),
+            ]
+        )
+    distilled, alone, teacher = rows_in["student-distilled"], rows_in["student-alone"], rows_in["teacher"]
+    summary = [
+        f"Distilled from the teacher's cached top-{metrics['cache']['top_k']} log-probs, the student reaches "
+        f"perplexity **{num(distilled['perplexity'], 2)}** against {num(alone['perplexity'], 2)} trained alone on "
+        f"the same texts (teacher {num(teacher['perplexity'], 2)}), and agrees with the teacher's next token "
+        f"**{pct(distilled['agreement'])}** of the time against {pct(alone['agreement'])}.",
+        f"The student has {ratio(teacher['params'] / distilled['params'])} fewer parameters and processes "
+        f"{ratio(distilled['tokens_per_second'] / teacher['tokens_per_second'])} as many tokens per second.",
+        f"The cache holds {count(metrics['cache']['positions'])} positions at "
+        f"{num(metrics['cache']['bytes_per_position'], 1)} bytes each.",
+    ]
+    loss = metrics["loss"]
+    notes = [
+        f"Loss of the distilled student: {loss['alpha']} * T^2 * {loss['divergence']}(teacher || student) on the "
+        f"cache's top-k plus a tail bucket + {1 - loss['alpha']:.2f} * CE(next token), T = {loss['temperature']}, "
+        f"computed in chunks of {loss['chunk_size']} tokens; the student alone trains on CE for as many steps.",
+        "Tokens per second: teacher and students timed side by side on the same held-out batch.",
+        f"Whole run: {seconds(metrics.get('seconds'))}.",
+    ]
+    histories = {name: m["history"] for name, m in rows_in.items()}
+    return Report(
+        title="distill report: lm",
+        description=metrics["description"],
+        summary=summary,
+        tables=[Table("Teacher vs students (held-out texts)", header, rows)],
+        notes=notes,
+        images={"learning_curves.png": plots.learning_curves(histories, "loss")},
+    )
+
+
+REPORTS: dict[str, Callable[[dict[str, Any]], Report]] = {
+    "mnist1d": classification_report,
+    "digits": classification_report,
+    "train": classification_report,
+    "stsb": stsb_report,
+    "sst2": sst2_report,
+    "lm": lm_report,
+}
