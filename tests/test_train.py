@@ -164,3 +164,34 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
         assert torch.allclose(
             torch.tensor(resumed["weights"][name]), torch.tensor(expected["weights"][name]), atol=1e-6
         )
+
+
+def torchrun(script: Path, *args: str, processes: int = 2) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={processes}",
+        str(script),
+        *args,
+    ]
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+
+
+def test_ddp_on_two_cpu_processes_trains_one_model(tmp_path):
+    result = torchrun(HERE / "_ddp_script.py", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["world"] == 2
+    assert ranks[0]["weights"] == pytest.approx(ranks[1]["weights"], abs=1e-6)  # gradients were averaged
+    assert ranks[0]["steps"] == 4 * (40 // 2)  # 40 batches an epoch, shared by two processes
+    history = ranks[0]["history"]
+    assert history[-1]["kd"] < history[0]["kd"] and history[-1]["test_accuracy"] > 0.9
+    saved = torch.load(tmp_path / "ckpt" / "checkpoint.pt", weights_only=False)
+    assert saved["signature"]["processes"] == 2 and saved["state"]["step"] == ranks[0]["steps"]
+    again = torchrun(HERE / "_ddp_script.py", str(tmp_path), "--resume")  # a finished run resumes as finished
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((tmp_path / "rank1.json").read_text())["weights"] == pytest.approx(ranks[1]["weights"])

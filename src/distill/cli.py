@@ -211,9 +211,9 @@ def default_data_dir() -> Path | None:
 
 
 def print_report_tables(metrics: dict[str, Any], output: Path) -> None:
-    from distill import report
+    from distill.report_recipes import REPORTS
 
-    rendered = report.REPORTS[metrics["recipe"]](metrics)
+    rendered = REPORTS[metrics["recipe"]](metrics)
     for table_data in rendered.tables:
         table = Table(title=f"{table_data.title}: {rendered.description}", title_justify="left")
         for i, column in enumerate(table_data.header):
@@ -296,7 +296,11 @@ def run(
     model, runner = RECIPES[name]
     run_config = cfg.load(model, config, overrides)
     folder = getattr(run_config, "data_dir", None) or default_data_dir()
-    if name in ("stsb", "sst2") and (folder is None or not Path(folder).is_dir()):
+    if (
+        name in ("stsb", "sst2", "lm")
+        and getattr(run_config, "corpus", None) is None
+        and (folder is None or not Path(folder).is_dir())
+    ):
         raise DistillError(
             f"the {name} recipe needs the reference data sets (sst2/, stsb/, agnews/); pass --data-dir PATH "
             "(see ../shared/data/README.md)"
@@ -343,26 +347,109 @@ def train_command(
         print_classification(metrics, directory)
 
 
+cache_app = typer.Typer(help="Teacher log-prob caches for language models: score the data once, train many students.")
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("build")
+def cache_build(
+    teacher: str = typer.Option(..., help="The teacher: a causal LM folder (save_pretrained) or a hub name."),
+    data: Path = typer.Option(..., help="JSONL: prompt/completion, messages, text or question/answer rows."),
+    top_k: int = typer.Option(64, help="Log-probs kept per token (about 300 bytes a token at 128)."),
+    directory: Path = typer.Option(..., "--out", help="The cache directory (a killed build resumes in it)."),
+    temperature: float = typer.Option(1.0, help="Temperature of the stored distribution (the loss must match it)."),
+    max_length: int = typer.Option(512, help="Tokens per example (longer ones are cut)."),
+    batch_size: int = typer.Option(8, help="Sequences scored at once."),
+) -> None:
+    """Score a data file once with a teacher LM and store its top-k next-token log-probs, sharded and checksummed."""
+    from distill.teachers import hf
+
+    if top_k < 1:
+        raise DistillError("--top-k must be at least 1")
+    with RichReporter(err) as reporter:
+        hf.build_lm_cache(
+            teacher,
+            data,
+            directory,
+            top_k=top_k,
+            temperature=temperature,
+            max_length=max_length,
+            batch_size=batch_size,
+            cache_dir=cache_dir(),
+            reporter=reporter,
+        )
+    from distill.teachers.token_cache import verify_token_cache
+
+    summary = verify_token_cache(directory)
+    out.print(
+        f"cache {directory}: {summary['positions']:,} positions of {summary['sequences']:,} sequences, "
+        f"{summary['bytes_per_position']:.1f} bytes each (k = {summary['top_k']}); checksums verified"
+    )
+
+
+@cache_app.command("verify")
+def cache_verify(directory: Path = typer.Argument(..., help="A cache directory.")) -> None:
+    """Check every shard's sha256 and the index against the manifest."""
+    from distill.teachers.token_cache import verify_token_cache
+
+    summary = verify_token_cache(directory)
+    out.print_json(json.dumps(summary, default=str))
+
+
+@app.command("train-lm")
+def train_lm(
+    config: Path = typer.Option(..., "--config", "-c", help="YAML: student, teacher or cache, data, loss, train."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config key, e.g. --set loss.lmbda=0.5."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output directory (default runs/lm-<time>)."),
+    resume: bool = typer.Option(False, help="Continue a killed run from its checkpoint."),
+) -> None:
+    """Distill a causal LM: from a live teacher, or from a log-prob cache; runs under torchrun (DDP) as it is."""
+    from distill.recipes.lm import run_lm_job
+
+    job = cfg.load(cfg.LMJobConfig, config, list(set_))
+    directory = output_dir(output, "lm", resume)
+    rank = int(os.environ.get("RANK", "0"))
+    with RichReporter(err, enabled=rank == 0) as reporter:
+        metrics = run_lm_job(job, directory, cache_dir=cache_dir(), resume=resume, reporter=reporter)
+    if rank == 0:
+        out.print_json(json.dumps(_without(metrics, "history"), default=str))
+
+
 @app.command()
 def report(run_dir: Path = typer.Argument(..., help="A run directory holding metrics.json.")) -> None:
     """Render report.md and report.html again from a run's metrics.json."""
     from distill import report as rep
+    from distill.report_recipes import REPORTS
 
     path = run_dir / "metrics.json"
     if not path.is_file():
         raise DistillError(f"{path} does not exist; is {run_dir} a run directory?")
     try:
         metrics = json.loads(path.read_text())
-        rendered = rep.classification_report(metrics)
+        rendered = REPORTS[metrics["recipe"]](metrics)
     except (ValueError, KeyError, TypeError) as error:
-        raise DistillError(f"{path} is not a classification run's metrics ({error})") from None
+        raise DistillError(f"{path} is not the metrics of a distill run ({error})") from None
     rep.write(rendered, run_dir)
     out.print(f"Wrote {run_dir}/report.md and {run_dir}/report.html")
+
+
+def _init_distributed() -> None:
+    """Under torchrun (WORLD_SIZE > 1), join the process group: NCCL on GPUs, gloo on CPUs."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            if backend == "nccl":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group(backend)
 
 
 def main() -> None:
     """Entry point: run the app, turning user errors into one line and a non-zero exit."""
     try:
+        _init_distributed()
         app(standalone_mode=False)
     except DistillError as error:
         err.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)

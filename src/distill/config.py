@@ -7,7 +7,7 @@ accepts them as job payloads, so a config never names an import path or anything
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -42,6 +42,10 @@ class LossConfig(Strict):
     beta: float = Field(0.5, ge=0, le=1, description="mixture weight of the generalised JSD (divergence=jsd)")
     features: list[FeatureLoss] = Field(default_factory=list, description="hidden-state / attention terms")
     logits: bool = Field(True, description="distill the output distribution; false for encoders (features only)")
+    chunk_size: int = Field(1024, ge=0, description="tokens per chunk of a causal LM's loss; 0 = full logits")
+    lmbda: float = Field(0.0, ge=0, le=1, description="share of on-policy batches sampled from the student (GKD)")
+    max_new_tokens: int = Field(64, ge=1, description="length of an on-policy sample")
+    sample_temperature: float = Field(1.0, gt=0, description="temperature of on-policy sampling")
 
 
 class TrainConfig(Strict):
@@ -58,6 +62,9 @@ class TrainConfig(Strict):
     checkpoint_every: int = Field(100, ge=0, description="steps between checkpoints; 0 = at epoch ends only")
     eval_every: int = Field(1, ge=1, description="epochs between evaluations")
     device: str = "cpu"
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="with several processes (torchrun): replicate (ddp) or shard (fsdp) the student"
+    )
 
 
 class ModelSpec(Strict):
@@ -103,13 +110,16 @@ class StsbRunConfig(TextStudentsConfig):
 
     recipe: Literal["stsb"] = "stsb"
     sentences: Path | None = Field(None, description="unlabeled sentences, one per line (default: the data sets')")
-    sample_size: int = Field(20_000, ge=0, description="training sentences drawn from them; 0 = all")
+    sample_size: int = Field(10_000, ge=0, description="training sentences drawn from them; 0 = all")
+    max_length: int = Field(32, ge=8, le=512, description="training tokens per sentence (scoring uses up to 128)")
     students: list[int] = Field(default_factory=lambda: [3, 1], description="layer counts of the derived students")
     ablation: bool = Field(True, description="also train other 3-layer choices and a random initialisation")
     embedding_weight: float = Field(1.0, ge=0, description="weight of the sentence-embedding cosine term")
     hidden_weight: float = Field(1.0, ge=0, description="weight of each hidden-state MSE term")
     train: TrainConfig = Field(
-        default_factory=lambda: TrainConfig(epochs=2, batch_size=64, lr=1e-4, weight_decay=0.01, schedule="cosine")
+        default_factory=lambda: TrainConfig(
+            epochs=1, batch_size=64, lr=5e-4, weight_decay=0.01, schedule="cosine", warmup=0.05
+        )
     )
 
 
@@ -127,6 +137,10 @@ class Sst2RunConfig(TextStudentsConfig):
         default_factory=lambda: [4, 5], description="another choice of layers, distilled the same way; null = none"
     )
     bilstm: bool = Field(True, description="also distill into the BiLSTM student of Tang et al. 2019")
+    freeze_embeddings: bool = Field(
+        True,
+        description="keep the pretrained word embeddings fixed (teacher and transformer students): half the CPU time",
+    )
     loss: LossConfig = Field(default_factory=lambda: LossConfig(temperature=2.0, alpha=0.5))
     teacher_train: TrainConfig = Field(
         default_factory=lambda: TrainConfig(epochs=2, batch_size=32, lr=5e-5, schedule="cosine", warmup=0.1)
@@ -137,6 +151,43 @@ class Sst2RunConfig(TextStudentsConfig):
     bilstm_train: TrainConfig = Field(
         default_factory=lambda: TrainConfig(epochs=6, batch_size=64, lr=2e-3, schedule="cosine", warmup=0.05)
     )
+
+
+class LMJobConfig(Strict):
+    """`distill train-lm --config FILE.yaml`: a causal LM student distilled from a live teacher or a log-prob cache."""
+
+    student: str = Field(description="the student: a causal LM folder (save_pretrained) or a hub name")
+    teacher: str | None = Field(None, description="a live teacher (same tokenizer); or give `cache`")
+    cache: Path | None = Field(None, description="a teacher log-prob cache built by `distill cache build`")
+    data: Path = Field(description="training JSONL: prompt/completion, messages, text or question/answer rows")
+    eval_data: Path | None = Field(None, description="held-out JSONL for perplexity, agreement and KL")
+    max_length: int = Field(512, ge=8, description="tokens per example (longer ones are cut)")
+    loss: LossConfig = Field(default_factory=lambda: LossConfig(temperature=1.0, alpha=0.5))
+    train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(epochs=1, batch_size=8, lr=5e-5, schedule="cosine", checkpoint_every=200)
+    )
+
+
+class LMRunConfig(Strict):
+    """`distill run --recipe lm`: a small teacher LM trained on local text, cached, taught to a smaller student."""
+
+    recipe: Literal["lm"] = "lm"
+    data_dir: Path | None = Field(None, description="folder with sst2/, stsb/, agnews/ (default ../shared/data)")
+    corpus: Path | None = Field(None, description="a text file (one text per line) instead of the data sets")
+    sample_size: int = Field(30_000, ge=0, description="texts drawn from the corpus; 0 = all")
+    vocab_size: int = Field(2048, ge=300, description="BPE vocabulary trained on the corpus")
+    max_length: int = Field(48, ge=8, le=512)
+    top_k: int = Field(64, ge=1, description="teacher log-probs kept per token in the cache")
+    teacher: dict[str, int] = Field(default_factory=lambda: {"layers": 4, "width": 256, "heads": 4})
+    student: dict[str, int] = Field(default_factory=lambda: {"layers": 2, "width": 128, "heads": 2})
+    loss: LossConfig = Field(default_factory=lambda: LossConfig(temperature=1.0, alpha=0.5, chunk_size=2048))
+    teacher_train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(epochs=3, batch_size=32, lr=1e-3, schedule="cosine", warmup=0.05)
+    )
+    student_train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(epochs=3, batch_size=32, lr=2e-3, schedule="cosine", warmup=0.05)
+    )
+    seed: int = 0
 
 
 class DataSpec(Strict):
@@ -253,33 +304,42 @@ def load(model: type[C], path: Path | None, overrides: list[str] | None = None) 
     source = "overrides"
     if path is not None:
         source = str(path)
-        data = _resolve_paths(load_mapping(path), path.parent)
+        data = _resolve_paths(model, load_mapping(path), path.parent)
     return build(model, apply_overrides(data, overrides or []), source)
 
 
-def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
-    """Relative data and teacher paths in a config file are relative to the file, not to the working directory."""
+MODEL_NAMES = ("teacher", "student")  # may be a folder or a hub name: made absolute only when the folder exists
+
+
+def _resolve_paths(model: type[BaseModel], data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Relative paths in a config file are relative to the file, not to the working directory: every field typed
+    as a Path (or a list of them, or inside a nested section), and model names that are folders next to the file."""
     out = dict(data)
-    section = out.get("data")
-    if isinstance(section, dict):
-        section = dict(section)
-        for key in ("train", "test", "transfer"):
-            if isinstance(section.get(key), str) and not Path(section[key]).is_absolute():
-                section[key] = str(base / section[key])
-        out["data"] = section
-    for key in ("data_dir", "sentences"):
-        if isinstance(out.get(key), str) and not Path(out[key]).is_absolute():
-            out[key] = str(base / out[key])
-    teacher = out.get("teacher")
-    if isinstance(teacher, str) and "recipe" in out:
-        if (base / teacher).exists():  # a text recipe's teacher: a folder next to the file, else a name
-            out["teacher"] = str(base / teacher)
-        return out
-    if isinstance(teacher, str):
-        teacher = [teacher]
-    if isinstance(teacher, list):
-        out["teacher"] = [str(base / t) if isinstance(t, str) and not Path(t).is_absolute() else t for t in teacher]
+    for name, field in model.model_fields.items():
+        value = out.get(name)
+        if value is None:
+            continue
+        annotation = field.annotation
+        nested = [a for a in (annotation, *get_args(annotation)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if nested and isinstance(value, dict):
+            out[name] = _resolve_paths(nested[0], value, base)
+        elif _mentions_path(annotation):
+            out[name] = _relative(value, base)
+        elif name in MODEL_NAMES and isinstance(value, str) and (base / value).exists():
+            out[name] = str(base / value)
     return out
+
+
+def _mentions_path(annotation: Any) -> bool:
+    return annotation is Path or any(_mentions_path(a) for a in get_args(annotation))
+
+
+def _relative(value: Any, base: Path) -> Any:
+    if isinstance(value, str) and value and not Path(value).is_absolute():
+        return str(base / value)
+    if isinstance(value, list):
+        return [_relative(v, base) for v in value]
+    return value
 
 
 def dump(config: BaseModel) -> str:

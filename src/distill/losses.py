@@ -41,8 +41,9 @@ def dense_pair(
 ) -> tuple[Tensor, Tensor]:
     """Student and teacher log-probs at temperature T over all V classes.
 
-    `teacher_logprobs` may be log-probs at temperature `teacher_temperature` (or raw logits when that is 1): since
-    log_softmax(z / t0) = z / t0 - const, rescaling by t0 / T and renormalising gives log_softmax(z / T) exactly.
+    `teacher_logprobs` are normalised log-probs at temperature `teacher_temperature`: since log_softmax(z / t0) =
+    z / t0 - const, rescaling by t0 / T and renormalising gives log_softmax(z / T) exactly (when t0 == T they are
+    used as they are, so they must be normalised).
     """
     if student_logits.shape != teacher_logprobs.shape:
         raise ShapeMismatchError(

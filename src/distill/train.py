@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -28,6 +26,7 @@ from distill.config import LossConfig, TrainConfig
 from distill.data import Dataset, check_labels, epoch_order
 from distill.errors import DistillError, NonFiniteLossError, ShapeMismatchError
 from distill.features import FeatureDistiller, capture
+from distill.lm import is_causal_lm, lm_terms, on_policy_step, student_samples
 from distill.losses import hard_label_ce, hinton_terms
 from distill.progress import NULL, Cancelled, Reporter
 from distill.teachers import Teacher
@@ -45,6 +44,7 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     steps: int = 0
     seconds: float = 0.0
+    state_dict: dict[str, Tensor] | None = None  # the full weights of a model sharded by FSDP (on every process)
 
     @property
     def final(self) -> dict[str, float]:
@@ -57,7 +57,7 @@ def make_optimizer(modules: Sequence[nn.Module], config: TrainConfig) -> torch.o
     decay = [p for p in parameters if p.dim() >= 2]
     no_decay = [p for p in parameters if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, foreach=True)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int) -> Any:
@@ -92,6 +92,8 @@ def loss_terms(
     over all positions of the output (rows, or tokens of a sequence). Feature terms: one per `loss.features` pair,
     named `kind:student_module`, weighted as configured.
     """
+    if loss.logits and features is None and "kd_mask" in batch and loss.chunk_size and is_causal_lm(model):
+        return lm_terms(model, batch, teacher, loss)
     with capture(model, features.student_hooks if features is not None else []) as captured:
         output = run_model(model, batch["inputs"])
     labels = batch.get("labels")
@@ -157,14 +159,75 @@ def _save(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)  # atomic: a kill mid-write leaves the previous checkpoint intact
 
 
-def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+def _distributed() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) unless a process group is initialised (torchrun)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def _wrap(module: nn.Module, device: torch.device, world: int, strategy: str = "ddp") -> nn.Module:
+    """With several processes: DistributedDataParallel around `module` (gradients averaged across processes), or
+    FSDP (`strategy="fsdp"`: parameters, gradients and optimizer state sharded; each transformer block a unit)."""
+    if world == 1 or not any(p.requires_grad for p in module.parameters()):
+        return module
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        from distill.students import layer_stack
+
+        try:
+            _, blocks = layer_stack(module)
+        except DistillError:
+            blocks = nn.ModuleList()
+        for block in blocks:
+            fully_shard(block)
+        fully_shard(module)
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" and device.index is not None else None
+    return DistributedDataParallel(module, device_ids=ids)
+
+
+def _full_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, strategy: str, world: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Unsharded model and optimizer state (gathered on every process under FSDP; a collective call)."""
+    if strategy == "fsdp" and world > 1:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return model.state_dict(), optimizer.state_dict()
+
+
+def _load_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict[str, Any], strategy: str, world: int
+) -> None:
+    if strategy == "fsdp" and world > 1:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        options = StateDictOptions(full_state_dict=True)
+        set_state_dict(model, optimizer, model_state_dict=saved["model"], optim_state_dict=saved["optimizer"],
+                       options=options)  # fmt: skip
+        return
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+
+
+def _mean_over_processes(sums: dict[str, float], count: int, world: int) -> dict[str, float]:
+    """The epoch's mean of every loss term over all processes' steps."""
+    keys = sorted(sums)
+    if world > 1:
+        values = torch.tensor([sums[k] for k in keys] + [float(count)], dtype=torch.float64)
+        torch.distributed.all_reduce(values)
+        sums, count = dict(zip(keys, values[:-1].tolist())), int(values[-1])
+    return {k: sums[k] / max(count, 1) for k in keys}
 
 
 def train(
@@ -190,21 +253,35 @@ def train(
     loss = loss or LossConfig()
     device = torch.device(config.device)
     model.to(device)
-    torch.manual_seed(config.seed)
+    rank, world = _distributed()
+    if rank != 0:
+        reporter = NULL  # one process reports; every process trains
+    if loss.lmbda > 0 and (
+        teacher is None or not hasattr(teacher, "model") or "prompt_lengths" not in data.batch(torch.arange(1))
+    ):
+        raise DistillError(
+            "on-policy distillation (lmbda > 0) needs a live teacher model and prompt/completion data: a cache "
+            "cannot score the student's own samples"
+        )
     labels = getattr(data, "labels", None)
     if teacher is not None and isinstance(labels, Tensor):
         check_labels(labels, teacher.num_classes, "the training data")
+    lengths = getattr(data, "lengths", None)
+    batches_per_epoch = len(epoch_order(len(data), config.batch_size, config.seed, 0, lengths)) // world
+    if batches_per_epoch == 0:
+        raise DistillError(f"{len(data)} rows make fewer batches than the {world} processes training on them")
+    net = _wrap(model, device, world, config.strategy)  # before the optimizer: FSDP replaces the parameters
     trained = [model] if features is None else [model, features.to(device)]
     optimizer = make_optimizer(trained, config)
-    batches_per_epoch = math.ceil(len(data) / config.batch_size)
     total_steps = config.epochs * batches_per_epoch
     scheduler = make_scheduler(optimizer, config, total_steps)
-    signature = _signature(data, config, teacher, loss)
+    signature = _signature(data, config, teacher, loss) | {"processes": world}
 
     state: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "history": [], "sums": {}, "count": 0, "seconds": 0.0}
     path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if rank == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
         if resume and path.exists():
             try:
                 saved = torch.load(path, map_location=device, weights_only=False)
@@ -215,39 +292,51 @@ def train(
                     f"checkpoint {path} was written by a run with other data or settings; "
                     "resume with the same config, or delete it to start over"
                 )
-            model.load_state_dict(saved["model"])
+            _load_state(model, optimizer, saved, config.strategy, world)
             if features is not None:
                 features.load_state_dict(saved["features"])
-            optimizer.load_state_dict(saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
             state = saved["state"]
-            _set_rng_state(saved["rng"])
 
     def checkpoint() -> None:
-        if path is not None:
+        if path is None:
+            return
+        model_state, optimizer_state = _full_state(model, optimizer, config.strategy, world)  # collective with FSDP
+        if rank == 0:
             payload = {
                 "signature": signature,
-                "model": model.state_dict(),
+                "model": model_state,
                 "features": features.state_dict() if features is not None else None,
-                "optimizer": optimizer.state_dict(),
+                "optimizer": optimizer_state,
                 "scheduler": scheduler.state_dict(),
                 "state": state,
-                "rng": _rng_state(),
             }
             _save(path, payload)
+        _barrier(world)
 
     reporter.stage(name, total=total_steps)
     reporter.advance(state["step"])
     started = time.perf_counter() - state["seconds"]
     for epoch in range(state["epoch"], config.epochs):
-        order = epoch_order(len(data), config.batch_size, config.seed, epoch, getattr(data, "lengths", None))
-        model.train()
-        for position in range(state["batch"], len(order)):
+        order = epoch_order(len(data), config.batch_size, config.seed, epoch, lengths)
+        mine = order[rank : batches_per_epoch * world : world]  # every process its share, the same count each
+        net.train()
+        for position in range(state["batch"], len(mine)):
             if reporter.cancelled():
                 checkpoint()
                 raise Cancelled(f"{name} cancelled at step {state['step']}")
-            batch = to_device(data.batch(order[position]), device)
-            terms, weights = loss_terms(model, batch, teacher, loss, features)
+            # Dropout and sampling draw from a generator fixed by (seed, step, process): a resumed run redraws them.
+            torch.manual_seed(config.seed * 1_000_003 + state["step"] * world + rank)
+            batch = to_device(data.batch(mine[position]), device)
+            if on_policy_step(config.seed, state["step"], loss.lmbda):
+                batch = student_samples(
+                    net, batch, max_new_tokens=loss.max_new_tokens, temperature=loss.sample_temperature,
+                    seed=config.seed * 7919 + state["step"] * world + rank, pad_id=getattr(data, "pad_id", 0),
+                    eos_id=getattr(getattr(model, "config", None), "eos_token_id", None),
+                )  # fmt: skip
+                terms, weights = lm_terms(net, batch, teacher, loss, on_policy=True)
+            else:
+                terms, weights = loss_terms(net, batch, teacher, loss, features)
             total = sum(weights[k] * terms[k] for k in terms)
             assert isinstance(total, Tensor)
             value = float(total.detach())
@@ -259,6 +348,11 @@ def train(
                 )
             optimizer.zero_grad(set_to_none=True)
             total.backward()
+            if world > 1 and features is not None:  # the projections are not inside the DDP wrapper
+                for parameter in features.parameters():
+                    if parameter.grad is not None:
+                        torch.distributed.all_reduce(parameter.grad)
+                        parameter.grad /= world
             if config.grad_clip:
                 torch.nn.utils.clip_grad_norm_([p for m in trained for p in m.parameters()], config.grad_clip)
             optimizer.step()
@@ -275,9 +369,11 @@ def train(
                 checkpoint()
 
         record: dict[str, float] = {"epoch": epoch + 1, "step": state["step"]}
-        record.update({k: v / max(state["count"], 1) for k, v in state["sums"].items()})
+        record.update(_mean_over_processes(state["sums"], state["count"], world))
         record["lr"] = float(scheduler.get_last_lr()[0])
-        if evaluate is not None and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
+        sharded = config.strategy == "fsdp" and world > 1  # every process takes part in a sharded model's forward
+        due = (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs
+        if evaluate is not None and due and (rank == 0 or sharded):
             model.eval()
             record.update(evaluate(model))
             model.train()
@@ -287,4 +383,7 @@ def train(
         checkpoint()
     reporter.end()
     model.eval()
-    return TrainResult(model=model, history=list(state["history"]), steps=state["step"], seconds=state["seconds"])
+    full = _full_state(model, optimizer, config.strategy, world)[0] if config.strategy == "fsdp" and world > 1 else None
+    return TrainResult(
+        model=model, history=list(state["history"]), steps=state["step"], seconds=state["seconds"], state_dict=full
+    )

@@ -15,11 +15,12 @@ from typing import Any
 from pydantic import BaseModel
 
 from distill import report
-from distill.config import ClassifyRunConfig, Sst2RunConfig, StsbRunConfig, dump
+from distill.config import ClassifyRunConfig, LMRunConfig, Sst2RunConfig, StsbRunConfig, dump
 from distill.errors import DistillError
 from distill.progress import NULL, Reporter
 from distill.recipes import digits, mnist1d
 from distill.recipes.classify import Problem, finish, run_classification
+from distill.report_recipes import REPORTS
 
 ARRAY_RECIPES: dict[str, Callable[[ClassifyRunConfig, Path | None], Problem]] = {
     "mnist1d": mnist1d.problem,
@@ -57,7 +58,7 @@ def run_array_recipe(
 
 
 def _write(metrics: dict[str, Any], output: Path, config: BaseModel) -> dict[str, Any]:
-    report.write(report.REPORTS[metrics["recipe"]](metrics), output, metrics)
+    report.write(REPORTS[metrics["recipe"]](metrics), output, metrics)
     (output / "config.yaml").write_text(dump(config))
     return metrics
 
@@ -103,9 +104,28 @@ def run_sst2_recipe(
     return _write(metrics, output, config)
 
 
+def run_lm_recipe(
+    config: LMRunConfig,
+    output: Path,
+    *,
+    resume: bool = False,
+    cache_dir: Path | None = None,
+    data_dir: Path | None = None,
+    reporter: Reporter = NULL,
+) -> dict[str, Any]:
+    """A teacher LM, its log-prob cache and a student distilled from it (see `distill.recipes.lm`)."""
+    from distill.recipes.lm import run_lm
+
+    if cache_dir is None:
+        raise DistillError("the lm recipe needs a cache directory")
+    metrics = run_lm(config, output, data_dir=data_dir, cache_dir=cache_dir, resume=resume, reporter=reporter)
+    return _write(metrics, output, config)
+
+
 RECIPES: dict[str, tuple[type[BaseModel], Callable[..., dict[str, Any]]]] = {
     "mnist1d": (ClassifyRunConfig, run_array_recipe),
     "digits": (ClassifyRunConfig, run_array_recipe),
     "stsb": (StsbRunConfig, run_stsb_recipe),
     "sst2": (Sst2RunConfig, run_sst2_recipe),
+    "lm": (LMRunConfig, run_lm_recipe),
 }

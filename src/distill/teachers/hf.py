@@ -126,3 +126,45 @@ def check_same_vocabulary(teacher_tokenizer: Any, student_tokenizer: Any) -> Non
             "or the same size with other ids): logits cannot be compared token by token; distill through "
             "generated text instead (distill generate), or give the student the teacher's tokenizer"
         )
+
+
+def build_lm_cache(
+    teacher: str | Path,
+    data: Path,
+    directory: Path,
+    *,
+    top_k: int,
+    temperature: float = 1.0,
+    max_length: int = 512,
+    batch_size: int = 8,
+    cache_dir: Path | None = None,
+    reporter: Any = None,
+) -> dict[str, Any]:
+    """Score a JSONL data file once with a causal LM teacher and store its top-k log-probs (`distill cache build`).
+
+    The cache records the teacher's name and revision, the tokenizer's fingerprint and the data's, so a student
+    with another tokenizer or other data is refused when it reads the cache."""
+    import hashlib
+    import json
+
+    from distill.lm_data import read_examples, tokenize_examples
+    from distill.progress import NULL
+    from distill.teachers.token_cache import build_token_cache, causal_lm_logits
+
+    tokenizer = load_tokenizer(teacher, cache_dir)
+    model: Any = load_causal_lm(teacher, cache_dir)
+    dataset = tokenize_examples(tokenizer, read_examples(data, tokenizer), max_length)
+    revision = getattr(model.config, "_commit_hash", None)
+    if not revision:
+        digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+        reference = Path(resolve(teacher, cache_dir))
+        for path in sorted(reference.glob("*.safetensors")) if reference.is_dir() else []:
+            digest.update(f"{path.name}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode())
+        revision = "local-" + digest.hexdigest()[:16]
+    return build_token_cache(
+        causal_lm_logits(model), [s.numpy() for s in dataset.sequences], directory,
+        scored=[dataset.scored(i).numpy() for i in range(len(dataset))], top_k=top_k, temperature=temperature,
+        teacher_name=str(teacher), teacher_revision=revision, tokenizer_hash=tokenizer_fingerprint(tokenizer),
+        vocab_size=int(model.config.vocab_size), data_id=dataset.fingerprint(), batch_size=batch_size,
+        reporter=reporter or NULL,
+    )  # fmt: skip

@@ -1,0 +1,174 @@
+"""The language-model branch of the training loop: token-level terms computed in chunks, and on-policy batches.
+
+Token-level distillation of a causal LM student (a Hugging Face model with an output embedding): the student's final
+hidden states at the scored positions (the batch's `kd_mask`) go through `distill.chunked.chunked_kd_and_ce` with
+its own output projection, so its (tokens x vocabulary) logits never exist in full; the teacher's distribution at
+those positions comes dense from a live teacher or sparse (top-k) from a log-prob cache.
+
+On-policy distillation (GKD, Agarwal et al. 2024): for a fraction `lmbda` of the batches the completions are
+sampled from the student itself, given the batch's prompts, and scored by the (live) teacher; the loss is then the
+divergence on the sampled tokens only (no hard labels: the sample has none).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from distill.chunked import chunked_kd_and_ce
+from distill.config import LossConfig
+from distill.data import IGNORE
+from distill.errors import DistillError, ShapeMismatchError
+from distill.teachers import Teacher, TeacherOutput
+
+
+def unwrap(model: nn.Module) -> Any:
+    """The model inside a DistributedDataParallel / FSDP wrapper (or the model itself)."""
+    return getattr(model, "module", model)
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    inner = unwrap(model)
+    head = getattr(inner, "get_output_embeddings", None)
+    return callable(head) and head() is not None and getattr(inner, "base_model_prefix", None) is not None
+
+
+def hidden_states(model: nn.Module, inputs: dict[str, Tensor]) -> tuple[Tensor, nn.Module]:
+    """The final hidden states (B, T, H) of a causal LM (after its last norm) and its output projection.
+
+    The base model is called through the wrapper's own forward when wrapped (DDP needs its forward to run), so the
+    call goes to `model(..., output_hidden_states=True)` only when the base cannot be reached directly."""
+    inner: Any = unwrap(model)
+    head = inner.get_output_embeddings()
+    if inner is model and not _sharded(model):
+        base = getattr(inner, str(inner.base_model_prefix))
+        return base(**inputs).last_hidden_state, head
+    output = model(**inputs, output_hidden_states=True)
+    return output.hidden_states[-1], head
+
+
+def _sharded(model: nn.Module) -> bool:
+    """FSDP gathers a sharded model's parameters in its root forward: the base alone cannot be called."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return False
+    return isinstance(model, FSDPModule)
+
+
+def lm_terms(
+    model: nn.Module, batch: dict[str, Any], teacher: Teacher | None, loss: LossConfig, on_policy: bool = False
+) -> tuple[dict[str, Tensor], dict[str, float]]:
+    """`kd` (weight alpha; T^2 included) and `ce` (weight 1 - alpha) over the scored tokens, from one chunked pass.
+
+    Without a teacher only `ce`; on an on-policy batch only `kd` (the divergence on the student's own samples)."""
+    hidden, head = hidden_states(model, batch["inputs"])  # (B, T, H)
+    mask = batch["kd_mask"].reshape(-1)  # (B*T,)
+    scored = hidden.reshape(-1, hidden.shape[-1])[mask]  # (N, H)
+    labels = batch["labels"].reshape(-1)[mask]  # (N,)
+    weight: Tensor = head.weight  # type: ignore[assignment]
+    found = getattr(head, "bias", None)
+    bias: Tensor | None = found if isinstance(found, Tensor) else None
+    if teacher is None:
+        # The cross-entropy as a divergence from a one-hot teacher: forward KL(onehot(y) || q) = -log q(y).
+        one_hot = torch.zeros(len(labels), 1, device=scored.device)  # log-prob 0 at the label: probability 1
+        ce, _ = chunked_kd_and_ce(scored, weight, student_bias=bias, teacher_logprobs=one_hot,
+                                  token_ids=labels[:, None], chunk_size=loss.chunk_size)  # fmt: skip
+        return {"ce": ce}, {"ce": 1.0}
+    output: TeacherOutput = teacher(batch)
+    if output.logprobs is None:
+        raise DistillError("the teacher gives no log-probs for token-level distillation")
+    width = output.logprobs.shape[-1]
+    if output.token_ids is None and width != weight.shape[0]:
+        raise ShapeMismatchError(
+            f"the teacher's vocabulary has {width} tokens but the student's {weight.shape[0]}; logits cannot be "
+            "compared token by token: distill through generated text instead (distill generate)"
+        )
+    teacher_logprobs = output.logprobs.reshape(-1, width)[mask.to(output.logprobs.device)].to(scored.device)
+    ids = output.token_ids
+    token_ids = None if ids is None else ids.reshape(-1, width)[mask.to(ids.device)].to(scored.device)
+    kd, ce = chunked_kd_and_ce(
+        scored, weight, student_bias=bias, teacher_logprobs=teacher_logprobs, token_ids=token_ids,
+        divergence=loss.divergence, temperature=loss.temperature, teacher_temperature=output.temperature,
+        beta=loss.beta, chunk_size=loss.chunk_size, labels=None if on_policy else labels,
+    )  # fmt: skip
+    if on_policy:
+        return {"kd": kd * loss.temperature**2}, {"kd": 1.0}
+    return {"kd": kd * loss.temperature**2, "ce": ce}, {"kd": loss.alpha, "ce": 1.0 - loss.alpha}
+
+
+def on_policy_step(seed: int, step: int, lmbda: float) -> bool:
+    """Whether batch `step` is sampled from the student: a coin fixed by (seed, step), so a resumed run agrees."""
+    return lmbda > 0 and random.Random(seed * 1_000_003 + step).random() < lmbda
+
+
+@torch.no_grad()
+def student_samples(
+    model: nn.Module,
+    batch: dict[str, Any],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    pad_id: int,
+    eos_id: int | None,
+) -> dict[str, Any]:
+    """The batch's prompts completed by the student (sampling at `temperature`), as a training batch whose scored
+    positions are the sampled tokens. The global random state is restored afterwards."""
+    inner = unwrap(model)
+    ids, lengths = batch["inputs"]["input_ids"], batch["prompt_lengths"]  # (B, T), (B,)
+    rows = ids.shape[0]
+    width = int(lengths.max())
+    prompts = torch.full((rows, width), pad_id, dtype=torch.long, device=ids.device)  # left-padded (B, P)
+    attention = torch.zeros_like(prompts)
+    for b in range(rows):
+        n = int(lengths[b])
+        prompts[b, width - n :] = ids[b, :n]
+        attention[b, width - n :] = 1
+    state = torch.get_rng_state()
+    torch.manual_seed(seed)
+    was_training = inner.training
+    inner.eval()
+    try:
+        generated = inner.generate(
+            input_ids=prompts,
+            attention_mask=attention,
+            do_sample=True,
+            temperature=temperature,
+            top_k=0,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad_id,
+            eos_token_id=eos_id,
+        )[:, width:]  # (B, M)
+    finally:
+        inner.train(was_training)
+        torch.set_rng_state(state)
+    sequences, prompt_lengths = [], []
+    for b in range(rows):
+        new = generated[b].tolist()
+        if eos_id is not None and eos_id in new:
+            new = new[: new.index(eos_id) + 1]
+        new = [t for t in new if t != pad_id or t == eos_id] or [eos_id if eos_id is not None else pad_id]
+        n = int(lengths[b])
+        sequences.append(ids[b, :n].tolist() + new)
+        prompt_lengths.append(n)
+    total = max(len(s) for s in sequences)
+    out_ids = torch.full((rows, total), pad_id, dtype=torch.long)
+    out_attention = torch.zeros((rows, total), dtype=torch.long)
+    labels = torch.full((rows, total), IGNORE, dtype=torch.long)
+    for b, sequence in enumerate(sequences):
+        out_ids[b, : len(sequence)] = torch.tensor(sequence)
+        out_attention[b, : len(sequence)] = 1
+        p = prompt_lengths[b]
+        labels[b, p - 1 : len(sequence) - 1] = torch.tensor(sequence[p:])
+    device = ids.device
+    return {
+        "inputs": {"input_ids": out_ids.to(device), "attention_mask": out_attention.to(device)},
+        "labels": labels.to(device),
+        "kd_mask": (labels != IGNORE).to(device),
+        "prompt_lengths": torch.tensor(prompt_lengths, device=device),
+        "index": batch["index"],
+    }
