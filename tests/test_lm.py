@@ -24,11 +24,14 @@ def test_parse_rows_and_errors(tmp_path):
     assert parse_row({"text": "t"}, "x") == Example("", "t")
     chat = parse_row({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, "x")
     assert chat.completion == "yo" and "hi" in chat.prompt
+    answered = parse_row({"messages": [{"role": "user", "content": "hi"}], "completion": "yo"}, "x")
+    assert answered == chat  # `distill generate` writes the conversation and the answer apart
     for row, message in [
         ({"foo": 1}, "needs prompt/completion"),
         ({"prompt": "p", "completion": ""}, "not empty"),
         ({"messages": [{"role": "user", "content": "hi"}]}, "last message must be the assistant"),
         ({"messages": [{"role": "robot", "content": "hi"}]}, "needs a role"),
+        ({"messages": "hi", "completion": "yo"}, "messages must be a list"),
         ([1, 2], "expected a JSON object"),
     ]:
         with pytest.raises(DataError, match=message):

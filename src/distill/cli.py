@@ -475,5 +475,10 @@ def main() -> None:
         sys.exit(130)
 
 
-if __name__ == "__main__":
-    main()
+# The black-box commands (serve, generate, traces) register themselves on `app`.
+from distill import cli_text  # noqa: E402, F401
+
+if __name__ == "__main__":  # `python -m distill.cli`: run the imported module, where every command is registered
+    from distill import cli as _cli
+
+    _cli.main()

@@ -6,6 +6,7 @@ Accepted JSONL rows (one object per line):
     {"prompt": "...", "completion": "..."}              the loss covers the completion
     {"messages": [{"role": "user", "content": ...}, ...]} the loss covers the last assistant message; the rest is the
                                                           prompt (the tokenizer's chat template when it has one)
+    {"messages": [...], "completion": "..."}             a conversation and its answer (`distill generate` output)
     {"text": "..."}                                      the loss covers every token
     {"question": "...", "answer": "..."}                 GSM8K's format: question = prompt, answer = completion
 
@@ -40,6 +41,10 @@ def parse_row(row: Any, where: str, tokenizer: Any = None) -> Example:
     """One JSONL object as (prompt, completion); a DataError naming the line for anything else."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if "messages" in row and "completion" in row:  # a conversation and the answer to it (`distill generate`)
+        if not isinstance(row["messages"], list) or not isinstance(row["completion"], str):
+            raise DataError(f"{where}: messages must be a list and the completion a string")
+        return _chat([*row["messages"], {"role": "assistant", "content": row["completion"]}], where, tokenizer)
     if "prompt" in row or "completion" in row:
         prompt, completion = row.get("prompt", ""), row.get("completion")
     elif "question" in row and "answer" in row:

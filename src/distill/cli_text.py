@@ -1,0 +1,128 @@
+"""`distill serve`, `distill generate` and `distill traces`: the black-box side of the command line.
+
+Registered on the main app by `distill.cli`; like every command, each one parses its options and makes one library
+call. The teacher API key is read here, from the environment variable named by `--api-key-env`, never from a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from distill.cli import RichReporter, app, err, out
+from distill.errors import DistillError
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@app.command()
+def serve(
+    model: Path = typer.Option(..., "--model", "-m", help="A causal LM folder (save_pretrained layout + tokenizer)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (loopback by default)."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    name: Optional[str] = typer.Option(None, help="Model id clients ask for (default: the folder's name)."),
+    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
+    max_batch_size: int = typer.Option(16, help="Sequences generated together when requests arrive at once."),
+    batch_wait_ms: float = typer.Option(5.0, help="How long a request waits for others to share its batch."),
+) -> None:
+    """Serve a local model behind an OpenAI-compatible API: /v1/models, /v1/chat/completions, /v1/completions.
+
+    Any OpenAI client (or `distill generate`) can then use it as a teacher, or query a distilled student.
+    This server has no API keys: keep it on loopback, or behind `distill service` which has them.
+    """
+    from distill.serve import serve as run_server
+
+    if not model.is_dir():
+        raise DistillError(f"{model} is not a model folder")
+    if host not in LOOPBACK:
+        err.print(f"warning: serving on {host} without authentication; anyone who reaches it can use the model")
+    run_server(
+        model, host, port, model_name=name, device=device, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms
+    )
+
+
+@app.command()
+def generate(
+    prompts: Path = typer.Option(
+        ..., "--prompts", "-p", help="JSONL (prompt, messages or GSM8K question/answer) or .txt."
+    ),
+    output: Path = typer.Option(..., "--output", "-o", help="JSONL of answers; rerunning resumes it."),
+    base_url: str = typer.Option("http://127.0.0.1:8000/v1", help="The teacher's OpenAI-compatible endpoint."),
+    model: str = typer.Option(..., help="The teacher model's id at that endpoint."),
+    api_key_env: str = typer.Option("OPENAI_API_KEY", help="Environment variable holding the API key (if any)."),
+    n: int = typer.Option(1, help="Samples per prompt."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature (0 = greedy)."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling mass."),
+    max_tokens: Optional[int] = typer.Option(None, help="Tokens per answer at most."),
+    stop: list[str] = typer.Option([], help="Stop string (repeatable)."),
+    seed: Optional[int] = typer.Option(None, help="Seed sent to the server (sample i uses seed + i)."),
+    top_logprobs: Optional[int] = typer.Option(
+        None, help="Keep the sampled tokens' log-probs (0) and the top K alternatives (K > 0), when served."
+    ),
+    cot: bool = typer.Option(False, "--cot", help="Ask for step-by-step reasoning ending in '#### <answer>'."),
+    template: Optional[str] = typer.Option(None, help="A prompt template with {question} (overrides --cot's)."),
+    endpoint: str = typer.Option("chat", help="chat (messages) or completions (raw prompt)."),
+    concurrency: int = typer.Option(16, help="Requests in flight at most."),
+    timeout: float = typer.Option(120.0, help="Seconds a response may take before it is retried."),
+    max_retries: int = typer.Option(6, help="Retries per request (429, 5xx, timeouts, malformed answers)."),
+    price_input: float = typer.Option(0.0, help="Price per million prompt tokens, for the cost figure."),
+    price_output: float = typer.Option(0.0, help="Price per million completion tokens, for the cost figure."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N prompts."),
+) -> None:
+    """Ask a teacher behind an OpenAI-compatible API for answers and keep them as training data.
+
+    Every answer is appended as soon as it arrives, under an id that hashes the prompt, model, sampling settings
+    and sample index: a killed run, run again, asks only for what is missing. With --cot, follow with
+    `distill traces` to keep only the traces whose final answer verifies.
+    """
+    from distill.generate.cot import DEFAULT_COT_TEMPLATE
+    from distill.generate.sample import SamplingParams, read_prompts
+    from distill.generate.sample import generate as run_generate
+    from distill.teachers.api import ApiTeacher, Prices
+
+    if endpoint not in ("chat", "completions"):
+        raise DistillError(f"--endpoint must be chat or completions, got {endpoint!r}")
+    client = ApiTeacher(
+        base_url.rstrip("/"),
+        model,
+        api_key=os.environ.get(api_key_env) or None,
+        concurrency=concurrency,
+        timeout=timeout,
+        max_retries=max_retries,
+        prices=Prices(input_per_million=price_input, output_per_million=price_output),
+    )
+    params = SamplingParams(
+        temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=tuple(stop), seed=seed,
+        top_logprobs=top_logprobs,
+    )  # fmt: skip
+    records = read_prompts(prompts, limit=limit)
+    with RichReporter(err) as reporter:
+        summary = run_generate(
+            records, client, output, n, params, reporter,
+            template=template or (DEFAULT_COT_TEMPLATE if cot else None), endpoint=endpoint,  # type: ignore[arg-type]
+        )  # fmt: skip
+    out.print_json(json.dumps({**asdict(summary), "rate": summary.rate}, default=str))
+
+
+@app.command()
+def traces(
+    generated: Path = typer.Argument(..., help="The JSONL written by `distill generate --cot`."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder for verified.jsonl, rejected.jsonl, summary.json."),
+    mode: str = typer.Option("auto", help="How answers compare: auto, exact, numeric or choice."),
+    max_per_question: Optional[int] = typer.Option(None, help="Verified traces kept per question at most."),
+    dedupe: bool = typer.Option(True, help="Drop verified traces identical to one already kept."),
+) -> None:
+    """Verify reasoning traces: extract each final answer (#### x, \\boxed{x}, Answer: x), compare it with the gold
+    answer, and split the traces into a training set and a rejected set with the reason for each."""
+    from distill.generate.cot import read_traces, split_traces, write_split
+
+    verified, rejected, summary = split_traces(
+        read_traces(generated), mode, max_per_question=max_per_question, dedupe=dedupe
+    )
+    write_split(verified, rejected, output, summary)
+    out.print_json(json.dumps(summary, default=str))
