@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -213,3 +214,29 @@ def test_train_lm_with_fsdp_on_two_cpu_processes(lm_files):
     assert json.loads((lm_files / "fsdp" / "metrics.json").read_text())["eval"]["perplexity"] > 1
     resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=300, cwd=lm_files, env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+
+def test_run_lm_recipe_on_a_small_corpus(tmp_path):
+    words = ["the", "a", "cat", "dog", "movie", "film", "plays", "runs", "is", "was", "good", "bad", "very"]
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(5, 12))) for _ in range(400)]
+    (tmp_path / "corpus.txt").write_text("\n".join(lines) + "\n")
+    settings = [
+        "corpus=corpus.txt", "vocab_size=300", "max_length=16", "top_k=8",
+        "teacher.layers=1", "teacher.width=32", "teacher.heads=2",
+        "student.layers=1", "student.width=16", "student.heads=2",
+        "teacher_train.epochs=1", "student_train.epochs=1",
+    ]  # fmt: skip
+    args = ["run", "--recipe", "lm", "--output", "out", "--json"] + [a for s in settings for a in ("--set", s)]
+    result = distill_cli(*args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(result.stdout)
+    assert set(metrics["models"]) == {"teacher", "student-distilled", "student-alone"}
+    for name in ("student-distilled", "student-alone"):
+        row = metrics["models"][name]
+        assert row["perplexity"] > 1 and 0 <= row["agreement"] <= 1 and row["kl_to_teacher"] >= 0
+        assert row["params"] < metrics["models"]["teacher"]["params"]
+    assert metrics["cache"]["top_k"] == 8
+    assert (tmp_path / "out" / "report.md").is_file() and (tmp_path / "out" / "models" / "student-distilled").is_dir()
+    refused = distill_cli("run", "--recipe", "lm", "--teachers", "3", cwd=tmp_path)
+    assert_one_line_error(refused, "--teachers does not apply to the lm recipe")

@@ -198,6 +198,16 @@ RUN_OPTIONS: dict[str, dict[str, str]] = {
         "alpha": "loss.alpha",
         "divergence": "loss.divergence",
     },
+    "lm": {
+        "sample_size": "sample_size",
+        "data_dir": "data_dir",
+        "epochs": "student_train.epochs",
+        "teacher_epochs": "teacher_train.epochs",
+        "seed": "seed",
+        "temperature": "loss.temperature",
+        "alpha": "loss.alpha",
+        "divergence": "loss.divergence",
+    },
 }
 
 
@@ -229,7 +239,9 @@ def print_report_tables(metrics: dict[str, Any], output: Path) -> None:
 @app.command()
 def run(
     recipe: Optional[str] = typer.Option(
-        None, help="Built-in recipe: mnist1d (default, generated offline), digits, stsb or sst2 (real text data)."
+        None,
+        help="Built-in recipe: mnist1d (default, generated offline), digits, stsb or sst2 (real text data), "
+        "lm (a small language model distilled through a log-prob cache).",
     ),
     teachers: Optional[int] = typer.Option(None, help="[mnist1d, digits] Teachers to train; several = an ensemble."),
     ensemble: Optional[str] = typer.Option(None, help="[mnist1d, digits] How an ensemble combines: mean or geometric."),
@@ -238,9 +250,9 @@ def run(
         None, help="[stsb, sst2] Teacher: minilm-l6 (packaged all-MiniLM-L6-v2), a model folder or a hub name."
     ),
     sample_size: Optional[int] = typer.Option(
-        None, help="[stsb] Unlabeled training sentences; [sst2] labeled training phrases (0 = all)."
+        None, help="[stsb] Unlabeled training sentences; [sst2] labeled training phrases; [lm] texts (0 = all)."
     ),
-    data_dir: Optional[Path] = typer.Option(None, help="[stsb, sst2] Folder with sst2/, stsb/, agnews/."),
+    data_dir: Optional[Path] = typer.Option(None, help="[stsb, sst2, lm] Folder with sst2/, stsb/, agnews/."),
     temperature: Optional[float] = typer.Option(None, help="Softening temperature T of the soft targets."),
     alpha: Optional[float] = typer.Option(None, help="Weight of the soft-target loss; 1 - alpha goes to hard labels."),
     divergence: Optional[str] = typer.Option(None, help="forward_kl (Hinton), reverse_kl, jsd or tvd."),
@@ -477,6 +489,13 @@ def main() -> None:
 
 # The black-box commands (serve, generate, traces) register themselves on `app`.
 from distill import cli_text  # noqa: E402, F401
+
+# `distill service` and `distill worker`, when the service's modules are there.
+try:
+    from distill import cli_service  # noqa: E402, F401
+except ModuleNotFoundError as missing:  # pragma: no cover - only without the [service] extra
+    if missing.name not in ("distill.cli_service", "fastapi", "sqlalchemy", "uvicorn"):
+        raise
 
 if __name__ == "__main__":  # `python -m distill.cli`: run the imported module, where every command is registered
     from distill import cli as _cli

@@ -33,8 +33,11 @@ from distill.text_models import BiLSTMClassifier, WordVocab
 from distill.train import train
 
 
-def load_sst2(data_dir: Path, train_size: int, seed: int) -> tuple[list[str], torch.Tensor, list[str], torch.Tensor]:
-    """Labeled training phrases (`train_size` drawn with `seed`; 0 = all) and the 872 test sentences."""
+def load_sst2(
+    data_dir: Path, train_size: int, seed: int, unlabeled_size: int = 0
+) -> tuple[list[str], torch.Tensor, list[str], torch.Tensor, list[str]]:
+    """Labeled training phrases (`train_size` drawn with `seed`; 0 = all), the 872 test sentences, and up to
+    `unlabeled_size` other training phrases whose labels are dropped (the teacher labels them)."""
 
     def labeled(path: Path) -> tuple[list[str], torch.Tensor]:
         table = read_table(path, ["sentence", "label"])
@@ -49,10 +52,11 @@ def load_sst2(data_dir: Path, train_size: int, seed: int) -> tuple[list[str], to
     texts, labels = labeled(data_dir / "sst2" / "train.tsv")
     order = list(range(len(texts)))
     random.Random(seed).shuffle(order)
-    if train_size:
-        order = order[:train_size]
+    chosen, rest = (order[:train_size], order[train_size:]) if train_size else (order, [])
+    seen = {texts[i] for i in chosen}
+    unlabeled = list(dict.fromkeys(texts[i] for i in rest if texts[i] not in seen))[:unlabeled_size]
     test_texts, test_labels = labeled(data_dir / "sst2" / "test.tsv")
-    return [texts[i] for i in order], labels[order], test_texts, test_labels
+    return [texts[i] for i in chosen], labels[chosen], test_texts, test_labels, unlabeled
 
 
 def freeze_word_embeddings(model: nn.Module) -> nn.Module:
@@ -167,8 +171,10 @@ def run_sst2(
     started = time.perf_counter()
     output.mkdir(parents=True, exist_ok=True)
     reporter.stage("data", total=None)
-    texts, labels, test_texts, test_labels = load_sst2(data_dir, config.train_size, config.seed)
-    transfer_texts = augment(texts, config.transfer_size, seed=config.seed)
+    texts, labels, test_texts, test_labels, unlabeled = load_sst2(
+        data_dir, config.train_size, config.seed, config.unlabeled_size
+    )
+    transfer_texts = augment(texts, config.transfer_size, seed=config.seed) + unlabeled
     tokenizer = hf.load_tokenizer(config.teacher, cache_dir)
     pad = tokenizer.pad_token_id or 0
 
@@ -302,9 +308,9 @@ def run_sst2(
     return {
         "recipe": "sst2",
         "description": (
-            f"SST-2: {len(labeled)} labeled training phrases, {len(transfer)} augmented transfer "
-            f"sentences labeled by the teacher, {len(test)} test sentences; teacher {config.teacher} "
-            "fine-tuned by the recipe"
+            f"SST-2: {len(labeled)} labeled training phrases; a transfer set labeled by the teacher of "
+            f"{len(transfer) - len(unlabeled)} augmented sentences and {len(unlabeled)} other training phrases "
+            f"without their labels; {len(test)} test sentences; teacher {config.teacher} fine-tuned by the recipe"
         ),
         "teacher": {
             "name": config.teacher,
