@@ -490,11 +490,11 @@ def main() -> None:
 # The black-box commands (serve, generate, traces) register themselves on `app`.
 from distill import cli_text  # noqa: E402, F401
 
-# `distill service` and `distill worker`, when the service's modules are there.
+# `distill service` and `distill worker` (they need the [service] extra).
 try:
     from distill import cli_service  # noqa: E402, F401
 except ModuleNotFoundError as missing:  # pragma: no cover - only without the [service] extra
-    if missing.name not in ("distill.cli_service", "fastapi", "sqlalchemy", "uvicorn"):
+    if missing.name not in ("fastapi", "sqlalchemy", "uvicorn", "httpx"):
         raise
 
 if __name__ == "__main__":  # `python -m distill.cli`: run the imported module, where every command is registered

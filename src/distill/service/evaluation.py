@@ -1,0 +1,104 @@
+"""The `evaluate` job: a saved MLP/CNN (and optionally a teacher) scored on a labeled file, with a report.
+
+Quality: accuracy and expected calibration error; with a teacher, its accuracy, top-1 agreement and KL(teacher ||
+student). Cost: parameters, weights on disk, CPU latency at batch 1 and rows per second at batch 256, both models
+timed side by side.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from distill import evaluate as ev
+from distill import models, report
+from distill.data import dataset_from_file
+from distill.errors import ShapeMismatchError
+from distill.progress import Reporter
+from distill.service.kinds import EvaluateJobConfig
+
+
+def evaluate_saved(config: EvaluateJobConfig, output: Path, reporter: Reporter) -> dict[str, Any]:
+    """Score the model(s) on `config.data`; write metrics.json, report.md and report.html into `output`."""
+    started = time.perf_counter()
+    reporter.stage("evaluate", total=None)
+    student, _, shape, classes = models.load(Path(config.student))
+    data = dataset_from_file(
+        config.data,
+        num_classes=classes,
+        input_shape=shape,
+        label_column=config.label_column,
+        features_key=config.features_key,
+        labels_key=config.labels_key,
+    )
+    logits = ev.predict(student, data.inputs)
+    reliability = ev.calibration(logits, data.labels)
+    timed: dict[str, Any] = {"student": student}
+    metrics: dict[str, Any] = {
+        "recipe": "evaluate",
+        "rows": len(data),
+        "student": {
+            "path": Path(config.student).name,
+            "accuracy": ev.accuracy(logits, data.labels),
+            "ece": reliability.ece,
+            "params": models.count_parameters(student),
+            "size_bytes": (Path(config.student) / models.WEIGHTS).stat().st_size,
+        },
+    }
+    if config.teacher is not None:
+        teacher, _, teacher_shape, teacher_classes = models.load(Path(config.teacher))
+        if teacher_shape != shape or teacher_classes != classes:
+            raise ShapeMismatchError(
+                f"the teacher takes inputs {list(teacher_shape)} with {teacher_classes} classes, the student "
+                f"{list(shape)} with {classes}"
+            )
+        teacher_logits = ev.predict(teacher, data.inputs)
+        metrics["teacher"] = {
+            "accuracy": ev.accuracy(teacher_logits, data.labels),
+            "ece": ev.calibration(teacher_logits, data.labels).ece,
+            "params": models.count_parameters(teacher),
+            "size_bytes": (Path(config.teacher) / models.WEIGHTS).stat().st_size,
+        }
+        metrics["student"]["agreement"] = ev.agreement(logits, teacher_logits)
+        metrics["student"]["kl_to_teacher"] = ev.kl_to_teacher(logits, teacher_logits)
+        timed["teacher"] = teacher
+    speed = ev.measure_speed(timed, *ev.example_inputs(data.inputs[0]))
+    for name, measured in speed.items():
+        metrics[name].update(latency_ms=measured.latency_ms, throughput=measured.throughput)
+    metrics["seconds"] = time.perf_counter() - started
+    reporter.end()
+    report.write(_render(metrics), output, metrics)
+    return metrics
+
+
+def _render(metrics: dict[str, Any]) -> report.Report:
+    header = ["model", "accuracy", "ECE", "agreement", "parameters", "size", "latency ms (batch 1)", "rows/s"]
+    rows = []
+    for name in ("teacher", "student"):
+        if name in metrics:
+            m = metrics[name]
+            rows.append(
+                [
+                    name,
+                    report.pct(m["accuracy"]),
+                    report.pct(m["ece"]),
+                    report.pct(m.get("agreement")),
+                    report.count(m["params"]),
+                    report.size(m["size_bytes"]),
+                    report.num(m["latency_ms"]),
+                    report.count(round(m["throughput"])),
+                ]
+            )
+    summary = [f"Student accuracy **{report.pct(metrics['student']['accuracy'])}** on {metrics['rows']} rows."]
+    if "teacher" in metrics:
+        summary.append(
+            f"Teacher {report.pct(metrics['teacher']['accuracy'])}; the student agrees with it on "
+            f"{report.pct(metrics['student']['agreement'])} of the rows."
+        )
+    return report.Report(
+        title="distill report: evaluation",
+        description=f"{metrics['student']['path']} on {metrics['rows']} labeled rows",
+        summary=summary,
+        tables=[report.Table("Evaluation", header, rows)],
+    )

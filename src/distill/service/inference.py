@@ -1,0 +1,352 @@
+"""OpenAI-compatible inference on finished students: `/v1/models`, `/v1/chat/completions`, `/v1/completions`.
+
+Model ids: a finished job's id (`job-...`) serves the model it produced; `job-.../NAME` another of its models
+(`job-.../teacher-0`); a deployment's name serves that cascade.
+
+- Causal LM students (Hugging Face folders) are served by `distill.serve`: the request goes, unchanged, to the app
+  `serve.create_app` builds for that folder (batching, sampling, streaming and log-probs as `distill serve`).
+- MLP/CNN students (`distill run`'s default mnist1d recipe, `distill train`) are classifiers: the last user message
+  (chat) or each prompt (completions) is a JSON array of the input's numbers, e.g. the 40 values of an MNIST-1D
+  signal; the answer is the predicted class as text, with the class log-probs in OpenAI's `logprobs` format
+  (the `top_logprobs` asked for, else all classes up to 20). Sampling fields are accepted and ignored (the answer
+  is the arg-max).
+- A cascade deployment answers like a classifier; the student's answer is kept when its confidence reaches the
+  deployment's threshold, otherwise the teacher answers. The response header `X-Distill-Answered-By` says who
+  (`student`, `teacher`, or `mixed` for several prompts), and so does each choice's `answered_by`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from sqlalchemy import Engine, select
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+from torch import Tensor
+
+from distill.serve import ChatRequest, CompletionRequest
+from distill.service import cascade, db
+from distill.service.auth import Principal
+from distill.service.deps import require, services
+from distill.service.errors import ServiceError
+from distill.service.refs import JOB_REF, job_output, model_folder
+from distill.service.settings import Settings
+
+router = APIRouter(tags=["inference"])
+HEADER = "X-Distill-Answered-By"
+
+
+@dataclass
+class Served:
+    """A model id's target: a classifier (with a teacher and threshold when it is a cascade) or an LM app."""
+
+    model_id: str
+    created: int
+    student: cascade.Classifier | None = None
+    teacher: cascade.Classifier | None = None
+    threshold: float | None = None
+    app: Any = None  # the FastAPI app of distill.serve for a causal LM
+
+
+class LoadedModels:
+    """Models loaded on first use and kept (at most `capacity` folders; the least recently used leave)."""
+
+    def __init__(self, settings: Settings, engine: Engine, capacity: int = 8) -> None:
+        self.settings, self.engine, self.capacity = settings, engine, capacity
+        self._loaded: OrderedDict[str, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _cached(self, key: str, load: Any) -> Any:
+        with self._lock:
+            if key in self._loaded:
+                self._loaded.move_to_end(key)
+                return self._loaded[key]
+        value = load()
+        with self._lock:
+            self._loaded[key] = value
+            while len(self._loaded) > self.capacity:
+                self._loaded.popitem(last=False)
+        return value
+
+    def folder(self, model_id: str) -> tuple[Path, float] | None:
+        """The folder and finish time of a job's model id, or None."""
+        match = JOB_REF.match(model_id)
+        if match is None:
+            return None
+        with db.read(self.engine) as connection:
+            row = connection.execute(
+                select(db.jobs.c.status, db.jobs.c.finished_at).where(db.jobs.c.id == match[1])
+            ).first()
+        if row is None or row.status != "succeeded":
+            return None
+        output = job_output(self.settings, match[1])
+        folder = output / "models" / match[2] if match[2] else model_folder(output)
+        if folder is None or not ((folder / "model.json").is_file() or (folder / "config.json").is_file()):
+            return None
+        return folder, row.finished_at or 0.0
+
+    def resolve(self, model_id: str) -> Served:
+        with db.read(self.engine) as connection:
+            deployment = connection.execute(select(db.deployments).where(db.deployments.c.id == model_id)).first()
+        if deployment is not None:
+            found = self.folder(deployment.student)
+            if found is None:
+                raise ServiceError(404, f"the student of deployment {model_id!r} is gone", code="model_not_found")
+            job = {"id": deployment.student, "kind": "", "config": {}}
+            with db.read(self.engine) as connection:
+                row = connection.execute(
+                    select(db.jobs.c.kind, db.jobs.c.config).where(db.jobs.c.id == deployment.student)
+                ).one()
+            job.update(kind=row.kind, config=json.loads(row.config))
+            teachers = cascade.teacher_folders(self.settings, self.engine, job)
+            return Served(
+                model_id,
+                int(deployment.created_at),
+                student=self._cached(str(found[0]), lambda: cascade.Classifier.load([found[0]])),
+                teacher=self._cached("|".join(map(str, teachers)), lambda: cascade.Classifier.load(teachers)),
+                threshold=deployment.threshold,
+            )
+        found = self.folder(model_id)
+        if found is None:
+            raise ServiceError(
+                404, f"the model {model_id!r} does not exist; GET /v1/models lists them", code="model_not_found"
+            )
+        folder, finished = found
+        if (folder / "model.json").is_file():
+            return Served(
+                model_id, int(finished), student=self._cached(str(folder), lambda: cascade.Classifier.load([folder]))
+            )
+        from distill.serve import create_app
+
+        return Served(
+            model_id, int(finished), app=self._cached(f"lm:{model_id}", lambda: create_app(folder, model_name=model_id))
+        )
+
+    def listing(self) -> list[dict[str, Any]]:
+        with db.read(self.engine) as connection:
+            finished = connection.execute(
+                select(db.jobs.c.id, db.jobs.c.finished_at)
+                .where(db.jobs.c.status == "succeeded")
+                .order_by(db.jobs.c.finished_at.desc())
+                .limit(1000)
+            ).all()
+            deployments = connection.execute(select(db.deployments.c.id, db.deployments.c.created_at)).all()
+        cards = [_card(row.id, row.finished_at) for row in finished if model_folder(job_output(self.settings, row.id))]
+        return cards + [_card(row.id, row.created_at, "cascade") for row in deployments]
+
+
+def _card(model_id: str, created: float | None, kind: str = "student") -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": int(created or 0), "owned_by": "distill", "kind": kind}
+
+
+class Forward(Response):
+    """Hands the request, body included, to another ASGI app (distill.serve's), which answers it directly."""
+
+    def __init__(self, app: Any, body: bytes) -> None:
+        super().__init__()
+        self.app, self.body = app, body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        delivered = False
+
+        async def replay() -> Any:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": self.body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def parse_input(text: str, shape: tuple[int, ...], param: str) -> Tensor:
+    """A JSON array of numbers (nested or flat) as one input of `shape`."""
+    size = int(torch.tensor(shape).prod())
+    try:
+        values = torch.tensor(json.loads(text), dtype=torch.float32)
+    except (ValueError, TypeError, RuntimeError):
+        values = None
+    if values is None or values.numel() != size or not bool(torch.isfinite(values).all()):
+        raise ServiceError(
+            400,
+            f"{param}: must be a JSON array of {size} finite numbers (one input of shape {list(shape)}), "
+            f"got {text[:60]!r}",
+            param=param,
+            code="invalid_input",
+        )
+    return values.reshape(shape)
+
+
+@dataclass
+class Answer:
+    logprobs: Tensor  # (N, C) of whoever answered each row
+    answered_by: list[str]
+
+
+def answer(served: Served, inputs: Tensor, engine: Engine) -> Answer:
+    """Classify `inputs` (N, *shape); in a cascade, escalate the rows whose student confidence is too low."""
+    assert served.student is not None
+    student = served.student.logprobs(inputs)  # (N, C)
+    if served.teacher is None or served.threshold is None:
+        return Answer(student, ["student"] * len(inputs))
+    escalate = student.exp().max(-1).values < served.threshold  # (N,)
+    logprobs, agreed = student.clone(), 0
+    if bool(escalate.any()):
+        teacher = served.teacher.logprobs(inputs[escalate])  # (E, C)
+        logprobs[escalate] = teacher
+        agreed = int((student[escalate].argmax(-1) == teacher.argmax(-1)).sum())
+    cascade.count(engine, served.model_id, len(inputs), int(escalate.sum()), agreed)
+    return Answer(logprobs, ["teacher" if e else "student" for e in escalate.tolist()])
+
+
+def _class_logprobs(row: Tensor, top: int | None) -> dict[str, Any]:
+    order = torch.argsort(row, descending=True).tolist()
+    count = min(len(order), 20) if top is None else top
+
+    def item(index: int) -> dict[str, Any]:
+        token = str(index)
+        return {"token": token, "logprob": float(row[index]), "bytes": list(token.encode())}
+
+    return {"content": [item(order[0]) | {"top_logprobs": [item(i) for i in order[:count]]}]}
+
+
+def _header(answered_by: list[str]) -> str:
+    return answered_by[0] if len(set(answered_by)) == 1 else "mixed"
+
+
+async def _body(request: Request) -> tuple[bytes, dict[str, Any], str]:
+    raw = await request.body()
+    try:
+        payload = json.loads(raw)
+    except ValueError:
+        raise ServiceError(400, "the request body is not valid JSON", code="invalid_json") from None
+    if not isinstance(payload, dict) or not isinstance(payload.get("model"), str):
+        raise ServiceError(422, "model: a model id (string) is required", param="model")
+    return raw, payload, payload["model"]
+
+
+def _validate(model: Any, payload: dict[str, Any]) -> Any:
+    try:
+        return model.model_validate(payload)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise ServiceError(422, f"{where}: {first['msg']}", param=where) from None
+
+
+@router.get("/v1/models")
+def list_models(request: Request, _: Principal = Depends(require("infer"))) -> dict[str, Any]:
+    return {"object": "list", "data": services(request).models.listing()}
+
+
+@router.get("/v1/models/{model_id:path}")
+def get_model(model_id: str, request: Request, _: Principal = Depends(require("infer"))) -> dict[str, Any]:
+    served = services(request).models.resolve(model_id)
+    return _card(model_id, served.created, "cascade" if served.teacher else "student")
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def chat_completions(request: Request, _: Principal = Depends(require("infer"))) -> Response:
+    svc = services(request)
+    raw, payload, model_id = await _body(request)
+    served = await run_in_threadpool(svc.models.resolve, model_id)
+    if served.app is not None:
+        return Forward(served.app, raw)
+    body = _validate(ChatRequest, payload)
+    users = [m for m in body.messages if m.role == "user"]
+    if not users:
+        raise ServiceError(422, "messages: needs a user message holding the input", param="messages")
+    assert served.student is not None
+    inputs = parse_input(users[-1].text(), served.student.input_shape, "messages").unsqueeze(0)
+    result = await run_in_threadpool(answer, served, inputs, svc.engine)
+    top = body.top_logprobs if body.logprobs else None
+    row, by = result.logprobs[0], result.answered_by[0]
+    label = str(int(row.argmax()))
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_id}
+    choices = [
+        {
+            "index": i,
+            "message": {"role": "assistant", "content": label},
+            "logprobs": _class_logprobs(row, top),
+            "finish_reason": "stop",
+            "answered_by": by,
+        }
+        for i in range(body.n or 1)
+    ]
+    usage = {"prompt_tokens": int(inputs.numel()), "completion_tokens": len(choices)}
+    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+    headers = {HEADER: by}
+    if body.stream:
+        return StreamingResponse(_chat_stream(head, choices), media_type="text/event-stream", headers=headers)
+    return JSONResponse(head | {"object": "chat.completion", "choices": choices, "usage": usage}, headers=headers)
+
+
+async def _chat_stream(head: dict[str, Any], choices: list[dict[str, Any]]) -> AsyncIterator[str]:
+    """The answer as OpenAI chat chunks: the role, the class with its log-probs, the finish; then [DONE]."""
+    chunk = head | {"object": "chat.completion.chunk"}
+    for choice in choices:
+        pieces = [
+            {"delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None},
+            {"delta": {"content": choice["message"]["content"]}, "logprobs": choice["logprobs"], "finish_reason": None},
+            {"delta": {}, "logprobs": None, "finish_reason": "stop"},
+        ]
+        for piece in pieces:
+            yield f"data: {json.dumps(chunk | {'choices': [{'index': choice['index'], **piece}]})}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+@router.post("/v1/completions", response_model=None)
+async def completions(request: Request, _: Principal = Depends(require("infer"))) -> Response:
+    svc = services(request)
+    raw, payload, model_id = await _body(request)
+    served = await run_in_threadpool(svc.models.resolve, model_id)
+    if served.app is not None:
+        return Forward(served.app, raw)
+    body = _validate(CompletionRequest, payload)
+    if body.stream:
+        raise ServiceError(422, "stream: classifier students answer at once; leave stream unset", param="stream")
+    assert served.student is not None
+    texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    inputs = torch.stack([parse_input(t, served.student.input_shape, f"prompt.{i}") for i, t in enumerate(texts)])
+    result = await run_in_threadpool(answer, served, inputs, svc.engine)
+    choices: list[dict[str, Any]] = []
+    for p, (row, by) in enumerate(zip(result.logprobs, result.answered_by)):
+        order = torch.argsort(row, descending=True).tolist()
+        legacy = {
+            "tokens": [str(order[0])],
+            "token_logprobs": [float(row[order[0]])],
+            "top_logprobs": [{str(i): float(row[i]) for i in order[: body.logprobs or min(len(order), 5)]}],
+            "text_offset": [len(texts[p])],
+        }
+        for _copy in range(body.n or 1):
+            choices.append(
+                {
+                    "index": len(choices),
+                    "text": str(order[0]),
+                    "logprobs": legacy,
+                    "finish_reason": "stop",
+                    "answered_by": by,
+                }
+            )
+    usage = {"prompt_tokens": int(inputs.numel()), "completion_tokens": len(choices)}
+    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+    head = {
+        "id": f"cmpl-{uuid.uuid4().hex}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model_id,
+    }
+    return JSONResponse(head | {"choices": choices, "usage": usage}, headers={HEADER: _header(result.answered_by)})
