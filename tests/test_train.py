@@ -195,3 +195,15 @@ def test_ddp_on_two_cpu_processes_trains_one_model(tmp_path):
     again = torchrun(HERE / "_ddp_script.py", str(tmp_path), "--resume")  # a finished run resumes as finished
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((tmp_path / "rank1.json").read_text())["weights"] == pytest.approx(ranks[1]["weights"])
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine", "constant"])
+@pytest.mark.parametrize("total", [1, 2, 3, 5, 10, 11])
+def test_schedules_survive_very_short_runs(schedule, total):
+    model = nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1.0)
+    scheduler = make_scheduler(optimizer, TrainConfig(lr=1.0, schedule=schedule, warmup=0.1), total)
+    for _ in range(total):
+        optimizer.step()
+        scheduler.step()
+        assert 0 <= optimizer.param_groups[0]["lr"] <= 1.0

@@ -63,8 +63,10 @@ def make_optimizer(modules: Sequence[nn.Module], config: TrainConfig) -> torch.o
 def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int) -> Any:
     """onecycle (Smith 2018), linear warm-up + cosine decay to zero, or warm-up + constant."""
     if config.schedule == "onecycle":
+        steps = max(total_steps, 4)  # each of its two phases needs a step or more (short runs: tiny data)
+        warmup_share = min(max(config.warmup, 2.0 / steps), 0.5)
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=config.lr, total_steps=max(total_steps, 1), pct_start=max(config.warmup, 1e-3)
+            optimizer, max_lr=config.lr, total_steps=steps, pct_start=warmup_share
         )
     warmup = int(config.warmup * total_steps)
 

@@ -9,6 +9,7 @@ thrown away so that only the teacher labels them. The data set's authors report 
 from __future__ import annotations
 
 import hashlib
+import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -90,7 +91,7 @@ def transfer_inputs(size: int, seed: int, cache_dir: Path | None, workers: int =
     inputs = np.concatenate([p[0] for p in parts])
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npy")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")  # processes building it at once do not collide
         np.save(tmp, inputs)
         tmp.replace(path)
     return inputs
