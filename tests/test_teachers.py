@@ -147,3 +147,24 @@ def test_cache_at_temperature_serves_softened_targets(tmp_path):
     assert out.temperature == 3.0
     assert torch.allclose(out.logprobs, F.log_softmax(logits / 3.0, -1), atol=1e-5)
     assert cache({"index": index}).temperature == 1.0  # the original is unchanged
+
+
+def test_cache_of_ragged_texts_is_built_in_length_order_and_stored_in_row_order(tmp_path):
+    from distill.data import TextDataset
+
+    class BagOfWords(torch.nn.Module):  # its output for a row does not depend on the row's padding
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.EmbeddingBag(50, 3, mode="sum", padding_idx=0)
+
+        def forward(self, input_ids, attention_mask):
+            return self.embed(input_ids)
+
+    generator = torch.Generator().manual_seed(0)
+    rows = [torch.randint(1, 50, (int(n),), generator=generator).tolist() for n in torch.randint(1, 30, (70,))]
+    data = TextDataset(rows, torch.zeros(70, dtype=torch.long), pad_id=0)
+    teacher = LocalTeacher(BagOfWords(), 3)
+    cache = build_cache(teacher, data, tmp_path / "c", teacher_id="bow", data_id="ragged", batch_size=8, shard_rows=32)
+    index = torch.arange(70)
+    expected = teacher(data.batch(index)).logprobs
+    assert torch.allclose(cache(data.batch(index)).logprobs, expected, atol=1e-5)

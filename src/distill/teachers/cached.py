@@ -90,15 +90,17 @@ def build_cache(
     reporter.advance(start)
     while start < total:
         stop = min(start + shard_rows, total)
-        parts = []
-        for begin in range(start, stop, batch_size):
-            index = torch.arange(begin, min(begin + batch_size, stop))
+        rows = torch.arange(start, stop)
+        lengths = getattr(data, "lengths", None)
+        if isinstance(lengths, torch.Tensor):  # ragged texts: batch rows of similar length, so little is padding
+            rows = rows[torch.argsort(lengths[start:stop], stable=True)]
+        values = np.empty((stop - start, teacher.num_classes), np.float32)  # (rows_in_shard, C)
+        for index in rows.split(batch_size):
             output = teacher(data.batch(index))
             if output.sparse or output.logprobs is None:
                 raise CacheError("this cache stores dense teacher log-probs; the teacher returned top-k or none")
-            parts.append(output.logprobs.float().cpu().numpy())  # (b, C)
+            values[(index - start).numpy()] = output.logprobs.float().cpu().numpy()  # (b, C)
             reporter.advance(len(index))
-        values = np.concatenate(parts)  # (rows_in_shard, C)
         name = f"logprobs-{len(shards):05d}.npy"
         tmp = directory / (name + ".tmp")
         with tmp.open("wb") as handle:
