@@ -68,3 +68,15 @@ def test_example_recipe_files_are_valid():
     assert job.teacher == [] and job.data.train == root / "../data/train.csv"
     first_line = (root / "own-arrays.yaml").read_text().splitlines()[0]
     assert first_line.startswith("# distill train --config")
+
+
+def test_a_section_given_in_part_keeps_the_rest_of_its_recipe_default():
+    from distill.config import LMRunConfig, Sst2RunConfig
+
+    sst2 = cfg.load(Sst2RunConfig, None, ["student_train.epochs=5", "loss.alpha=0.7"])
+    assert sst2.student_train.epochs == 5
+    assert sst2.student_train.lr == Sst2RunConfig().student_train.lr == 1e-4  # not TrainConfig's 3e-3
+    assert sst2.student_train.schedule == "cosine" and sst2.student_train.batch_size == 32
+    assert sst2.loss.alpha == 0.7 and sst2.loss.temperature == Sst2RunConfig().loss.temperature
+    lm = cfg.load(LMRunConfig, None, ["teacher.layers=1"])
+    assert lm.teacher == {**LMRunConfig().teacher, "layers": 1}

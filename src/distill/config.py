@@ -279,9 +279,32 @@ def format_validation_error(error: ValidationError, source: str) -> str:
 def build(model: type[C], data: dict[str, Any], source: str = "config") -> C:
     """Validate `data` as `model`, turning pydantic's report into one DistillError line."""
     try:
-        return model.model_validate(data)
+        return model.model_validate(with_section_defaults(model, data))
     except ValidationError as error:
         raise DistillError(format_validation_error(error, source)) from None
+
+
+def with_section_defaults(model: type[BaseModel], data: dict[str, Any]) -> dict[str, Any]:
+    """A section given in part keeps the rest of its default: `--set student_train.epochs=3` changes the epochs of
+    the recipe's own student settings, not of a fresh TrainConfig with generic defaults."""
+    out = dict(data)
+    for name, field in model.model_fields.items():
+        given = out.get(name)
+        if not isinstance(given, dict):
+            continue
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, BaseModel):
+            out[name] = _merge(default.model_dump(), with_section_defaults(type(default), given))
+        elif isinstance(default, dict) and default:  # e.g. a model size {"layers": 4, "width": 256, "heads": 4}
+            out[name] = _merge(default, given)
+    return out
+
+
+def _merge(base: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in given.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def load_mapping(path: Path) -> dict[str, Any]:
@@ -348,3 +371,70 @@ def _relative(value: Any, base: Path) -> Any:
 def dump(config: BaseModel) -> str:
     """The resolved config as YAML (paths as strings), for a run's `config.yaml`."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+_TRAIN = {"batch_size": 16, "lr": 3e-3, "schedule": "cosine", "warmup": 0.05, "checkpoint_every": 200}
+REASONING_TRAIN: dict[str, dict[str, Any]] = {
+    "teacher_train": {"epochs": 4, **_TRAIN},
+    "student_train": {"epochs": 10, **_TRAIN},
+}
+"""The reasoning recipe's training settings (the keys a config gives replace these, the others stay)."""
+
+
+class ReasoningRunConfig(Strict):
+    """`distill run --recipe reasoning`: chain-of-thought distillation on CPU, end to end.
+
+    A teacher GPT-2 learns generated word problems from worked solutions, is served over the OpenAI-compatible API
+    and samples `samples` traces per training question; traces whose final answer verifies teach a smaller student,
+    compared on held-out problems with the same student trained on final answers only.
+    """
+
+    recipe: Literal["reasoning"] = "reasoning"
+    problems: int = Field(
+        5000,
+        ge=1,
+        description="training problems: the teacher learns their worked solutions, the students their questions",
+    )
+    questions: int = Field(
+        0, ge=0, description="training questions the teacher answers with traces (the first); 0 = all"
+    )
+    held_out: int = Field(300, ge=1, description="problems held out for evaluation (no question seen in training)")
+    steps: list[int] = Field(default_factory=lambda: [2], description="calculations per problem (1..6)")
+    vocab_size: int = Field(1000, ge=300, description="byte-level BPE vocabulary (every number up to 200 is one token)")
+    max_length: int = Field(160, ge=32, le=1024, description="tokens of question + solution")
+    teacher: dict[str, int] = Field(default_factory=lambda: {"layers": 4, "width": 128, "heads": 4})
+    student: dict[str, int] = Field(default_factory=lambda: {"layers": 2, "width": 64, "heads": 2})
+    teacher_train: TrainConfig = Field(default_factory=lambda: TrainConfig(**REASONING_TRAIN["teacher_train"]))
+    student_train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(**REASONING_TRAIN["student_train"]),
+        description="both students; the answers-only one runs as many epochs as it needs to match the other's steps",
+    )
+    samples: int = Field(2, ge=1, le=64, description="traces sampled per question (n)")
+    temperature: float = Field(0.7, ge=0, le=2, description="sampling temperature of the traces")
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(96, ge=8, description="longest trace, in tokens")
+    concurrency: int = Field(16, ge=1, description="requests in flight to the teacher's server")
+    server_batch: int = Field(64, ge=1, description="rows the server generates together")
+    dedupe: bool = Field(False, description="keep one copy of identical verified traces of a question")
+    baseline: Literal["all", "verified"] = Field(
+        "all",
+        description="the answers-only student learns the gold answers of all traced questions (all) or only of "
+        "those with a verified trace (verified)",
+    )
+    input_price: float = Field(0.15, ge=0, description="nominal price per million prompt tokens (the report's cost)")
+    output_price: float = Field(0.6, ge=0, description="nominal price per million completion tokens")
+    threads: int | None = Field(
+        1, ge=1, description="torch CPU threads during the run (restored after); null leaves torch's setting"
+    )
+    seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _partial_train_settings(cls, values: Any) -> Any:
+        """A partial teacher_train / student_train (e.g. `--set teacher_train.epochs=6`) changes only the keys it
+        names; the others keep this recipe's settings (REASONING_TRAIN), not TrainConfig's generic defaults."""
+        if isinstance(values, dict):
+            for key, default in REASONING_TRAIN.items():
+                if isinstance(values.get(key), dict):
+                    values = {**values, key: {**default, **values[key]}}
+        return values
