@@ -237,6 +237,12 @@ def test_run_lm_recipe_on_a_small_corpus(tmp_path):
         assert row["perplexity"] > 1 and 0 <= row["agreement"] <= 1 and row["kl_to_teacher"] >= 0
         assert row["params"] < metrics["models"]["teacher"]["params"]
     assert metrics["cache"]["top_k"] == 8
-    assert (tmp_path / "out" / "report.md").is_file() and (tmp_path / "out" / "models" / "student-distilled").is_dir()
+    assert (tmp_path / "out" / "report.md").is_file()
+    assert (tmp_path / "out" / "models" / "student-distilled" / "tokenizer.json").is_file()
+    again = distill_cli(*args, "--resume", cwd=tmp_path)  # every stage is done: reused, same figures
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["models"]["student-distilled"]["perplexity"] == pytest.approx(
+        metrics["models"]["student-distilled"]["perplexity"]
+    )
     refused = distill_cli("run", "--recipe", "lm", "--teachers", "3", cwd=tmp_path)
     assert_one_line_error(refused, "--teachers does not apply to the lm recipe")

@@ -238,6 +238,7 @@ def _fit(
         name=name,
     )
     result.model.save_pretrained(directory)  # type: ignore[operator]
+    tokenizer.save_pretrained(directory)  # each model folder loads (and serves) on its own
     info = {"history": result.history, "seconds": result.seconds, "steps": result.steps}
     done.write_text(json.dumps(info))
     return result.model.eval(), info
@@ -260,7 +261,9 @@ def run_lm(
     train_texts, held_out_texts = texts[held_out_count:], texts[:held_out_count]
     tokenizer_dir = output / "tokenizer"
     if resume and (tokenizer_dir / "tokenizer.json").is_file():
-        tokenizer = hf.load_tokenizer(tokenizer_dir)
+        from transformers import PreTrainedTokenizerFast  # the folder holds the tokenizer alone (no model config)
+
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
     else:
         tokenizer = train_tokenizer(train_texts, config.vocab_size, tokenizer_dir)
     data = tokenize_examples(tokenizer, [Example("", t) for t in train_texts], config.max_length)
