@@ -198,6 +198,12 @@ RUN_OPTIONS: dict[str, dict[str, str]] = {
         "alpha": "loss.alpha",
         "divergence": "loss.divergence",
     },
+    "reasoning": {
+        "sample_size": "problems",
+        "epochs": "student_train.epochs",
+        "teacher_epochs": "teacher_train.epochs",
+        "seed": "seed",
+    },
     "lm": {
         "sample_size": "sample_size",
         "data_dir": "data_dir",
@@ -241,7 +247,8 @@ def run(
     recipe: Optional[str] = typer.Option(
         None,
         help="Built-in recipe: mnist1d (default, generated offline), digits, stsb or sst2 (real text data), "
-        "lm (a small language model distilled through a log-prob cache).",
+        "lm (a small language model distilled through a log-prob cache), reasoning (verified chain-of-thought "
+        "traces sampled from a served teacher).",
     ),
     teachers: Optional[int] = typer.Option(None, help="[mnist1d, digits] Teachers to train; several = an ensemble."),
     ensemble: Optional[str] = typer.Option(None, help="[mnist1d, digits] How an ensemble combines: mean or geometric."),
@@ -250,7 +257,9 @@ def run(
         None, help="[stsb, sst2] Teacher: minilm-l6 (packaged all-MiniLM-L6-v2), a model folder or a hub name."
     ),
     sample_size: Optional[int] = typer.Option(
-        None, help="[stsb] Unlabeled training sentences; [sst2] labeled training phrases; [lm] texts (0 = all)."
+        None,
+        help="[stsb] Unlabeled training sentences; [sst2] labeled training phrases; [lm] texts (0 = all); "
+        "[reasoning] generated problems.",
     ),
     data_dir: Optional[Path] = typer.Option(None, help="[stsb, sst2, lm] Folder with sst2/, stsb/, agnews/."),
     temperature: Optional[float] = typer.Option(None, help="Softening temperature T of the soft targets."),

@@ -1,5 +1,5 @@
-"""Reports of the transformer and language-model recipes (STS-B, SST-2, LM), built on `distill.report`, and
-`REPORTS`: which builder renders which recipe's metrics."""
+"""Reports of the transformer, language-model and reasoning recipes (STS-B, SST-2, LM, reasoning), built on
+`distill.report`, and `REPORTS`: which builder renders which recipe's metrics."""
 
 from __future__ import annotations
 
@@ -243,6 +243,135 @@ def lm_report(metrics: dict[str, Any]) -> Report:
     )
 
 
+def _money(value: float | None) -> str:
+    return "–" if value is None else f"${value:.4f}"
+
+
+def reasoning_report(metrics: dict[str, Any]) -> Report:
+    models, traces, generation, prices = metrics["models"], metrics["traces"], metrics["generation"], metrics["prices"]
+    teacher, on_traces, on_answers = models["teacher"], models["student-traces"], models["student-answers"]
+    trained_on = {
+        "teacher": "worked solutions",
+        "student-traces": "verified teacher traces",
+        "student-answers": "final answers only",
+    }
+    header = [
+        "model",
+        "trained on",
+        "held-out accuracy",
+        "parameters",
+        "size",
+        "tokens/s (batch 16)",
+        "training rows",
+        "optimizer steps",
+        "train time",
+    ]
+    rows = [
+        [
+            name,
+            trained_on.get(name, "–"),
+            f"{pct(m['accuracy'])} ({m['correct']}/{m['problems']})",
+            count(m["params"]),
+            size(m.get("size_bytes")),
+            count(round(m["tokens_per_second"])),
+            count(m.get("train_rows")),
+            count(m.get("train_steps")),
+            seconds(m.get("train_seconds")),
+        ]
+        for name, m in models.items()
+    ]
+    tokens = traces["tokens"]
+    trace_header = ["questions", "traces", "per question", "verified", "pass rate", "questions solved", "kept",
+                    "rejected (wrong / no answer)", "prompt tokens (per trace)", "completion tokens", "cost"]  # fmt: skip
+    trace_rows = [
+        [
+            count(traces["questions"]),
+            count(traces["traces"]),
+            num(traces["traces_per_question"], 1),
+            count(traces["verified"]),
+            pct(traces["pass_rate"]),
+            pct(traces["solved_rate"]),
+            count(traces["kept"]),
+            f"{count(traces['rejected_wrong_answer'])} / {count(traces['rejected_no_answer'])}",
+            count(tokens["prompt"]),
+            count(tokens["completion"]),
+            _money(traces.get("cost")),
+        ]
+    ]
+    operations = ["+", "-", "*", "/"]
+    arithmetic = [
+        [name]
+        + [
+            f"{pct(c['right'] / c['written'])} of {count(c['written'])}" if c["written"] else "–"
+            for c in (m.get("calculations", {}).get(op, {"written": 0}) for op in operations)
+        ]
+        for name, m in models.items()
+    ]
+    diff = on_traces["accuracy"] - on_answers["accuracy"]
+    summary = [
+        f"The student trained on the teacher's verified reasoning traces solves **{pct(on_traces['accuracy'])}** of "
+        f"the held-out problems, the same student trained on final answers only **{pct(on_answers['accuracy'])}** "
+        f"({'+' if diff >= 0 else ''}{100 * diff:.1f} points); the teacher solves {pct(teacher['accuracy'])}.",
+        f"The student has {ratio(teacher['params'] / on_traces['params'])} fewer parameters than the teacher and "
+        f"processes {ratio(on_traces['tokens_per_second'] / teacher['tokens_per_second'])} as many tokens per second.",
+        "The teacher's calculations in its held-out answers are right for "
+        + ", ".join(f"{cell} '{op}'" for op, cell in zip(operations, arithmetic[list(models).index("teacher")][1:]))
+        + "; only traces whose final answer verifies reach the student.",
+        f"The teacher, served over the OpenAI-compatible API, wrote {count(traces['traces'])} traces for "
+        f"{count(traces['questions'])} questions; {pct(traces['pass_rate'])} had the right final answer "
+        f"({count(traces['kept'])} kept for training), at a cost of {_money(traces.get('cost'))} at the nominal prices.",
+    ]
+    baseline = (
+        "the gold final answers of every traced question"
+        if metrics.get("baseline") == "all"
+        else "the gold final answers of the questions with a verified trace"
+    )
+    sampling = metrics["sampling"]
+    notes = [
+        "Accuracy: greedy decoding, the final answer (the last '#### x') compared with the gold answer; the "
+        "held-out questions appear in no model's training data.",
+        f"The answers-only student learns {baseline} (completion '#### x'), from the same initialisation as the "
+        f"student on traces and for at least as many optimizer steps ({count(on_answers.get('train_steps'))} vs "
+        f"{count(on_traces.get('train_steps'))}).",
+        f"Traces: temperature {sampling['temperature']}, top_p {sampling['top_p']}, at most {sampling['max_tokens']} "
+        f"tokens, through {count(generation.get('requests'))} requests to the teacher's own server "
+        f"({count(generation.get('written'))} written now, {count(generation.get('skipped'))} reused from an earlier "
+        f"run, {count(generation.get('failed'))} failed, {count(generation.get('retries'))} retries).",
+        f"Prompt tokens are counted with each trace; a request for n traces sends its prompt once, so the requests "
+        f"of this run were billed {count(generation.get('prompt_tokens'))} prompt and "
+        f"{count(generation.get('completion_tokens'))} completion tokens ({_money(generation.get('cost'))}).",
+        f"Cost at nominal prices of ${prices['input_per_million']} / ${prices['output_per_million']} per million "
+        "prompt / completion tokens (a hosted model's order of magnitude); the local teacher itself costs only CPU "
+        "time.",
+        "Tokens per second: forward passes over held-out question + solution batches, the three models timed side "
+        "by side.",
+        "Stages: "
+        + ", ".join(f"{name} {seconds(value)}" for name, value in metrics.get("stage_seconds", {}).items())
+        + f"; whole run {seconds(metrics.get('seconds'))}.",
+    ]
+    histories = {name: m["history"] for name, m in models.items()}
+    return Report(
+        title="distill report: reasoning",
+        description=metrics["description"],
+        summary=summary,
+        tables=[
+            Table("Teacher vs students (held-out problems)", header, rows),
+            Table("Traces", trace_header, trace_rows),
+            Table(
+                "Calculations 'a op b = c' in the held-out answers that are right", ["model", *operations], arithmetic
+            ),
+        ],
+        notes=notes,
+        images={
+            **_history_plot(histories, "loss"),
+            "accuracy_vs_params.png": plots.accuracy_vs_size(
+                [{"name": n, "params": m["params"], "accuracy": m["accuracy"]} for n, m in models.items()],
+                ylabel="held-out accuracy (%)",
+            ),
+        },
+    )
+
+
 REPORTS: dict[str, Callable[[dict[str, Any]], Report]] = {
     "mnist1d": classification_report,
     "digits": classification_report,
@@ -250,4 +379,5 @@ REPORTS: dict[str, Callable[[dict[str, Any]], Report]] = {
     "stsb": stsb_report,
     "sst2": sst2_report,
     "lm": lm_report,
+    "reasoning": reasoning_report,
 }

@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -356,3 +358,56 @@ def serve(
         model_path, model_name=model_name, device=device, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms
     )
     uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+@contextmanager
+def serve_in_thread(
+    model_path: str | Path,
+    *,
+    model_name: str | None = None,
+    device: str = "cpu",
+    max_batch_size: int = 16,
+    batch_wait_ms: float = 5.0,
+    host: str = "127.0.0.1",
+    start_timeout: float = 60.0,
+) -> Iterator[str]:
+    """Serve the model in `model_path` from a background thread (uvicorn on a free port of `host`) and yield the
+    base URL of its API, e.g. "http://127.0.0.1:40123/v1"; on exit the server finishes its requests and stops.
+
+    For a program that is its own client (a recipe sampling from the teacher it trained): real HTTP on loopback,
+    no second process. Access logs are off; uvicorn reports only warnings and errors.
+    """
+    import uvicorn
+
+    app = create_app(
+        model_path, model_name=model_name, device=device, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms
+    )
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((host, 0))  # port 0: the system picks a free one, held from here on (no race with others)
+    port = int(listener.getsockname()[1])
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            server.run(sockets=[listener])
+        except BaseException as error:  # noqa: BLE001 - reported to the caller below
+            failure.append(error)
+
+    thread = threading.Thread(target=run, name=f"distill-serve-{port}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_timeout
+    try:
+        while not server.started:
+            if not thread.is_alive() or failure:
+                reason = f": {failure[0]}" if failure else ""
+                raise DistillError(f"the server for {model_path} stopped while starting{reason}")
+            if time.monotonic() > deadline:
+                raise DistillError(f"the server for {model_path} did not start within {start_timeout:g} s")
+            time.sleep(0.01)
+        yield f"http://{host}:{port}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        listener.close()

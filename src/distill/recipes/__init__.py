@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from distill import report
-from distill.config import ClassifyRunConfig, LMRunConfig, Sst2RunConfig, StsbRunConfig, dump
+from distill.config import ClassifyRunConfig, LMRunConfig, ReasoningRunConfig, Sst2RunConfig, StsbRunConfig, dump
 from distill.errors import DistillError
 from distill.progress import NULL, Reporter
 from distill.recipes import digits, mnist1d
@@ -122,10 +122,28 @@ def run_lm_recipe(
     return _write(metrics, output, config)
 
 
+def run_reasoning_recipe(
+    config: ReasoningRunConfig,
+    output: Path,
+    *,
+    resume: bool = False,
+    cache_dir: Path | None = None,
+    data_dir: Path | None = None,
+    reporter: Reporter = NULL,
+) -> dict[str, Any]:
+    """Chain-of-thought distillation through the teacher's API (see `distill.recipes.reasoning`); needs no data
+    folder (the problems are generated)."""
+    from distill.recipes.reasoning import run_reasoning
+
+    metrics = run_reasoning(config, output, cache_dir=cache_dir, resume=resume, reporter=reporter)
+    return _write(metrics, output, config)
+
+
 RECIPES: dict[str, tuple[type[BaseModel], Callable[..., dict[str, Any]]]] = {
     "mnist1d": (ClassifyRunConfig, run_array_recipe),
     "digits": (ClassifyRunConfig, run_array_recipe),
     "stsb": (StsbRunConfig, run_stsb_recipe),
     "sst2": (Sst2RunConfig, run_sst2_recipe),
     "lm": (LMRunConfig, run_lm_recipe),
+    "reasoning": (ReasoningRunConfig, run_reasoning_recipe),
 }
