@@ -31,6 +31,7 @@ from distill.service import (
     routes_files,
     routes_jobs,
     routes_keys,
+    web,
 )
 from distill.service.deps import Services
 from distill.service.errors import ServiceError
@@ -77,6 +78,9 @@ def _distill_error(_: Request, error: Exception) -> JSONResponse:
     return JSONResponse(error_body(422, str(error), None, "invalid_value"), status_code=422)
 
 
+UPLOADS = ("/v1/files", "/ui/jobs")  # these check the upload limit themselves
+
+
 class BodyLimit:
     """Refuses (413) a request whose Content-Length is over the limit, before reading it; uploads have their own."""
 
@@ -84,7 +88,7 @@ class BodyLimit:
         self.app, self.limit = app, limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] != "/v1/files":
+        if scope["type"] == "http" and scope["path"] not in UPLOADS:
             length = dict(scope["headers"]).get(b"content-length", b"0")
             if length.isdigit() and int(length) > self.limit:
                 body = json.dumps(error_body(413, f"the request body is over {self.limit} bytes", None, "too_large"))
@@ -124,6 +128,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     for module in (routes_files, routes_jobs, routes_events, routes_artifacts, routes_deployments, routes_keys):
         app.include_router(module.router)
     app.include_router(inference_router)
+    web.mount(app)  # the dashboard under /ui
 
     @app.get("/healthz")
     def health() -> dict[str, Any]:
