@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
-from collections.abc import Sequence
+import json
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -403,3 +404,18 @@ def read_lines(path: Path) -> list[str]:
     if not lines:
         raise DataError(f"text file {path} has no sentences")
     return lines
+
+
+def json_lines(path: Path) -> Iterator[tuple[str, Any]]:
+    """(where, value) for each non-empty line of a JSONL file, `where` naming the line ("line 3 of f.jsonl"); a
+    DataError naming the line when one is not valid JSON."""
+    with Path(path).open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"line {number} of {path}"
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{where} is not valid JSON ({error.msg})") from None
+            yield where, value

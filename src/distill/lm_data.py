@@ -18,7 +18,6 @@ logits at position t are compared with the label at t, so the loss needs no shif
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from distill.data import IGNORE
+from distill.data import IGNORE, json_lines
 from distill.errors import DataError
 
 
@@ -83,18 +82,12 @@ def read_examples(path: Path, tokenizer: Any = None, limit: int | None = None) -
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
     examples: list[Example] = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            if path.suffix.lower() == ".txt":
-                examples.append(Example("", line.strip()))
-            else:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise DataError(f"line {number} of {path} is not valid JSON ({error.msg})") from None
-                examples.append(parse_row(row, f"line {number} of {path}", tokenizer))
+    if path.suffix.lower() == ".txt":
+        texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        examples = [Example("", text) for text in texts[:limit]]
+    else:
+        for where, row in json_lines(path):
+            examples.append(parse_row(row, where, tokenizer))
             if limit is not None and len(examples) >= limit:
                 break
     if not examples:

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from distill.data import json_lines
 from distill.errors import DataError, DistillError
 from distill.generate.verify import NO_ANSWER, Mode, extract_answer, verify
 
@@ -205,15 +206,8 @@ def read_traces(path: Path | str) -> list[dict[str, Any]]:
     if not path.is_file():
         raise DataError(f"trace file {path} does not exist")
     records: list[dict[str, Any]] = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"line {number} of {path} is not valid JSON ({error.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"line {number} of {path}: expected a JSON object, got {type(record).__name__}")
-            records.append(record)
+    for where, record in json_lines(path):
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        records.append(record)
     return records

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from distill.data import json_lines
 from distill.errors import DataError, DistillError
 from distill.progress import NULL, Cancelled, Reporter
 from distill.teachers.api import ApiTeacher, Completion, TeacherApiError
@@ -115,20 +116,14 @@ def read_prompts(path: Path, limit: int | None = None) -> list[PromptRecord]:
     if not path.is_file():
         raise DataError(f"prompt file {path} does not exist")
     records: list[PromptRecord] = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    if path.suffix.lower() == ".txt":
+        texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        records = [PromptRecord(prompt=text) for text in texts[:limit]]
+    elif limit is None or limit > 0:
+        for where, row in json_lines(path):  # stops at the limit: lines after it are not read
+            records.append(parse_prompt(row, where))
             if limit is not None and len(records) >= limit:
                 break
-            if not line.strip():
-                continue
-            if path.suffix.lower() == ".txt":
-                records.append(PromptRecord(prompt=line.strip()))
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"line {number} of {path} is not valid JSON ({error.msg})") from None
-            records.append(parse_prompt(row, f"line {number} of {path}"))
     if not records:
         raise DataError(f"prompt file {path} has no prompts")
     return records

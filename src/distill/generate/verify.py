@@ -13,7 +13,6 @@ stays a fraction and compares exactly. GSM8K files load with `read_gsm8k`.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Literal
 
+from distill.data import json_lines
 from distill.errors import DataError, DistillError
 
 Mode = Literal["auto", "exact", "numeric", "choice"]
@@ -281,26 +281,18 @@ def read_gsm8k(path: Path | str, limit: int | None = None) -> list[Problem]:
     if not path.is_file():
         raise DataError(f"GSM8K file {path} does not exist (the reference copy is in ../shared/data/gsm8k)")
     problems: list[Problem] = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"line {number} of {path}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{where} is not valid JSON ({error.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("question"), str):
-                raise DataError(f"{where}: expected an object with string 'question' and 'answer' keys")
-            solution = row.get("answer")
-            if not isinstance(solution, str) or "####" not in solution:
-                raise DataError(f"{where}: the 'answer' must be a worked solution ending in '#### <answer>'")
-            gold = solution.rsplit("####", 1)[1].strip()
-            if not gold:
-                raise DataError(f"{where}: nothing follows '####' in the answer")
-            problems.append(Problem(f"{path.stem}-{len(problems)}", row["question"], solution, gold))
-            if limit is not None and len(problems) >= limit:
-                break
+    for where, row in json_lines(path):
+        if not isinstance(row, dict) or not isinstance(row.get("question"), str):
+            raise DataError(f"{where}: expected an object with string 'question' and 'answer' keys")
+        solution = row.get("answer")
+        if not isinstance(solution, str) or "####" not in solution:
+            raise DataError(f"{where}: the 'answer' must be a worked solution ending in '#### <answer>'")
+        gold = solution.rsplit("####", 1)[1].strip()
+        if not gold:
+            raise DataError(f"{where}: nothing follows '####' in the answer")
+        problems.append(Problem(f"{path.stem}-{len(problems)}", row["question"], solution, gold))
+        if limit is not None and len(problems) >= limit:
+            break
     if not problems:
         raise DataError(f"GSM8K file {path} has no problems")
     return problems
