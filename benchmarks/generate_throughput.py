@@ -54,6 +54,15 @@ def process_cpu(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def event_loop() -> str:
+    """The event loop both processes run on: uvloop where installed (extra `service`), else asyncio's own."""
+    try:
+        import uvloop
+    except ImportError:
+        return "asyncio"
+    return f"uvloop {uvloop.__version__}"
+
+
 def run_generate(server: FakeOpenAI, prompts: list[PromptRecord], concurrency: int) -> tuple[float, int]:
     """Requests per second of one `generate` call into a fresh file, and the requests it made."""
     client = ApiTeacher(server.url, "fake", concurrency=concurrency)
@@ -182,6 +191,7 @@ def main() -> None:
         "ratio": headline,
         "target_ratio": 0.90,
         "meets_target": headline >= 0.90,
+        "event_loop": event_loop(),
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
         "load_average_1min": {"start": load_start, "end": os.getloadavg()[0]},

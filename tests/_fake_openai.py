@@ -255,7 +255,13 @@ def main() -> None:
     args = parser.parse_args()
     sock = socket.socket(fileno=args.fd)
     config = uvicorn.Config(make_app(json.loads(args.settings)), log_level="error", access_log=False, lifespan="off")
-    asyncio.run(uvicorn.Server(config).serve(sockets=[sock]))
+    server = uvicorn.Server(config).serve(sockets=[sock])
+    try:  # uvloop (uvicorn[standard]) as production servers run; its timers fire closer to the fixed delay
+        import uvloop
+    except ImportError:
+        asyncio.run(server)
+    else:
+        uvloop.run(server)
 
 
 # ----------------------------------------------------------------------------------------------------------------
