@@ -408,6 +408,30 @@ def cache_build(
     )
 
 
+@cache_app.command("from-generated")
+def cache_from_generated(
+    generated: Path = typer.Argument(..., help="JSONL written by `distill generate --top-logprobs K`."),
+    student: str = typer.Option(..., help="The student (a causal LM folder or hub name) whose tokenizer is used."),
+    directory: Path = typer.Option(..., "--out", help="The cache directory (new or empty)."),
+    max_length: int = typer.Option(512, help="Tokens per example, as train-lm's max_length."),
+) -> None:
+    """Store a teacher API's top log-probs (kept by `distill generate`) as a token cache for `distill train-lm`.
+
+    The student must share the teacher's tokenizer: the teacher's tokens are matched with the student's
+    tokenization of the same text, and positions that do not line up are trained on as text only. Train with
+    --set data=GENERATED --set cache=OUT --set loss.temperature=1.0 (API log-probs are at temperature 1)."""
+    from distill.teachers import hf
+    from distill.teachers.api_logprobs import cache_from_generated as build
+
+    summary = build(generated, hf.load_tokenizer(student, cache_dir()), directory, max_length=max_length)
+    out.print(
+        f"cache {directory}: {summary.positions:,} teacher distributions over {summary.completion_positions:,} "
+        f"completion tokens ({100 * summary.coverage:.1f} %); {summary.rows_aligned:,} of "
+        f"{summary.rows_with_logprobs:,} rows line up in full; {summary.alternatives_mapped:,} of "
+        f"{summary.alternatives:,} alternatives mapped to the student's ids; k = {summary.top_k}"
+    )
+
+
 @cache_app.command("verify")
 def cache_verify(directory: Path = typer.Argument(..., help="A cache directory.")) -> None:
     """Check every shard's sha256 and the index against the manifest."""

@@ -90,8 +90,11 @@ def lm_terms(
     teacher_logprobs = output.logprobs.reshape(-1, width)[mask.to(output.logprobs.device)].to(scored.device)
     ids = output.token_ids
     token_ids = None if ids is None else ids.reshape(-1, width)[mask.to(ids.device)].to(scored.device)
+    # Positions the teacher has no distribution for (a partial cache) weigh 0 in the divergence; `ce` keeps them.
+    covered = None if output.mask is None else output.mask.reshape(-1)[mask.to(output.mask.device)].to(scored.device)
     kd, ce = chunked_kd_and_ce(
         scored, weight, student_bias=bias, teacher_logprobs=teacher_logprobs, token_ids=token_ids,
+        weights=None if covered is None else covered.float(),
         divergence=loss.divergence, temperature=loss.temperature, teacher_temperature=output.temperature,
         beta=loss.beta, chunk_size=loss.chunk_size, labels=None if on_policy else labels,
     )  # fmt: skip

@@ -21,12 +21,15 @@ class TeacherOutput:
     token_ids:     (..., K) class / token ids of a sparse teacher; None when dense
     hidden_states: captured outputs of named modules, for feature distillation ({module name: tensor})
     temperature:   the temperature the log-probs were computed at (1.0 for a live model)
+    mask:          (...) bool, the positions the teacher has a distribution for (a cache built from an API's top
+                   log-probs may lack some); None = all. Losses weigh the others 0.
     """
 
     logprobs: Tensor | None
     token_ids: Tensor | None = None
     hidden_states: dict[str, Tensor] | None = None
     temperature: float = 1.0
+    mask: Tensor | None = None
 
     @property
     def sparse(self) -> bool:

@@ -152,22 +152,8 @@ def build_token_cache(
     codec = Codec.for_sizes(top_k, vocab_size)
     ids, masks, data_sha256 = _as_inputs(sequences, scored, vocab_size)
     counts = np.array([int(m.sum()) for m in masks], np.int64)  # (N,)
-    identity: dict[str, Any] = {
-        "format": FORMAT,
-        "version": VERSION,
-        "teacher_name": teacher_name,
-        "teacher_revision": teacher_revision,
-        "tokenizer_hash": tokenizer_hash,
-        "vocab_size": vocab_size,
-        "top_k": top_k,
-        "temperature": float(temperature),
-        "data_id": data_id,
-        "data_sha256": data_sha256,
-        "sequences": len(ids),
-        "tokens": int(sum(len(a) for a in ids)),
-        "positions": int(counts.sum()),
-        "quantisation": codec.params(),
-    }
+    identity = _identity(codec, temperature, teacher_name, teacher_revision, tokenizer_hash, data_id,
+                         data_sha256, ids, counts)  # fmt: skip
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     for name in (MANIFEST, PARTIAL):
@@ -193,9 +179,8 @@ def build_token_cache(
                 break  # rescore from the first missing or damaged shard on
             shards.append(shard)
     sequence = sum(s["sequences"] for s in shards)
-    row = sum(s["rows"] for s in shards)
     reporter.stage("teacher top-k cache", total=identity["positions"])
-    reporter.advance(row)
+    reporter.advance(sum(s["rows"] for s in shards))
     parts: list[np.ndarray] = []
     first = sequence
     while sequence < len(ids):
@@ -208,18 +193,37 @@ def build_token_cache(
         sequence = stop
         if sum(len(p) for p in parts) >= shard_tokens or sequence == len(ids):
             records = np.concatenate(parts) if parts else np.zeros(0, codec.record_dtype)  # (rows,)
-            name = f"shard-{len(shards):05d}.npy"
-            with (directory / (name + ".tmp")).open("wb") as handle:
-                np.save(handle, records)
-            (directory / (name + ".tmp")).replace(directory / name)
-            shards.append(
-                {"file": name, "first_sequence": first, "sequences": sequence - first, "first_row": row,
-                 "rows": len(records), "sha256": sha256_file(directory / name)}
-            )  # fmt: skip
-            write_json(directory / PARTIAL, {**identity, "shards": shards})
-            row, first, parts = row + len(records), sequence, []
+            _write_shard(directory, identity, shards, records, first, sequence)
+            first, parts = sequence, []
     reporter.end()
+    return _finish(directory, identity, shards, ids, masks, counts)
 
+
+def _write_shard(
+    directory: Path, identity: dict[str, Any], shards: list[dict[str, Any]], records: np.ndarray, first: int, stop: int
+) -> None:
+    """Write the records (rows,) of sequences first..stop-1 as the next shard and note it in the partial file."""
+    name = f"shard-{len(shards):05d}.npy"
+    with (directory / (name + ".tmp")).open("wb") as handle:
+        np.save(handle, records)
+    (directory / (name + ".tmp")).replace(directory / name)
+    row = sum(s["rows"] for s in shards)
+    shards.append(
+        {"file": name, "first_sequence": first, "sequences": stop - first, "first_row": row,
+         "rows": len(records), "sha256": sha256_file(directory / name)}
+    )  # fmt: skip
+    write_json(directory / PARTIAL, {**identity, "shards": shards})
+
+
+def _finish(
+    directory: Path,
+    identity: dict[str, Any],
+    shards: list[dict[str, Any]],
+    ids: list[np.ndarray],
+    masks: list[np.ndarray],
+    counts: np.ndarray,
+) -> dict[str, Any]:
+    """Write the index, then the manifest (last: its presence marks a finished cache); return the manifest."""
     with (directory / (INDEX + ".tmp")).open("wb") as handle:
         np.savez(
             handle,
@@ -233,6 +237,75 @@ def build_token_cache(
     write_json(directory / MANIFEST, manifest)
     (directory / PARTIAL).unlink(missing_ok=True)
     return manifest
+
+
+def write_token_cache(
+    records: np.ndarray,
+    sequences: Sequence[np.ndarray | Tensor],
+    scored: Sequence[np.ndarray | Tensor],
+    directory: Path | str,
+    *,
+    codec: Codec,
+    temperature: float,
+    teacher_name: str,
+    teacher_revision: str,
+    tokenizer_hash: str,
+    data_id: str,
+    shard_tokens: int = 1 << 20,
+) -> dict[str, Any]:
+    """Store records already made (`codec.encode`, one per position that `scored` marks, in data order) as a token
+    cache: for teachers scored elsewhere, such as the top log-probs an API returned. Returns the manifest."""
+    ids, masks, data_sha256 = _as_inputs(sequences, scored, codec.vocab_size)
+    counts = np.array([int(m.sum()) for m in masks], np.int64)  # (N,)
+    if records.dtype != codec.record_dtype or records.shape != (int(counts.sum()),):
+        raise ValueError(f"{records.shape} records of {records.dtype} for {int(counts.sum())} scored positions")
+    identity = _identity(codec, temperature, teacher_name, teacher_revision, tokenizer_hash, data_id,
+                         data_sha256, ids, counts)  # fmt: skip
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if (directory / MANIFEST).exists() or (directory / PARTIAL).exists():
+        raise CacheError(f"{directory} already holds a cache; choose another directory or delete this one")
+    shards: list[dict[str, Any]] = []
+    first, row = 0, 0
+    ends = np.cumsum(counts)  # (N,) records up to and including each sequence
+    while True:  # whole sequences per shard, about shard_tokens records each; at least one shard
+        stop = min(max(int(np.searchsorted(ends, row + shard_tokens, side="right")), first + 1), len(ids))
+        end = int(ends[stop - 1]) if stop else 0
+        _write_shard(directory, identity, shards, records[row:end], first, stop)
+        first, row = stop, end
+        if first >= len(ids):
+            break
+    return _finish(directory, identity, shards, ids, masks, counts)
+
+
+def _identity(
+    codec: Codec,
+    temperature: float,
+    teacher_name: str,
+    teacher_revision: str,
+    tokenizer_hash: str,
+    data_id: str,
+    data_sha256: str,
+    ids: list[np.ndarray],
+    counts: np.ndarray,
+) -> dict[str, Any]:
+    """What a cache is of: the manifest's fields before its files."""
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "teacher_name": teacher_name,
+        "teacher_revision": teacher_revision,
+        "tokenizer_hash": tokenizer_hash,
+        "vocab_size": codec.vocab_size,
+        "top_k": codec.top_k,
+        "temperature": float(temperature),
+        "data_id": data_id,
+        "data_sha256": data_sha256,
+        "sequences": len(ids),
+        "tokens": int(sum(len(a) for a in ids)),
+        "positions": int(counts.sum()),
+        "quantisation": codec.params(),
+    }
 
 
 def _manifest(directory: Path) -> dict[str, Any]:
@@ -336,7 +409,7 @@ class TokenCache:
 
     def batch(self, indices: Sequence[int] | np.ndarray | Tensor, length: int) -> TeacherOutput:
         """Top-K log-probs (B, length, K) float32 and ids (B, length, K) int64 for sequences `indices`, right-padded
-        to `length`; unscored positions hold the filler of the module docstring."""
+        to `length`; unscored positions hold the filler of the module docstring and are False in `mask` (B, length)."""
         seq = np.asarray(indices, dtype=np.int64).reshape(-1)  # (B,)
         if seq.size and (seq.min() < 0 or seq.max() >= len(self)):
             raise IndexError(f"sequence index {seq.max()} is outside the cache's {len(self)} sequences")
@@ -356,7 +429,12 @@ class TokenCache:
         filler = ~scored  # (B, T)
         out_logprobs[filler] = np.where(np.arange(k) == 0, 0.0, LOG_FLOOR).astype(np.float32)
         out_ids[filler] = np.arange(k)
-        return TeacherOutput(torch.from_numpy(out_logprobs), torch.from_numpy(out_ids), temperature=self.temperature)
+        return TeacherOutput(
+            torch.from_numpy(out_logprobs),
+            torch.from_numpy(out_ids),
+            temperature=self.temperature,
+            mask=torch.from_numpy(scored),
+        )
 
     def __call__(self, batch: dict[str, Any]) -> TeacherOutput:
         """The `Teacher` protocol: sequences `batch["index"]` (B,), padded like the batch's `input_ids` (B, T)."""
