@@ -23,7 +23,11 @@ MARGIN = 0.10  # "a clear margin": ten points of held-out accuracy
 def summary(metrics: dict[str, Any]) -> dict[str, Any]:
     models = metrics["models"]
     rows = {
-        name: {k: m.get(k) for k in ("accuracy", "correct", "problems", "params", "size_bytes", "tokens_per_second")}
+        name: {
+            k: m.get(k)
+            for k in ("accuracy", "correct", "problems", "params", "size_bytes", "tokens_per_second", "token_cache")
+            if k in m
+        }
         for name, m in models.items()
     }
     traces, answers = models["student-traces"]["accuracy"], models["student-answers"]["accuracy"]

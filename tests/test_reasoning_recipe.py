@@ -67,7 +67,7 @@ def test_the_recipe_runs_end_to_end_and_writes_its_outputs(first_run: tuple[Path
     assert generation["requests"] == TINY["problems"]  # n samples per request
 
     models = metrics["models"]
-    assert set(models) == {"teacher", "student-traces", "student-answers"}
+    assert set(models) == {"teacher", "student-traces", "student-answers", "student-traces-kd"}
     for name, row in models.items():
         assert 0.0 <= row["accuracy"] <= 1.0 and row["problems"] == TINY["held_out"]
         assert row["params"] > 0 and row["size_bytes"] > 0 and row["tokens_per_second"] > 0
@@ -77,11 +77,19 @@ def test_the_recipe_runs_end_to_end_and_writes_its_outputs(first_run: tuple[Path
     assert models["student-traces"]["train_rows"] == len(verified)
     assert models["student-answers"]["train_rows"] == TINY["problems"]  # baseline "all": every traced question
     assert models["student-answers"]["train_steps"] >= models["student-traces"]["train_steps"]
+    # The third student: the same traces, also the teacher's top 5 log-probs at each trace token (the API's).
+    assert all(len(row["top_logprobs"]["top"][0]) == 5 for row in verified)
+    with_kd = models["student-traces-kd"]
+    assert with_kd["train_rows"] == len(verified) and with_kd["params"] == models["student-traces"]["params"]
+    cache = with_kd["token_cache"]
+    assert cache["top_k"] == 6 and cache["rows_with_logprobs"] == len(verified)
+    assert cache["coverage"] > 0.9  # the teacher's own tokenizer: only the <eos> positions lack a distribution
+    assert all(epoch["kd"] > 0 for epoch in with_kd["history"])
 
     for name in ("report.md", "report.html", "metrics.json", "config.yaml", "accuracy_vs_params.png"):
         assert (output / name).is_file(), name
     report = (output / "report.md").read_text()
-    for phrase in ("student-traces", "student-answers", "teacher", "pass rate", "cost"):
+    for phrase in ("student-traces", "student-answers", "teacher", "pass rate", "cost", "top 5 log-probs"):
         assert phrase in report
 
 

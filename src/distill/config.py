@@ -386,7 +386,8 @@ class ReasoningRunConfig(Strict):
 
     A teacher GPT-2 learns generated word problems from worked solutions, is served over the OpenAI-compatible API
     and samples `samples` traces per training question; traces whose final answer verifies teach a smaller student,
-    compared on held-out problems with the same student trained on final answers only.
+    compared on held-out problems with the same student trained on final answers only (and, with `token_kd`, with
+    the same student also taught the teacher's top log-probs at every trace token).
     """
 
     recipe: Literal["reasoning"] = "reasoning"
@@ -416,6 +417,14 @@ class ReasoningRunConfig(Strict):
     concurrency: int = Field(16, ge=1, description="requests in flight to the teacher's server")
     server_batch: int = Field(64, ge=1, description="rows the server generates together")
     dedupe: bool = Field(False, description="keep one copy of identical verified traces of a question")
+    token_kd: int = Field(
+        5,
+        ge=0,
+        le=20,
+        description="top log-probs the API returns per trace token; > 0 adds a third student trained on the "
+        "verified traces with sparse token-level KD from them (0 = two students)",
+    )
+    token_kd_alpha: float = Field(0.5, ge=0, le=1, description="weight of the token-level KD term (CE: 1 - alpha)")
     baseline: Literal["all", "verified"] = Field(
         "all",
         description="the answers-only student learns the gold answers of all traced questions (all) or only of "

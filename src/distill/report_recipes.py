@@ -247,6 +247,21 @@ def _money(value: float | None) -> str:
     return "–" if value is None else f"${value:.4f}"
 
 
+def _token_kd_summary(models: dict[str, Any]) -> list[str]:
+    """The sentence on the student taught the API's top log-probs too, when the run has one."""
+    with_kd = models.get("student-traces-kd")
+    if with_kd is None:
+        return []
+    on_traces, cache = models["student-traces"], with_kd.get("token_cache") or {}
+    diff = with_kd["accuracy"] - on_traces["accuracy"]
+    return [
+        f"Taught also the teacher's top {cache.get('top_k', 1) - 1} log-probs at each trace token (sparse token-level "
+        f"KD from the API's answers, {pct(cache.get('coverage', 0))} of the trace tokens covered), the same student "
+        f"solves **{pct(with_kd['accuracy'])}** ({'+' if diff >= 0 else ''}{100 * diff:.1f} points against the "
+        "traces alone)."
+    ]
+
+
 def reasoning_report(metrics: dict[str, Any]) -> Report:
     models, traces, generation, prices = metrics["models"], metrics["traces"], metrics["generation"], metrics["prices"]
     teacher, on_traces, on_answers = models["teacher"], models["student-traces"], models["student-answers"]
@@ -254,6 +269,7 @@ def reasoning_report(metrics: dict[str, Any]) -> Report:
         "teacher": "worked solutions",
         "student-traces": "verified teacher traces",
         "student-answers": "final answers only",
+        "student-traces-kd": "verified traces + the API's top log-probs",
     }
     header = [
         "model",
@@ -317,6 +333,7 @@ def reasoning_report(metrics: dict[str, Any]) -> Report:
         "The teacher's calculations in its held-out answers are right for "
         + ", ".join(f"{cell} '{op}'" for op, cell in zip(operations, arithmetic[list(models).index("teacher")][1:]))
         + "; only traces whose final answer verifies reach the student.",
+        *_token_kd_summary(models),
         f"The teacher, served over the OpenAI-compatible API, wrote {count(traces['traces'])} traces for "
         f"{count(traces['questions'])} questions; {pct(traces['pass_rate'])} had the right final answer "
         f"({count(traces['kept'])} kept for training), at a cost of {_money(traces.get('cost'))} at the nominal prices.",

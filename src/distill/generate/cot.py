@@ -56,7 +56,7 @@ def split_traces(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
     """Verify each trace's final answer against its gold answer; return (verified rows, rejected rows, summary).
 
-    Verified rows are `{"prompt", "completion", "id"}`. With `student_template` the prompt is rebuilt from the
+    Verified rows are `{"prompt", "completion", "id"}`, plus the record's "top_logprobs" when it has them. With `student_template` the prompt is rebuilt from the
     record's "question" (so the student need not see the teacher's instructions); otherwise the teacher's prompt
     is kept. `dedupe` drops a verified completion identical (up to surrounding whitespace) to one already kept for
     the same question; `max_per_question` keeps the first m verified traces of each question (in sample order).
@@ -105,7 +105,10 @@ def split_traces(
             continue
         previous.append(row["completion"].strip())
         prompt = build_prompt(row["question"], student_template) if student_template is not None else row["prompt"]
-        verified.append({"prompt": prompt, "completion": row["completion"], "id": row["id"]})
+        entry = {"prompt": prompt, "completion": row["completion"], "id": row["id"]}
+        if row.get("top_logprobs"):  # the teacher's token distributions: `distill cache from-generated` reads them
+            entry["top_logprobs"] = row["top_logprobs"]
+        verified.append(entry)
     summary = _summary(rows, verified, passed, reasons, duplicates, over_limit, str(mode))
     return verified, rejected, summary
 

@@ -8,7 +8,9 @@
    trace's final answer is checked against the gold one (`cot.split_traces`): verified and rejected traces, a summary.
 4. Students: a smaller GPT-2 trained on the verified traces (sequence-level KD: supervised fine-tuning on the
    teacher's text), and the same architecture from the same initialisation trained on final answers only
-   (completion "#### x") for at least as many optimizer steps.
+   (completion "#### x") for at least as many optimizer steps. With `token_kd` = K > 0 the API also returns the
+   top K log-probs of every trace token; a third student, from the same initialisation, learns the verified traces
+   from them too (sparse token-level KD through a token cache, `distill cache from-generated`).
 5. Evaluation: greedy final-answer accuracy on the held-out problems (batched generation), size and tokens/s.
 
 Every model sees a question as the bare prompt `cot.QUESTION_ONLY_TEMPLATE` ("{question}\\n"), the format the teacher
@@ -20,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -46,12 +49,15 @@ from distill.sampling import SamplingParams as EngineParams
 from distill.sampling import Sequence as Row
 from distill.serve import serve_in_thread
 from distill.teachers.api import ApiTeacher, Prices
+from distill.teachers.api_logprobs import cache_from_generated
+from distill.teachers.token_cache import TokenCache
 from distill.train import train
 
 PROMPT = QUESTION_ONLY_TEMPLATE
 TEACHER = "teacher"
 TRACES = "student-traces"
 ANSWERS = "student-answers"
+TRACES_KD = "student-traces-kd"
 ENDPOINT: Endpoint = "completions"  # the raw prompt, exactly as the teacher was trained (no chat wrapping)
 CALCULATION = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
 OPERATIONS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a / b}
@@ -108,9 +114,11 @@ def fit(
     seed: int,
     resume: bool,
     reporter: Reporter,
+    teacher: TokenCache | None = None,
+    loss: LossConfig | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train a fresh GPT-2 of `size` into output/models/name (model and tokenizer, servable as is), or load it when
-    a resumed run finished it already."""
+    a resumed run finished it already; with `teacher` (a token cache over `data`) distilled under `loss`."""
     from transformers import GPT2LMHeadModel
     from transformers.utils import logging
 
@@ -123,7 +131,8 @@ def fit(
         fresh_gpt2(tokenizer, size, max_length, seed),
         data,
         train_config,
-        loss=LossConfig(),
+        teacher=teacher,
+        loss=loss or LossConfig(),
         checkpoint_dir=output / "checkpoints" / name,
         resume=resume,
         reporter=reporter,
@@ -152,7 +161,13 @@ def sample_traces(
     """Serve the teacher, ask it for `config.samples` traces per question into `path` (only the missing ones), and
     return this configuration's trace records (in file order) and what the generation run did."""
     records = [PromptRecord(prompt=p.question, gold=p.answer) for p in questions]
-    params = SamplingParams(temperature=config.temperature, top_p=config.top_p, max_tokens=max_tokens, seed=config.seed)
+    params = SamplingParams(
+        temperature=config.temperature,
+        top_p=config.top_p,
+        max_tokens=max_tokens,
+        seed=config.seed,
+        top_logprobs=config.token_kd or None,
+    )
     with serve_in_thread(teacher_dir, model_name=TEACHER, max_batch_size=config.server_batch) as base_url:
         prices = Prices(config.input_price, config.output_price)
         client = ApiTeacher(base_url, TEACHER, concurrency=config.concurrency, timeout=600.0, prices=prices)
@@ -259,7 +274,30 @@ def train_students(
         students[name] = fit(
             name, config.student, tokenizer, data, output, train_config, seed=config.seed + 1, **common
         )
+    if config.token_kd:
+        cache, coverage = api_cache(tokenizer, output, trace_data, config.max_length, common["resume"])
+        loss = LossConfig(temperature=1.0, alpha=config.token_kd_alpha)
+        students[TRACES_KD] = fit(
+            TRACES_KD, config.student, tokenizer, trace_data, output, config.student_train, seed=config.seed + 1,
+            teacher=cache, loss=loss, **common,
+        )  # fmt: skip
+        students[TRACES_KD][1]["token_cache"] = coverage
     return students
+
+
+def api_cache(
+    tokenizer: Any, output: Path, data: LMDataset, max_length: int, resume: bool
+) -> tuple[TokenCache, dict[str, Any]]:
+    """The teacher's top log-probs kept with the verified traces (traces/verified.jsonl), as a token cache over the
+    traces student's data (`distill cache from-generated`), and what it covers."""
+    directory = output / "cache" / "traces"
+    summary_path = directory.parent / "traces-summary.json"
+    if not (resume and (directory / "manifest.json").is_file() and summary_path.is_file()):
+        shutil.rmtree(directory, ignore_errors=True)
+        built = cache_from_generated(output / "traces" / "verified.jsonl", tokenizer, directory, max_length=max_length)
+        summary_path.write_text(json.dumps(built.to_json()))
+    cache = TokenCache(directory, expect={"data_id": data.fingerprint(), "temperature": 1.0})
+    return cache, json.loads(summary_path.read_text())
 
 
 def evaluate_models(
@@ -292,6 +330,7 @@ def evaluate_models(
             "train_steps": info["steps"],
             "train_seconds": info["seconds"],
             "history": info["history"],
+            **({"token_cache": info["token_cache"]} if "token_cache" in info else {}),
         }
     reporter.end()
     return rows
