@@ -250,18 +250,18 @@ def run(
         "lm (a small language model distilled through a log-prob cache), reasoning (verified chain-of-thought "
         "traces sampled from a served teacher).",
     ),
-    teachers: Optional[int] = typer.Option(None, help="[mnist1d, digits] Teachers to train; several = an ensemble."),
-    ensemble: Optional[str] = typer.Option(None, help="[mnist1d, digits] How an ensemble combines: mean or geometric."),
-    student_width: Optional[int] = typer.Option(None, help="[mnist1d, digits] Hidden units of the student MLP."),
+    teachers: Optional[int] = typer.Option(None, help="(mnist1d, digits) Teachers to train; several = an ensemble."),
+    ensemble: Optional[str] = typer.Option(None, help="(mnist1d, digits) How an ensemble combines: mean or geometric."),
+    student_width: Optional[int] = typer.Option(None, help="(mnist1d, digits) Hidden units of the student MLP."),
     teacher: Optional[str] = typer.Option(
-        None, help="[stsb, sst2] Teacher: minilm-l6 (packaged all-MiniLM-L6-v2), a model folder or a hub name."
+        None, help="(stsb, sst2) Teacher: minilm-l6 (packaged all-MiniLM-L6-v2), a model folder or a hub name."
     ),
     sample_size: Optional[int] = typer.Option(
         None,
-        help="[stsb] Unlabeled training sentences; [sst2] labeled training phrases; [lm] texts (0 = all); "
-        "[reasoning] generated problems.",
+        help="(stsb) Unlabeled training sentences; (sst2) labeled training phrases; (lm) texts (0 = all); "
+        "(reasoning) generated problems.",
     ),
-    data_dir: Optional[Path] = typer.Option(None, help="[stsb, sst2, lm] Folder with sst2/, stsb/, agnews/."),
+    data_dir: Optional[Path] = typer.Option(None, help="(stsb, sst2, lm) Folder with sst2/, stsb/, agnews/."),
     temperature: Optional[float] = typer.Option(None, help="Softening temperature T of the soft targets."),
     alpha: Optional[float] = typer.Option(None, help="Weight of the soft-target loss; 1 - alpha goes to hard labels."),
     divergence: Optional[str] = typer.Option(None, help="forward_kl (Hinton), reverse_kl, jsd or tvd."),
