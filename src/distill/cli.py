@@ -423,7 +423,9 @@ def cache_from_generated(
     from distill.teachers import hf
     from distill.teachers.api_logprobs import cache_from_generated as build
 
-    summary = build(generated, hf.load_tokenizer(student, cache_dir()), directory, max_length=max_length)
+    with RichReporter(err) as reporter:
+        tokenizer = hf.load_tokenizer(student, cache_dir())
+        summary = build(generated, tokenizer, directory, max_length=max_length, reporter=reporter)
     out.print(
         f"cache {directory}: {summary.positions:,} teacher distributions over {summary.completion_positions:,} "
         f"completion tokens ({100 * summary.coverage:.1f} %); {summary.rows_aligned:,} of "

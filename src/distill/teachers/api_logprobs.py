@@ -38,6 +38,7 @@ from distill.data import json_lines
 from distill.errors import DataError, DistillError
 from distill.lm_data import read_examples, tokenize_examples
 from distill.losses import LOG_FLOOR
+from distill.progress import NULL, Reporter
 from distill.teachers.api import TokenLogprobs
 from distill.teachers.token_cache import write_token_cache
 from distill.teachers.token_codec import Codec
@@ -118,6 +119,7 @@ def cache_from_generated(
     *,
     max_length: int = 512,
     shard_tokens: int = 1 << 20,
+    reporter: Reporter = NULL,
 ) -> ApiCacheSummary:
     """Store the top log-probs kept in `path` (rows of `distill generate --top-logprobs K`) as a token cache over
     the same file tokenized by `tokenizer` (the student's), in `directory`. DataError when no row holds top
@@ -148,7 +150,9 @@ def cache_from_generated(
     ids: list[np.ndarray] = []  # each (K,)
     masks: list[np.ndarray] = []
     aligned_rows = alternatives = mapped = completion_positions = 0
+    reporter.stage("teacher tokens to student ids", total=len(returned))
     for i, found in enumerate(returned):
+        reporter.advance(1)
         sequence = data.sequences[i].tolist()
         start = int(data.prompt_lengths[i])
         mask = np.zeros(len(sequence), bool)
@@ -187,6 +191,7 @@ def cache_from_generated(
             values.append(value)
             ids.append(token_ids)
             mask[position] = True
+    reporter.end()
     if not values:
         raise DistillError(
             f"none of the teacher's tokens in {path} line up with this tokenizer's: the teacher uses another "
