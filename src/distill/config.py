@@ -132,7 +132,7 @@ class Sst2RunConfig(TextStudentsConfig):
         15_000, ge=0, description="augmented sentences (masking, n-grams) labeled by the teacher"
     )
     unlabeled_size: int = Field(
-        15_000, ge=0, description="more SST-2 training phrases, outside the labeled sample, labeled by the teacher"
+        30_000, ge=0, description="more SST-2 training phrases, outside the labeled sample, labeled by the teacher"
     )
     student_layers: list[int] | None = Field(None, description="teacher layers the transformer student keeps")
     student_num_layers: int = Field(2, ge=1, description="layers of the transformer student when not listed")
