@@ -43,6 +43,7 @@ def main() -> None:
             {"history": result.history, "weights": weights, "steps": result.steps, "world": dist.get_world_size()}
         )
     )
+    dist.barrier()  # both processes past their last collective before the group goes
     dist.destroy_process_group()
 
 

@@ -493,11 +493,23 @@ def _init_distributed() -> None:
             dist.init_process_group(backend)
 
 
+def _leave_distributed() -> None:
+    """After a command that ran under torchrun: wait for every process, then leave the group (a process that exits
+    while gloo's threads still hold work can abort with "terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def main() -> None:
     """Entry point: run the app, turning user errors into one line and a non-zero exit."""
     try:
         _init_distributed()
         app(standalone_mode=False)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            _leave_distributed()
     except DistillError as error:
         err.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
         sys.exit(2)
