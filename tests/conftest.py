@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -152,3 +156,18 @@ def tiny_gpt2(directory=None, *, layers: int = 2, width: int = 32, seed: int = 0
     if directory is not None:
         model.save_pretrained(directory)
     return model, tokenizer
+
+
+GLOO_ABORT = "terminate called without an active exception"
+
+
+def run_distributed(command, *, clean: Path | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """`subprocess.run` of a torchrun command, run once more (after removing `clean`) when a process aborted with
+    gloo's "terminate called without an active exception": seen about once per full suite on two loaded cores,
+    never when these tests ran alone (also not under artificial load); its cause is not found yet."""
+    result = subprocess.run(command, capture_output=True, text=True, **kwargs)
+    if result.returncode != 0 and GLOO_ABORT in result.stderr:
+        if clean is not None:
+            shutil.rmtree(clean, ignore_errors=True)
+        result = subprocess.run(command, capture_output=True, text=True, **kwargs)
+    return result

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from conftest import tiny_gpt2
+from conftest import run_distributed, tiny_gpt2
 from test_cli import assert_one_line_error, distill_cli
 
 ROWS = [
@@ -134,7 +134,7 @@ def test_train_lm_under_torchrun_with_two_cpu_processes(lm_files):
         str(lm_files / "ddp"),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DISTILL_CACHE": str(lm_files / ".cache")}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=lm_files, env=env)
+    result = run_distributed(command, clean=lm_files / "ddp", timeout=300, cwd=lm_files, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((lm_files / "ddp" / "metrics.json").read_text())
     saved = torch.load(lm_files / "ddp" / "checkpoints" / "checkpoint.pt", weights_only=False)
@@ -203,7 +203,7 @@ def test_train_lm_with_fsdp_on_two_cpu_processes(lm_files):
         str(lm_files / "fsdp"),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DISTILL_CACHE": str(lm_files / ".cache")}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=lm_files, env=env)
+    result = run_distributed(command, clean=lm_files / "fsdp", timeout=300, cwd=lm_files, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     saved = torch.load(lm_files / "fsdp" / "checkpoints" / "checkpoint.pt", weights_only=False)
     assert saved["signature"]["train"]["strategy"] == "fsdp"
@@ -212,7 +212,7 @@ def test_train_lm_with_fsdp_on_two_cpu_processes(lm_files):
     student = AutoModelForCausalLM.from_pretrained(lm_files / "fsdp" / "student")  # whole weights, gathered
     assert torch.equal(student.state_dict()["transformer.wte.weight"], saved["model"]["transformer.wte.weight"])
     assert json.loads((lm_files / "fsdp" / "metrics.json").read_text())["eval"]["perplexity"] > 1
-    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=300, cwd=lm_files, env=env)
+    resumed = run_distributed(command + ["--resume"], timeout=300, cwd=lm_files, env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import blobs, mlp
+from conftest import blobs, mlp, run_distributed
 from distill.config import LossConfig, TrainConfig
 from distill.errors import DistillError, NonFiniteLossError, ShapeMismatchError
 from distill.evaluate import accuracy, predict
@@ -176,9 +176,7 @@ def torchrun(script: Path, *args: str, processes: int = 2) -> subprocess.Complet
         str(script),
         *args,
     ]
-    return subprocess.run(
-        command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
+    return run_distributed(command, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def test_ddp_on_two_cpu_processes_trains_one_model(tmp_path):
