@@ -19,6 +19,7 @@ from distill.serve import serve_in_thread
 from distill.teachers.api import ApiTeacher
 from distill.teachers.api_logprobs import VocabularyText, cache_from_generated, token_pieces
 from distill.teachers.token_cache import TokenCache, verify_token_cache
+from distill.train import loss_terms
 from test_cli import distill_cli
 from test_serve import tiny_chat_lm
 
@@ -150,6 +151,8 @@ def test_train_lm_learns_from_the_api_cache_and_weighs_uncovered_positions_zero(
         logits = student(**batch["inputs"]).logits.float()
     expected = LOSSES["forward_kl"](logits[covered], out.logprobs[covered], token_ids=out.token_ids[covered])
     assert float(terms["kd"]) == pytest.approx(float(expected), rel=1e-4, abs=1e-5)
+    full, _ = loss_terms(student, batch, cache, loss.model_copy(update={"chunk_size": 0}))  # the full-logits path
+    assert float(full["kd"]) == pytest.approx(float(expected), rel=1e-4, abs=1e-5)
 
     from distill.recipes.lm import run_lm_job
 

@@ -121,6 +121,9 @@ def loss_terms(
                 )
             ids = output_of_teacher.token_ids
             kd_mask = batch.get("kd_mask")
+            if output_of_teacher.mask is not None:  # positions the teacher has no distribution for weigh 0
+                covered = output_of_teacher.mask.to(student_logits.device)
+                kd_mask = covered if kd_mask is None else kd_mask & covered
             logit_terms = hinton_terms(
                 student_logits,
                 output_of_teacher.logprobs.reshape(-1, width).to(student_logits.device),
