@@ -107,6 +107,18 @@ def top_p_filter(probs: Tensor, top_p: Tensor) -> Tensor:
     return torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))  # (B, V)
 
 
+def decode_text(tokenizer: Any, ids: list[int]) -> str:
+    """Token ids as the text a client sees: special tokens left out, spaces as the tokenizer wrote them."""
+    return str(tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
+
+
+def added_text(tokenizer: Any, previous: list[int], token: int) -> str:
+    """The text `token` adds after `previous` (a space, a completed character...), judged from the last few: what
+    the server reports as a token's text, and what `teachers.api_logprobs` lines the student's tokens up by."""
+    context = previous[-PIECE_CONTEXT:]
+    return decode_text(tokenizer, [*context, token])[len(decode_text(tokenizer, context)) :]
+
+
 class Engine:
     """A causal LM and its tokenizer, ready to generate batches of `Sequence`s."""
 
@@ -137,7 +149,7 @@ class Engine:
         return ids or list(self.start_ids)
 
     def decode(self, ids: list[int]) -> str:
-        return str(self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
+        return decode_text(self.tokenizer, ids)
 
     def generate(self, rows: list[Sequence]) -> None:
         """Sample every row to its end; fills each row's result fields and calls its `on_delta` as text settles."""
@@ -230,9 +242,7 @@ class Engine:
             self._emit(row)
 
     def _piece(self, previous: list[int], token: int) -> str:
-        """The text `token` adds after `previous` (a space, a completed character...), judged from the last few."""
-        context = previous[-PIECE_CONTEXT:]
-        return self.decode([*context, token])[len(self.decode(context)) :]
+        return added_text(self.tokenizer, previous, token)
 
     @staticmethod
     def _emit(row: Sequence) -> None:

@@ -39,11 +39,11 @@ from distill.errors import DataError, DistillError
 from distill.lm_data import read_examples, tokenize_examples
 from distill.losses import LOG_FLOOR
 from distill.progress import NULL, Reporter
+from distill.sampling import PIECE_CONTEXT, added_text, decode_text
 from distill.teachers.api import TokenLogprobs
 from distill.teachers.token_cache import write_token_cache
 from distill.teachers.token_codec import Codec
 
-CONTEXT = 4  # tokens decoded before a token to see the text it adds (as `distill serve` reports it)
 REPLACEMENT = "\ufffd"  # what a token holding part of a UTF-8 character decodes to: equal texts, maybe other bytes
 
 
@@ -73,7 +73,7 @@ class VocabularyText:
     def __init__(self, tokenizer: Any):
         size = len(tokenizer)
         anchor = tokenizer("a", add_special_tokens=False)["input_ids"][:1] or [0]
-        head = _decode(tokenizer, anchor)
+        head = decode_text(tokenizer, anchor)
         after = [t[len(head) :] for t in _batch_decode(tokenizer, [[*anchor, i] for i in range(size)])]
         alone = _batch_decode(tokenizer, [[i] for i in range(size)])
         self.after, self.alone = _unique(after), _unique(alone)
@@ -92,10 +92,6 @@ def _unique(texts: Sequence[str]) -> dict[str, int]:
     return {text: i for text, i in seen.items() if text not in shared and text}
 
 
-def _decode(tokenizer: Any, ids: Sequence[int]) -> str:
-    return str(tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False))
-
-
 def _batch_decode(tokenizer: Any, rows: Sequence[Sequence[int]]) -> list[str]:
     texts = tokenizer.batch_decode(
         [list(r) for r in rows], skip_special_tokens=True, clean_up_tokenization_spaces=False
@@ -104,12 +100,9 @@ def _batch_decode(tokenizer: Any, rows: Sequence[Sequence[int]]) -> list[str]:
 
 
 def token_pieces(tokenizer: Any, ids: Sequence[int]) -> list[str]:
-    """The text each of `ids` adds after the ones before it (judged from the last CONTEXT), as servers report it."""
-    pieces = []
-    for j in range(len(ids)):
-        context = list(ids[max(0, j - CONTEXT) : j])
-        pieces.append(_decode(tokenizer, [*context, ids[j]])[len(_decode(tokenizer, context)) :])
-    return pieces
+    """The text each of `ids` adds after the ones before it, as servers report it (`sampling.added_text`)."""
+    ids = list(ids)
+    return [added_text(tokenizer, ids[max(0, j - PIECE_CONTEXT) : j], ids[j]) for j in range(len(ids))]
 
 
 def cache_from_generated(
