@@ -36,6 +36,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from _procstat import process_cpu
 from distill.generate import PromptRecord, generate
 from distill.teachers.api import ApiTeacher
 
@@ -43,15 +44,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from _fake_openai import FakeOpenAI, fake_openai  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def process_cpu(pid: int) -> float | None:
-    """CPU seconds (user + system) a process has used so far; None where /proc is missing."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def event_loop() -> str:

@@ -40,18 +40,11 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from _procstat import process_cpu
+
 RESULTS = Path(__file__).parent / "results"
 TARGET_P99_MS = 100.0
 CONFIG = {"recipe": "mnist1d", "epochs": 1, "teacher_epochs": 1, "transfer_size": 0, "train_size": 100}
-
-
-def process_cpu(pid: int) -> float | None:
-    """CPU seconds (user + system) a process has used so far; None where /proc is missing."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def percentile(values: list[float], q: float) -> float:
