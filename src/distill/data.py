@@ -9,6 +9,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
+import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,6 +147,48 @@ def load_arrays(
         row = int(np.argwhere(~np.isfinite(features.reshape(len(features), -1)))[0, 0])
         raise DataError(f"data file {path} has a NaN or infinite feature at row {row}")
     return features, labels
+
+
+@dataclass(frozen=True)
+class ArrayHeader:
+    """What an array in an .npz archive declares about itself, read before any of its data is."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize  # Python ints: a crafted shape cannot overflow
+
+
+def npz_headers(path: Path, max_bytes: int) -> dict[str, ArrayHeader]:
+    """Every array of an .npz archive, by name, from the archive's headers alone: nothing is decompressed beyond
+    each array's header. A DataError when the archive is unreadable, holds something other than numeric arrays
+    (pickled objects included), or its arrays would take more than `max_bytes` once loaded."""
+    headers: dict[str, ArrayHeader] = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                name = info.filename.removesuffix(".npy")
+                with archive.open(info) as handle:
+                    version = np.lib.format.read_magic(handle)
+                    read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+                    if version not in read:
+                        raise DataError(f"{path}: array {name!r} has .npy format {version}; only 1.0 and 2.0 are read")
+                    shape, _, dtype = read[version](handle)
+                if dtype.hasobject or dtype.kind not in "fiub":
+                    raise DataError(f"{path}: array {name!r} has dtype {dtype}; only numeric arrays are accepted")
+                headers[name] = ArrayHeader(tuple(int(n) for n in shape), dtype)
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as error:
+        raise DataError(f"{path} is not a readable .npz archive of numeric arrays ({error})") from None
+    if not headers:
+        raise DataError(f"{path}: the archive holds no arrays")
+    total = sum(header.nbytes for header in headers.values())
+    if total > max_bytes:
+        raise DataError(
+            f"{path}: its arrays would take {total:,} bytes once loaded, over the limit of {max_bytes:,} bytes"
+        )
+    return headers
 
 
 def _load_npz(
