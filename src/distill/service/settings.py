@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from distill.errors import DistillError
+from distill.serve import ServeLimits
 
 DEFAULT_DATA_DIR = Path("distill-service")
 MiB = 1024 * 1024
@@ -47,6 +48,7 @@ class Settings:
     poll_seconds:      how often an idle worker looks for work
     progress_seconds:  least time between two stored progress events of a running job
     teachers:          teacher endpoints that `generate` jobs may call, by name: {name: (base_url, api_key)}
+    serve_limits:      what one inference request may ask (prompts, n, max_tokens, sequences), as `distill serve`
     """
 
     data_dir: Path = DEFAULT_DATA_DIR
@@ -61,6 +63,7 @@ class Settings:
     poll_seconds: float = 1.0
     progress_seconds: float = 1.0
     teachers: dict[str, tuple[str, str | None]] = field(default_factory=dict)
+    serve_limits: ServeLimits = field(default_factory=ServeLimits)
 
     def __post_init__(self) -> None:
         if self.lease_seconds <= 0 or self.max_attempts < 1 or self.poll_seconds <= 0:
