@@ -16,6 +16,7 @@ FastAPI's own errors (422 validation, 400 unreadable JSON, 404 unknown route) th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Awaitable, Callable, Mapping
@@ -28,6 +29,23 @@ MiB = 1024 * 1024
 MAX_JSON_DEPTH = 64
 KINDS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error"}
 _STRUCTURE = re.compile(rb'\\.|["\[\]{}]', re.DOTALL)  # an escaped character inside a string, a quote, a bracket
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    """What one request may ask of the server; a request over a limit is refused with an OpenAI-shaped 400 (413 for
+    the body). The service applies the same limits to its inference routes."""
+
+    max_body_bytes: int = 4 * MiB  # the request body, counted as it arrives
+    max_prompts: int = 256  # prompts in one completions request
+    max_n: int = 128  # choices per prompt (OpenAI's own limit)
+    max_tokens: int = 4096  # tokens generated per choice (the model's context also bounds it)
+    max_sequences: int = 512  # prompts x n: the rows one request adds to the batches
+
+    def __post_init__(self) -> None:
+        for name, value in dataclasses.asdict(self).items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"serve limit {name} must be a positive integer, not {value!r}")
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:

@@ -23,7 +23,6 @@ OpenAI's chunk format and ends with `data: [DONE]`.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import socket
 import threading
@@ -31,7 +30,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -39,7 +37,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from distill.asgi import MiB
+from distill.asgi import ServeLimits  # noqa: F401 - the serve limits, used by create_app
 from distill.errors import DistillError
 from distill.sampling import Batcher, Engine, SamplingParams, Sequence, TokenLogprob
 from distill.teachers.hf import load_causal_lm, load_tokenizer
@@ -47,23 +45,6 @@ from distill.teachers.hf import load_causal_lm, load_tokenizer
 ROLE_NAMES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
 TOO_LONG = "context_length_exceeded"
 StopText = Annotated[str, Field(min_length=1)]
-
-
-@dataclass(frozen=True)
-class ServeLimits:
-    """What one request may ask of the server; a request over a limit is refused with an OpenAI-shaped 400 (413 for
-    the body). The service applies the same limits to its inference routes."""
-
-    max_body_bytes: int = 4 * MiB  # the request body, counted as it arrives
-    max_prompts: int = 256  # prompts in one completions request
-    max_n: int = 128  # choices per prompt (OpenAI's own limit)
-    max_tokens: int = 4096  # tokens generated per choice (the model's context also bounds it)
-    max_sequences: int = 512  # prompts x n: the rows one request adds to the batches
-
-    def __post_init__(self) -> None:
-        for name, value in dataclasses.asdict(self).items():
-            if not isinstance(value, int) or value < 1:
-                raise DistillError(f"serve limit {name} must be a positive integer, not {value!r}")
 
 
 class StreamOptions(BaseModel):

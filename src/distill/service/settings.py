@@ -15,8 +15,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from distill.asgi import ServeLimits
 from distill.errors import DistillError
-from distill.serve import ServeLimits
 
 DEFAULT_DATA_DIR = Path("distill-service")
 MiB = 1024 * 1024
