@@ -74,7 +74,7 @@ class Refusal:
 
 
 def too_large(limit: int) -> Refusal:
-    return Refusal(413, f"the request body is over the limit of {limit} bytes", "request_too_large")
+    return Refusal(413, f"the request body is over the limit of {limit} bytes", "too_large")
 
 
 def json_too_deep(raw: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
