@@ -133,7 +133,7 @@ def test_uploads_are_validated_and_hashed(store):
         "empty.tsv": (b"a\tb\n", "no rows"),
         "latin.txt": (b"caf\xe9\n", "not UTF-8"),
         "model.pkl": (b"x", "must end in one of"),
-        "pickle.npz": (_npz_with_objects(), "not a readable .npz"),
+        "pickle.npz": (_npz_with_objects(), "has dtype object; only numeric arrays are accepted"),
     }
     for name, (content, message) in cases.items():
         with pytest.raises(ServiceError) as caught:

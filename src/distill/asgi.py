@@ -127,14 +127,14 @@ class RequestGuard:
         if self.admit is not None and (refusal := await self.admit(scope)) is not None:
             await refusal.send(send)
             return
-        limit = self.streamed.get(scope["path"], self.max_bytes)
+        if scope["path"] in self.streamed:  # the app may refuse a declared length itself, in its own words
+            await self._streamed(scope, receive, send, self.streamed[scope["path"]])
+            return
+        limit = self.max_bytes
         declared = _header(scope, b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             refusal = too_large(limit) if declared.isdigit() else Refusal(400, "bad Content-Length", "invalid_header")
             await refusal.send(send)
-            return
-        if scope["path"] in self.streamed:
-            await self._streamed(scope, receive, send, limit)
             return
         body = await _read_body(receive, limit)
         if body is None:  # the client left

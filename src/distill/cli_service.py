@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 import typer
 
+from distill.asgi import ServeLimits
 from distill.cli import app, out
 from distill.errors import DistillError
 from distill.service import settings as service_settings
@@ -43,12 +44,21 @@ def _data_dir_option() -> Any:
 def service(
     ctx: typer.Context,
     host: str = typer.Option("127.0.0.1", help="Address to listen on; beyond loopback an API key must exist first."),
-    port: int = typer.Option(8000, help="Port to listen on."),
+    port: int = typer.Option(8000, min=1, max=65535, help="Port to listen on."),
     data_dir: Path = _data_dir_option(),
     datasets_dir: Optional[Path] = typer.Option(
         None, help="Reference data sets (sst2/, stsb/, agnews/) for the text recipes' jobs."
     ),
-    max_upload_mb: int = typer.Option(512, help="Largest uploaded file, in MiB."),
+    max_upload_mb: int = typer.Option(
+        512, min=1, max=1024 * 1024, help="Largest uploaded file, in MiB (an .npz also once unpacked)."
+    ),
+    max_body_kb: int = typer.Option(1024, min=1, max=1024 * 1024, help="Largest JSON request body, in KiB."),
+    max_prompts: int = typer.Option(256, min=1, max=1_000_000, help="Prompts in one inference request."),
+    max_n: int = typer.Option(128, min=1, max=1_000_000, help="Choices per prompt (n) in one inference request."),
+    max_tokens: int = typer.Option(4096, min=1, max=10_000_000, help="Tokens generated per choice, at most."),
+    max_sequences: int = typer.Option(
+        512, min=1, max=1_000_000, help="Prompts x n in one inference request (the rows it adds to a batch)."
+    ),
     access_log: bool = typer.Option(False, help="Log every request."),
 ) -> None:
     """Start the service (FastAPI + uvicorn). The store is SQLite in the data directory, or PostgreSQL when
@@ -64,6 +74,8 @@ def service(
         data_dir,
         datasets_dir=datasets_dir.resolve() if datasets_dir else None,
         max_upload_bytes=max_upload_mb * service_settings.MiB,
+        max_body_bytes=max_body_kb * 1024,
+        serve_limits=ServeLimits(max_body_kb * 1024, max_prompts, max_n, max_tokens, max_sequences),
     )
     run(settings, host, port, access_log=access_log)
 
@@ -118,13 +130,21 @@ def keys_revoke(
 def worker(
     data_dir: Path = _data_dir_option(),
     datasets_dir: Optional[Path] = typer.Option(None, help="Reference data sets for the text recipes' jobs."),
-    lease: float = typer.Option(30.0, help="Seconds a claim on a job lasts without a heartbeat."),
-    heartbeat: Optional[float] = typer.Option(None, help="Seconds between heartbeats (default: a third of the lease)."),
-    poll: float = typer.Option(1.0, help="Seconds between looks for work when idle."),
-    max_attempts: int = typer.Option(3, help="Claims of one job (resumptions after lost workers) before it fails."),
+    lease: float = typer.Option(
+        30.0, min=1.0, max=86_400.0, help="Seconds a claim on a job lasts without a heartbeat."
+    ),
+    heartbeat: Optional[float] = typer.Option(
+        None, min=0.1, max=86_400.0, help="Seconds between heartbeats (default: a third of the lease)."
+    ),
+    poll: float = typer.Option(1.0, min=0.01, max=3600.0, help="Seconds between looks for work when idle."),
+    max_attempts: int = typer.Option(
+        3, min=1, max=1000, help="Claims of one job (resumptions after lost workers) before it fails."
+    ),
     once: bool = typer.Option(False, help="Exit when the queue is empty."),
     name: Optional[str] = typer.Option(None, help="This worker's name in job events (default host-pid)."),
-    threads: Optional[int] = typer.Option(None, help="CPU threads for PyTorch (default: PyTorch's choice)."),
+    threads: Optional[int] = typer.Option(
+        None, min=1, max=4096, help="CPU threads for PyTorch (default: PyTorch's choice)."
+    ),
 ) -> None:
     """Claim queued jobs and run them; start as many as the machine(s) allow. SIGTERM or Ctrl-C: the running job
     stops at its next step and goes back to the queue, where another worker resumes it from its checkpoint."""

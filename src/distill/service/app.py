@@ -3,28 +3,29 @@
 Errors have one shape, OpenAI's: `{"error": {"message", "type", "param", "code"}}`. A bad payload is 422 with the
 field in `param` (e.g. `config.train.lr`), an unknown id 404, a state conflict (cancelling a finished job, retrying a
 running one, a reused Idempotency-Key) 409, a missing or invalid key 401, a missing scope 403, a body over the
-limit 413, and a store that cannot be reached 503 with Retry-After.
+limit 413 (counted as it arrives, decided before the key for nothing), JSON nested too deep 400, and a store that
+cannot be reached 503 with Retry-After. Every request passes `service.guard` first: authentication, the Origin check
+of open mode and the body limits come before any route reads a byte.
 """
 
 from __future__ import annotations
 
 import gc
-import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
-from starlette.types import ASGIApp, Receive, Scope, Send
 
+from distill.asgi import RequestGuard, error_body, install_error_handlers
 from distill.errors import DistillError
 from distill.service import (
     auth,
     db,
+    guard,
     routes_artifacts,
     routes_deployments,
     routes_events,
@@ -39,13 +40,6 @@ from distill.service.inference import LoadedModels
 from distill.service.inference import router as inference_router
 from distill.service.settings import Settings, is_loopback
 
-KINDS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error"}
-
-
-def error_body(status: int, message: str, param: str | None, code: str | None) -> dict[str, Any]:
-    kind = KINDS.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
 
 def _service_error(_: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, ServiceError)
@@ -53,18 +47,6 @@ def _service_error(_: Request, error: Exception) -> JSONResponse:
     return JSONResponse(
         error_body(error.status, error.message, error.param, error.code), status_code=error.status, headers=headers
     )
-
-
-def _validation_error(_: Request, error: Exception) -> JSONResponse:
-    assert isinstance(error, RequestValidationError)
-    problems = []
-    for item in error.errors():
-        loc = [str(p) for p in item["loc"]]
-        where = ".".join(loc[1:] if loc and loc[0] in ("body", "query", "path", "header") else loc) or "body"
-        problems.append((where, item["msg"]))
-    where, message = problems[0] if problems else ("body", "invalid request")
-    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-    return JSONResponse(error_body(422, f"{where}: {message}{more}", where, "invalid_value"), status_code=422)
 
 
 def _store_error(_: Request, error: Exception) -> JSONResponse:
@@ -76,28 +58,6 @@ def _store_error(_: Request, error: Exception) -> JSONResponse:
 
 def _distill_error(_: Request, error: Exception) -> JSONResponse:
     return JSONResponse(error_body(422, str(error), None, "invalid_value"), status_code=422)
-
-
-UPLOADS = ("/v1/files", "/ui/jobs")  # these check the upload limit themselves
-
-
-class BodyLimit:
-    """Refuses (413) a request whose Content-Length is over the limit, before reading it; uploads have their own."""
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] not in UPLOADS:
-            length = dict(scope["headers"]).get(b"content-length", b"0")
-            if length.isdigit() and int(length) > self.limit:
-                body = json.dumps(error_body(413, f"the request body is over {self.limit} bytes", None, "too_large"))
-                await send(
-                    {"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json")]}
-                )
-                await send({"type": "http.response.body", "body": body.encode()})
-                return
-        await self.app(scope, receive, send)
 
 
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
@@ -120,11 +80,11 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
 
     app = FastAPI(title="distill service", version="1", lifespan=lifespan)
     app.state.services = svc
+    install_error_handlers(app)
     app.add_exception_handler(ServiceError, _service_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(DBAPIError, _store_error)
     app.add_exception_handler(DistillError, _distill_error)
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(RequestGuard, **guard.options(settings))
     for module in (routes_files, routes_jobs, routes_events, routes_artifacts, routes_deployments, routes_keys):
         app.include_router(module.router)
     app.include_router(inference_router)

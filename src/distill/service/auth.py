@@ -5,8 +5,9 @@ hash of the whole key, compared in constant time. Scopes: `read` (look at files,
 `write` (upload files, create, cancel and retry jobs, create deployments), `infer` (the OpenAI-compatible
 endpoints), `admin` (keys; implies every other scope).
 
-Open mode: while no key exists and the service listens on loopback only, requests need no key (a laptop). The
-first key ends open mode for every later request.
+Open mode: until the first key is created, and while the service listens on loopback only, requests need no key (a
+laptop). Creating a key records `keys_required` in the store (`service_state`), in the same transaction: from then
+on every request needs a key, even after every key is revoked (the CLI can still create one locally).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from distill.service import db
 
 SCOPES = ("read", "write", "infer", "admin")
 OPEN = "local"  # who created a job or file in open mode
+KEYS_REQUIRED = "keys_required"
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,17 @@ def create_key(engine: Engine, scopes: list[str], name: str = "") -> tuple[str, 
     record = {"id": key_id, "scopes": ",".join(parse_scopes(scopes)), "name": name[:200], "created_at": time.time()}
     with db.write(engine) as connection:
         connection.execute(db.api_keys.insert().values(hash=hash_key(key), revoked_at=None, **record))
+        required = select(db.service_state.c.name).where(db.service_state.c.name == KEYS_REQUIRED)
+        if connection.execute(required).first() is None:
+            connection.execute(db.service_state.insert().values(name=KEYS_REQUIRED, value="1", set_at=time.time()))
     return key, public(record)
+
+
+def keys_required(engine: Engine) -> bool:
+    """Whether a key was ever created here: then every request needs one, for good."""
+    with db.read(engine) as connection:
+        found = connection.execute(select(db.service_state.c.name).where(db.service_state.c.name == KEYS_REQUIRED))
+        return found.first() is not None
 
 
 def public(row: Any) -> dict[str, Any]:
@@ -119,19 +131,20 @@ def verify(engine: Engine, key: str) -> Principal | None:
 
 
 class KeyCache:
-    """Verified keys and the count of active keys, remembered for `ttl` seconds (a revocation takes effect within
-    that time), so that a request does not cost a database read for its key."""
+    """Verified keys, remembered for `ttl` seconds (a revocation takes effect within that time), and whether keys
+    are required (once true, true for good), so that a request does not cost a database read for its key."""
 
     def __init__(self, engine: Engine, ttl: float = 2.0) -> None:
         self.engine, self.ttl = engine, ttl
         self._keys: dict[str, tuple[float, Principal | None]] = {}
-        self._count: tuple[float, int] = (0.0, 0)
+        self._required: tuple[float, bool] = (-float("inf"), False)
 
     def any_key(self) -> bool:
+        """Whether keys are required: a key was created at some time (by this process or another)."""
         now = time.monotonic()
-        if now - self._count[0] > self.ttl:
-            self._count = (now, active_keys(self.engine))
-        return self._count[1] > 0
+        if not self._required[1] and now - self._required[0] > self.ttl:
+            self._required = (now, keys_required(self.engine))
+        return self._required[1]
 
     def principal(self, key: str) -> Principal | None:
         now = time.monotonic()
@@ -146,9 +159,9 @@ class KeyCache:
     def fresh(self, key: str | None) -> bool:
         """Whether `any_key` (and `principal(key)`) would answer from memory, without the database."""
         now = time.monotonic()
-        if now - self._count[0] > self.ttl:
+        if not self._required[1] and now - self._required[0] > self.ttl:
             return False
-        if key is None or self._count[1] == 0:  # no key needed, or open mode (a presented key is not checked)
+        if key is None or not self._required[1]:  # no key presented, or open mode (a presented key is not checked)
             return True
         cached = self._keys.get(key)
         return cached is not None and now - cached[0] <= self.ttl

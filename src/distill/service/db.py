@@ -15,6 +15,7 @@ because another process wrote in between; readers are never blocked (WAL).
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -43,12 +44,22 @@ from sqlalchemy import (
 
 from distill.errors import DistillError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 30_000
 
 metadata = MetaData()
 
 schema_info = Table("schema_info", metadata, Column("version", Integer, nullable=False))
+
+# Facts about the service that hold for good once set, by name: `keys_required` (a key was once created, so the
+# service never goes back to open mode, even when every key is revoked).
+service_state = Table(
+    "service_state",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", String(200), nullable=False),
+    Column("set_at", Float, nullable=False),
+)
 
 api_keys = Table(
     "api_keys",
@@ -139,8 +150,16 @@ deployments = Table(
     Column("created_at", Float, nullable=False),
 )
 
+
+def _add_service_state(connection: Connection) -> None:
+    """1 -> 2: the service_state table; a database where a key was ever created needs keys from now on."""
+    service_state.create(connection)
+    if connection.execute(select(api_keys.c.id).limit(1)).first() is not None:
+        connection.execute(service_state.insert().values(name="keys_required", value="1", set_at=time.time()))
+
+
 # version n -> n + 1, each run inside the schema lock's transaction
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _add_service_state}
 
 
 def normalize_url(url: str) -> str:

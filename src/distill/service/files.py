@@ -1,8 +1,9 @@
 """Uploaded files: streamed to disk with a size limit and a sha256, validated by format, referenced by id.
 
 Formats, by the file name's extension: `.jsonl` (one JSON object per line), `.csv` / `.tsv` (a header row, then rows
-of as many columns), `.txt` (UTF-8 lines, at least one not blank), `.npz` (numeric arrays, no pickles). A file that
-does not parse is refused with the line that is wrong. The stored name is `<id><ext>` inside the data directory; the
+of as many columns), `.txt` (UTF-8 lines, at least one not blank), `.npz` (numeric arrays, no pickles, checked from
+their headers: together at most the upload limit once loaded). A file that does not parse is refused with the line
+that is wrong; a JSONL line nested more than 64 deep is refused too. The stored name is `<id><ext>` inside the data directory; the
 client's file name is only recorded.
 """
 
@@ -17,9 +18,11 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-import numpy as np
 from sqlalchemy import Engine, select
 
+from distill.asgi import MAX_JSON_DEPTH, json_too_deep
+from distill.data import npz_headers
+from distill.errors import DataError
 from distill.service import db
 from distill.service.errors import ServiceError
 from distill.service.settings import Settings
@@ -38,6 +41,8 @@ def _count_jsonl(path: Path) -> int:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
+            if json_too_deep(line.encode(), MAX_JSON_DEPTH):
+                raise _invalid(f"line {number} nests arrays and objects more than {MAX_JSON_DEPTH} deep")
             try:
                 value = json.loads(line)
             except json.JSONDecodeError as error:
@@ -76,24 +81,19 @@ def _count_lines(path: Path) -> int:
         return sum(1 for line in handle if line.strip())
 
 
-def _count_npz(path: Path) -> int:
+def _count_npz(path: Path, max_bytes: int) -> int:
+    """Rows of the longest array, from the archive's headers: no array is decompressed, so an archive that would
+    unpack to more than `max_bytes` (a decompression bomb, or a header declaring a huge shape) is refused at once."""
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            if not archive.files:
-                raise _invalid("the archive holds no arrays")
-            rows = 0
-            for name in archive.files:
-                array = archive[name]
-                if array.dtype.kind not in "fiub":
-                    raise _invalid(f"array {name!r} has dtype {array.dtype}; only numeric arrays are accepted")
-                rows = max(rows, int(array.shape[0]) if array.ndim else 1)
-            return rows
-    except (ValueError, OSError, EOFError) as error:
-        raise _invalid(f"not a readable .npz archive of numeric arrays ({str(error).splitlines()[0]})") from None
+        headers = npz_headers(path, max_bytes)
+    except DataError as error:
+        raise _invalid(str(error).replace(f"{path}: ", "").replace(str(path), "the file")) from None
+    return max(header.shape[0] if header.shape else 1 for header in headers.values())
 
 
-def validate(path: Path, fmt: str) -> int:
-    """Check the file's structure; return its number of rows (lines, records or the longest array's length)."""
+def validate(path: Path, fmt: str, max_array_bytes: int) -> int:
+    """Check the file's structure; return its number of rows (lines, records or the longest array's length).
+    An .npz's arrays may take at most `max_array_bytes` once loaded."""
     try:
         if fmt == "jsonl":
             rows = _count_jsonl(path)
@@ -102,7 +102,7 @@ def validate(path: Path, fmt: str) -> int:
         elif fmt == "txt":
             rows = _count_lines(path)
         else:
-            rows = _count_npz(path)
+            rows = _count_npz(path, max_array_bytes)
     except UnicodeDecodeError as error:
         raise _invalid(f"the file is not UTF-8 text (byte {error.start} of a line)") from None
     if rows == 0:
@@ -134,7 +134,7 @@ def store_upload(
                 out.write(chunk)
             out.flush()
             os.fsync(out.fileno())
-        rows = validate(partial, FORMATS[suffix])
+        rows = validate(partial, FORMATS[suffix], settings.max_upload_bytes)
         os.replace(partial, settings.files_dir / f"{file_id}{suffix}")
     finally:
         partial.unlink(missing_ok=True)

@@ -21,11 +21,21 @@ import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
-from distill.config import LMJobConfig, Strict, TrainJobConfig
+from distill.config import (
+    CacheBuildOptions,
+    Length,
+    LMJobConfig,
+    Rows,
+    SamplingTemperature,
+    Seed,
+    Strict,
+    TrainJobConfig,
+    Workers,
+)
 from distill.progress import Reporter
 from distill.recipes import RECIPES
 from distill.service.errors import ServiceError
@@ -35,48 +45,51 @@ from distill.service.settings import Settings
 TEXT_RECIPES = ("stsb", "sst2")
 
 
-class CacheBuildJobConfig(Strict):
-    """`distill cache build`: score a JSONL file once with a teacher LM and keep its top-k log-probs."""
+class CacheBuildJobConfig(CacheBuildOptions):
+    """`distill cache build`: score a JSONL file once with a teacher LM and keep its top-k log-probs (the bounds of
+    top_k, temperature, max_length and batch_size are the CLI's, from `CacheBuildOptions`)."""
 
     teacher: str = Field(description="the teacher: a finished job's causal LM (job-...)")
     data: Path = Field(description="JSONL: prompt/completion, messages, text or question/answer rows (file-...)")
-    top_k: int = Field(64, ge=1, le=4096)
-    temperature: float = Field(1.0, gt=0)
-    max_length: int = Field(512, ge=8, le=32_768)
-    batch_size: int = Field(8, ge=1, le=1024)
 
 
 class GenerateJobConfig(Strict):
     """`distill generate`: a teacher's answers to prompts, kept as training data (resumable)."""
 
-    api: str = Field(description="name of a teacher endpoint configured on the service (DISTILL_TEACHERS)")
+    api: str = Field(
+        max_length=200, description="name of a teacher endpoint configured on the service (DISTILL_TEACHERS)"
+    )
     model: str = Field(min_length=1, max_length=200, description="the teacher model's id at that endpoint")
     prompts: Path = Field(description="JSONL (prompt, messages or question/answer) or .txt (file-...)")
-    n: int = Field(1, ge=1, le=64)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_tokens: int | None = Field(None, ge=1)
-    stop: list[str] = Field(default_factory=list, max_length=4)
-    seed: int | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    n: Annotated[int, Field(ge=1, le=64)] = 1
+    temperature: SamplingTemperature = 1.0
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    max_tokens: Length | None = None
+    stop: list[Annotated[str, Field(max_length=1_000)]] = Field(default_factory=list, max_length=4)
+    seed: Seed | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     cot: bool = False
     template: str | None = Field(None, max_length=10_000)
     endpoint: Literal["chat", "completions"] = "chat"
-    concurrency: int = Field(16, ge=1, le=256)
-    timeout: float = Field(120.0, gt=0, le=3600)
-    max_retries: int = Field(6, ge=0, le=20)
-    limit: int | None = Field(None, ge=1)
+    concurrency: Annotated[Workers, Field(le=256)] = 16
+    timeout: Annotated[float, Field(gt=0, le=3600)] = 120.0
+    max_retries: Annotated[int, Field(ge=0, le=20)] = 6
+    limit: Annotated[Rows, Field(ge=1)] | None = None
 
 
 class EvaluateJobConfig(Strict):
     """Score a saved MLP/CNN (and optionally its teacher) on a labeled CSV/TSV/NPZ file."""
 
-    student: str = Field(description="the model to score: a finished job's model (job-... or job-.../NAME)")
-    teacher: str | None = Field(None, description="a teacher to compare with (agreement, KL), same refs")
+    student: str = Field(
+        max_length=1_000, description="the model to score: a finished job's model (job-... or job-.../NAME)"
+    )
+    teacher: str | None = Field(
+        None, max_length=1_000, description="a teacher to compare with (agreement, KL), same refs"
+    )
     data: Path = Field(description="labeled rows: CSV/TSV with a label column or NPZ (file-...)")
-    label_column: str = "label"
-    features_key: str = "x"
-    labels_key: str = "y"
+    label_column: str = Field("label", max_length=1_000)
+    features_key: str = Field("x", max_length=1_000)
+    labels_key: str = Field("y", max_length=1_000)
 
 
 @dataclass(frozen=True)

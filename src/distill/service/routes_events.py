@@ -27,11 +27,18 @@ POLL_SECONDS = 0.25
 KEEPALIVE_SECONDS = 15.0
 
 
+MAX_EVENT = 2**63 - 1  # event numbers are 64-bit integers in the store
+
+
 def _after(after: int | None, last_event_id: str | None) -> int:
+    """Where the events resume: `after=` or the `Last-Event-ID` header (ASCII digits, at most 2^63 - 1)."""
     if last_event_id is not None:
-        if not last_event_id.strip().isdigit():
-            raise ServiceError(422, "Last-Event-ID: must be an event number", param="Last-Event-ID")
-        return max(int(last_event_id), after or 0)
+        value = last_event_id.strip()
+        if not (value.isascii() and value.isdigit() and len(value) <= 19 and int(value) <= MAX_EVENT):
+            raise ServiceError(
+                422, f"Last-Event-ID: must be an event number from 0 to {MAX_EVENT}", param="Last-Event-ID"
+            )
+        return max(int(value), after or 0)
     return after or 0
 
 
@@ -59,7 +66,7 @@ async def _stream(svc: Services, job_id: str, after: int, request: Request) -> A
 def job_events(
     job_id: str,
     request: Request,
-    after: int | None = Query(None, ge=0, description="only events numbered above this"),
+    after: int | None = Query(None, ge=0, le=MAX_EVENT, description="only events numbered above this"),
     limit: int = Query(1000, ge=1, le=10_000),
     stream: bool = Query(False, description="server-sent events (also chosen by Accept: text/event-stream)"),
     last_event_id: str | None = Header(None),

@@ -14,20 +14,18 @@ from distill.service import files
 from distill.service.auth import Principal
 from distill.service.deps import require, services
 from distill.service.errors import ServiceError, not_found
+from distill.service.guard import MULTIPART_OVERHEAD
 
 router = APIRouter(prefix="/v1", tags=["files"])
 PURPOSE = re.compile(r"^[a-z0-9_-]{1,64}$")
-MULTIPART_OVERHEAD = 64 * 1024
 
 
 @router.post("/files", status_code=201)
 async def upload(request: Request, principal: Principal = Depends(require("write"))) -> dict[str, Any]:
     """Upload a `.jsonl`, `.csv`, `.tsv`, `.txt` or `.npz` file as multipart form data (`file`, `purpose`)."""
     svc = services(request)
-    length = request.headers.get("content-length")
-    if length is None or not length.isdigit():
-        raise ServiceError(411, "an upload needs a Content-Length header", code="length_required")
-    if int(length) > svc.settings.max_upload_bytes + MULTIPART_OVERHEAD:
+    length = request.headers.get("content-length", "")  # without one (chunked), the guard counts the bytes
+    if length.isdigit() and int(length) > svc.settings.max_upload_bytes + MULTIPART_OVERHEAD:
         raise ServiceError(
             413, f"the upload is larger than the limit of {svc.settings.max_upload_bytes} bytes", param="file"
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,6 +97,19 @@ class Settings:
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'distill.db').resolve()}"
+
+    def redact(self, message: str) -> str:
+        """`message` without the server's paths: an uploaded file's path becomes its id (`file-...`), a job's output
+        folder its id (`job-.../student/...`), the cache and the data directory a name in angle brackets."""
+        for base in {str(self.data_dir), str(self.data_dir.resolve())}:
+            files, jobs = re.escape(str(Path(base) / "files")), re.escape(str(Path(base) / "jobs"))
+            message = re.sub(files + r"/(file-[0-9a-f]{24})\.[a-z]+", r"\1", message)
+            message = re.sub(jobs + r"/(job-[0-9a-f]{24})(?:/output)?", r"\1", message)
+            message = message.replace(str(Path(base) / "cache"), "<cache>").replace(base, "<data directory>")
+        if self.datasets_dir is not None:
+            for base in {str(self.datasets_dir), str(self.datasets_dir.resolve())}:
+                message = message.replace(base, "<datasets>")
+        return message
 
     def prepare(self) -> Settings:
         """Create the data directory's folders; return self."""

@@ -29,14 +29,17 @@ from fastapi.templating import Jinja2Templates
 from markupsafe import Markup, escape
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from distill import plots, report
+from distill.asgi import MAX_JSON_DEPTH, json_too_deep
 from distill.errors import DistillError
 from distill.recipes import RECIPES
 from distill.service import auth, files, jobs, kinds, routes_artifacts, routes_events
 from distill.service.deps import services
 from distill.service.errors import ServiceError
-from distill.service.refs import Resolver, job_output
+from distill.service.guard import MULTIPART_OVERHEAD
+from distill.service.refs import Resolver
 from distill.service.web_session import (
     COOKIE,
     LOGIN_COOKIE,
@@ -180,8 +183,7 @@ def _report(svc: Any, job: dict[str, Any]) -> report.Report | None:
         return None
     cache: dict[str, report.Report] = svc.extra.setdefault("reports", {})
     if job["id"] not in cache:
-        metrics_file = job_output(svc.settings, job["id"]) / "metrics.json"
-        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else job["metrics"]
+        metrics = routes_artifacts.output_metrics(svc.settings, job)
         if len(cache) > 256:
             cache.clear()
         cache[job["id"]] = report.classification_report(metrics)
@@ -218,7 +220,7 @@ async def create_job(request: Request) -> Response:
     principal, session = await run_in_threadpool(current, request, "write")
     svc = services(request)
     length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > svc.settings.max_upload_bytes + 64 * 1024:
+    if length.isdigit() and int(length) > svc.settings.max_upload_bytes + MULTIPART_OVERHEAD:
         return _form(request, session, principal, {}, f"the upload is over {svc.settings.max_upload_bytes} bytes")
     form = await request.form(max_files=1, max_fields=16)
     try:
@@ -236,7 +238,10 @@ def _create(request: Request, principal: Any, session: Any, fields: dict[str, st
     kind = fields.get("kind", "recipe")
     name = fields.get("name", "").strip()[:200] or None
     try:
-        config = json.loads(fields.get("config", "").strip() or "{}")
+        text = fields.get("config", "").strip() or "{}"
+        if json_too_deep(text.encode(), MAX_JSON_DEPTH):
+            raise DistillError(f"config: nests arrays and objects more than {MAX_JSON_DEPTH} deep")
+        config = json.loads(text)
         if not isinstance(config, dict):
             raise DistillError("config: must be a JSON object")
         if kind == "recipe":
@@ -294,7 +299,9 @@ def curves(job_id: str, request: Request) -> Response:
 
 
 @router.get("/jobs/{job_id}/events")
-def events(job_id: str, request: Request, after: int | None = Query(None, ge=0)) -> StreamingResponse:
+def events(
+    job_id: str, request: Request, after: int | None = Query(None, ge=0, le=routes_events.MAX_EVENT)
+) -> StreamingResponse:
     """The job's events as server-sent events, for the page's script (the REST stream, with the session's login)."""
     current(request, "read")
     svc = services(request)
@@ -409,8 +416,42 @@ def _forbidden(request: Request, error: Exception) -> Response:
     return _page(request, "error.html", 403, message=error.message)
 
 
+DASHBOARD_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+REPORT_CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; frame-ancestors 'none'; base-uri 'none'"
+
+
+class SecurityHeaders:
+    """ASGI middleware: every response is `nosniff` and may not be framed; the dashboard's pages also carry a
+    Content-Security-Policy that allows only the service's own scripts, styles and images (and inline PNGs), and an
+    HTML report (self-contained: inline style and images) one that allows no script at all."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        csp = DASHBOARD_CSP if path.startswith("/ui") else REPORT_CSP if path.endswith("/report") else None
+        extra = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY")]
+        extra += [(b"content-security-policy", csp.encode()), (b"referrer-policy", b"same-origin")] if csp else []
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
 def mount(app: FastAPI) -> None:
-    """Add the dashboard to the service's app: the pages, their static files, `/` leading to them."""
+    """Add the dashboard to the service's app: the pages, their static files, `/` leading to them, and the
+    security headers of every response."""
+    app.add_middleware(SecurityHeaders)
     app.include_router(router)
     app.mount("/ui/static", StaticFiles(directory=HERE / "static"), name="ui-static")
     app.add_exception_handler(LoginRequired, _login_required)

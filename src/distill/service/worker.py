@@ -177,13 +177,13 @@ class Worker:
         except (ServiceError, DistillError) as error:
             reporter.flush()
             message = error.message if isinstance(error, ServiceError) else str(error)
-            self._finish(claim, state, "failed", error=message, output=output)
+            self._finish(claim, state, "failed", error=settings.redact(message), output=output)
             return
         except Exception as error:  # a bug: keep the traceback in the worker's log, the reason in the job
             log.error("job %s failed:\n%s", claim.job_id, traceback.format_exc())
             reporter.flush()
             reason = f"internal error: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-            self._finish(claim, state, "failed", error=reason, output=output)
+            self._finish(claim, state, "failed", error=settings.redact(reason), output=output)
             return
         reporter.flush()
         self._finish(claim, state, "succeeded", summary=without_history(metrics), output=output)
