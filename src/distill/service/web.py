@@ -266,7 +266,10 @@ def job_page(job_id: str, request: Request) -> HTMLResponse:
     principal, session = current(request, "read")
     svc = services(request)
     job = jobs.get(svc.engine, job_id)
-    built = _report(svc, job)
+    try:
+        built, report_error = _report(svc, job), None
+    except ServiceError as error:  # its report files are unreadable: the page still shows the rest
+        built, report_error = None, error.message
     images = {name: _png(png) for name, png in built.images.items()} if built else {}
     status, manifest = jobs.artifacts(svc.engine, job_id)
     recent, _ = jobs.events(svc.engine, job_id, max(0, job["events"] - 50), 50)
@@ -276,6 +279,7 @@ def job_page(job_id: str, request: Request) -> HTMLResponse:
         job=job,
         figures=_figures(job),
         report=built,
+        report_error=report_error,
         images=images,
         artifacts=manifest if status in jobs.TERMINAL else [],
         events=recent,
