@@ -8,10 +8,18 @@ Log-probs are those of the model's raw distribution (log-softmax of the logits, 
 them, clamped at -9999 so that they stay finite JSON numbers.
 
 A row ends on an end-of-sequence token (finish reason "stop", the token is counted but not shown), on a stop string
-(the text is cut before it, "stop") or after `max_tokens` tokens ("length").
+(the text is cut before it, "stop") or after `max_tokens` tokens ("length"). A row whose `cancelled` flag is set
+(from any thread: its client left) ends at the next step with finish reason "cancelled" and takes no more sampling
+or decoding; once every row of a batch has ended, `generate` returns.
+
+`Engine.encode` refuses (`PromptTooLong`) a text of more than `CHARS_PER_TOKEN` characters per token of the context
+before tokenizing it: a fast tokenizer holds some 45 to 125 bytes per character of its input (4 MiB prompts took
+180 to 510 MB at their peak), and no sensible prompt that long fits the context.
 
 `Batcher` collects submitted rows for up to `wait_ms` after the first arrives, up to `max_batch_size` rows (a request
 with more rows runs alone), and runs them with `Engine.generate` in a worker thread, so the event loop stays free.
+Cancelling a `Batcher.run` call cancels its rows: a job whose rows are all cancelled before its batch starts is
+skipped, and in a running batch they end at the next step while the rows batched with them go on.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from torch import Tensor
 
 MIN_LOGPROB = -9999.0
 PIECE_CONTEXT = 4  # tokens decoded before an alternative token to see the text it adds
+CHARS_PER_TOKEN = 64  # characters of a prompt per token of the context, at most (English averages about 4)
 
 
 @dataclass(frozen=True)
@@ -66,6 +75,15 @@ class Sequence:
     finish_reason: str | None = None
     emitted: int = 0  # characters of `text` already passed to on_delta
     emitted_logprobs: int = 0
+    cancelled: bool = False  # set from any thread when nobody waits for the row any more: it ends at the next step
+
+
+class PromptTooLong(ValueError):
+    """A text of more characters than the model's context can hold, refused before it is tokenized."""
+
+    def __init__(self, chars: int, max_chars: int) -> None:
+        super().__init__(f"the text is {chars} characters, over the {max_chars} that are tokenized at most")
+        self.chars, self.max_chars = chars, max_chars
 
 
 def context_length(config: Any, tokenizer: Any) -> int:
@@ -144,7 +162,16 @@ class Engine:
         self._cache_argument = "cache" if "cache" in arguments else "past_key_values"  # renamed in transformers 5
         self._keep_argument = next((a for a in ("logits_to_keep", "num_logits_to_keep") if a in arguments), None)
 
+    @property
+    def max_chars(self) -> int:
+        """The longest text `encode` tokenizes: `CHARS_PER_TOKEN` characters per token of the context."""
+        return CHARS_PER_TOKEN * self.context
+
     def encode(self, text: str, *, special_tokens: bool = True) -> list[int]:
+        """The token ids of `text` (the start token for an empty one); `PromptTooLong` for a text over `max_chars`,
+        before any tokenizing. Whether the ids fit the context is for the caller to check."""
+        if len(text) > self.max_chars:
+            raise PromptTooLong(len(text), self.max_chars)
         ids = list(self.tokenizer(text, add_special_tokens=special_tokens)["input_ids"])
         return ids or list(self.start_ids)
 
@@ -175,6 +202,9 @@ class Engine:
         with torch.inference_mode():
             logits, cache = self._forward(ids, mask, positions, None)  # (B, V)
             while True:
+                for row in rows:
+                    if row.cancelled and row.finish_reason is None:
+                        row.finish_reason = "cancelled"  # its client left: no more sampling, decoding or deltas
                 tokens = self._choose(logits, rows, generators)  # (B,)
                 self._advance(rows, logits, tokens)
                 if all(row.finish_reason is not None for row in rows):
@@ -268,22 +298,28 @@ class Batcher:
     """Runs the rows of concurrent requests together, up to `max_batch_size` rows per batch."""
 
     def __init__(self, engine: Engine, max_batch_size: int = 16, wait_ms: float = 5.0) -> None:
-        if max_batch_size < 1 or wait_ms < 0:
-            raise ValueError("max_batch_size must be at least 1 and wait_ms at least 0")
+        if max_batch_size < 1 or not 0 <= wait_ms < float("inf"):
+            raise ValueError("max_batch_size must be at least 1 and wait_ms a finite number at least 0")
         self.engine, self.max_batch_size, self.wait_ms = engine, max_batch_size, wait_ms
         self._queue: asyncio.Queue[_Job] | None = None
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def run(self, rows: list[Sequence]) -> None:
-        """Generate `rows` (in place), batched with whatever other rows are waiting."""
+        """Generate `rows` (in place), batched with whatever other rows are waiting. Cancelling this call marks the
+        rows cancelled: they are skipped, or end at their batch's next step; the other rows of the batch go on."""
         loop = asyncio.get_running_loop()
         if self._queue is None or self._task is None or self._task.done() or self._loop is not loop:
             self._loop, self._queue = loop, asyncio.Queue()
             self._task = loop.create_task(self._work(self._queue))
         job = _Job(rows, loop.create_future())
         self._queue.put_nowait(job)
-        await asyncio.shield(job.done)  # a cancelled request does not cancel the batch it is in
+        try:
+            await asyncio.shield(job.done)  # a cancelled request does not cancel the batch it is in...
+        except asyncio.CancelledError:
+            for row in rows:
+                row.cancelled = True  # ...but its own rows stop
+            raise
 
     async def close(self) -> None:
         if self._task is not None and not self._task.done():
@@ -311,6 +347,9 @@ class Batcher:
                     break
                 batch.append(job)
                 size += len(job.rows)
+            batch = [job for job in batch if not _abandoned(job)]
+            if not batch:
+                continue
             try:
                 await asyncio.to_thread(self.engine.generate, [row for job in batch for row in job.rows])
             except Exception as error:
@@ -321,3 +360,14 @@ class Batcher:
                 for job in batch:
                     if not job.done.done():
                         job.done.set_result(None)
+
+
+def _abandoned(job: _Job) -> bool:
+    """Whether every row of `job` was cancelled before its batch started; such a job is done without running."""
+    if not all(row.cancelled for row in job.rows):
+        return False
+    for row in job.rows:
+        row.finish_reason = row.finish_reason or "cancelled"
+    if not job.done.done():
+        job.done.set_result(None)
+    return True
