@@ -5,45 +5,61 @@ OpenAI's request fields `model`, `messages` / `prompt` (a string or a list of st
 greedy), `top_p`, `max_tokens` (chat also `max_completion_tokens`), `stop` (up to 4 strings), `seed`, `logprobs`
 (chat: a bool and `top_logprobs` 0..20; completions: 0..5 in the legacy `tokens` / `token_logprobs` /
 `top_logprobs` / `text_offset` format, offsets counted from the start of the prompt), `stream` and
-`stream_options.include_usage`. Other fields are refused (422) rather than silently ignored.
+`stream_options.include_usage`. Other fields are refused rather than silently ignored, and so are infinite or NaN
+numbers.
 
-- Unknown model: 404; prompt (plus an explicit `max_tokens`) longer than the model's context: 400. Both carry
-  OpenAI's error body `{"error": {"message", "type", "code"}}`; malformed requests get FastAPI's 422.
-- `max_tokens` defaults to 16 for completions (as OpenAI's legacy endpoint) and to the rest of the context for chat.
+Every error has OpenAI's body `{"error": {"message", "type", "param", "code"}}`, `param` naming the field:
+
+- a body over `ServeLimits.max_body_bytes`: 413 as soon as the count passes it, chunked or not (`asgi.RequestGuard`);
+  JSON nested more than 64 deep: 400;
+- a malformed request: 422; unknown model: 404;
+- over the limits of `ServeLimits`, checked before any text is tokenized: more prompts than `max_prompts`
+  (`too_many_prompts`), `n` over `max_n` (`n_too_large`), prompts x n over `max_sequences` (`too_many_sequences`),
+  `max_tokens` over `max_tokens` (`max_tokens_too_large`): 400;
+- a prompt (plus an explicit `max_tokens`) longer than the model's context: 400 `context_length_exceeded`; a prompt
+  of more than `sampling.CHARS_PER_TOKEN` characters per token of context is refused so before it is tokenized.
+
+- `max_tokens` defaults to 16 for completions (as OpenAI's legacy endpoint) and to the rest of the context for chat,
+  at most `ServeLimits.max_tokens` either way.
 - `completion_tokens` counts the generated tokens, a final end-of-sequence token included.
 - With `seed`, choice `i` samples with seed `seed + i`: the same request gives the same choices.
 - Chat prompts use the tokenizer's chat template when it has one. Otherwise each message becomes one line
   `System: ...`, `User: ...` or `Assistant: ...` (a `developer` message counts as system), and the prompt ends with
   a final line `Assistant:`; the reply is what the model writes after it.
 
-Concurrent requests are batched (see `distill.sampling`); streaming sends `data: {chunk}` server-sent events in
-OpenAI's chunk format and ends with `data: [DONE]`.
+Templating, tokenizing, generating and rendering a response run in worker threads: the event loop only moves bytes,
+so one large request does not stall the others. Concurrent requests are batched (see `distill.sampling`);
+streaming sends `data: {chunk}` server-sent events in OpenAI's chunk format and ends with `data: [DONE]`. A client
+that disconnects, streaming or not, cancels its generation: its rows stop at the next step of their batch.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from distill.asgi import ServeLimits  # noqa: F401 - the serve limits, used by create_app
+from distill.asgi import RequestGuard, ServeLimits, install_error_handlers
 from distill.errors import DistillError
-from distill.sampling import Batcher, Engine, SamplingParams, Sequence, TokenLogprob
+from distill.sampling import Batcher, Engine, PromptTooLong, SamplingParams, Sequence, TokenLogprob
 from distill.teachers.hf import load_causal_lm, load_tokenizer
 
 ROLE_NAMES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
 TOO_LONG = "context_length_exceeded"
+CLIENT_GONE = 499  # the status of an answer nobody receives (the client left before it was ready)
 StopText = Annotated[str, Field(min_length=1)]
 
 
@@ -53,12 +69,12 @@ class StreamOptions(BaseModel):
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     model: str
-    n: int | None = Field(None, ge=1, le=128)
+    n: int | None = Field(None, ge=1)  # at most ServeLimits.max_n (400 n_too_large)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1)  # at most ServeLimits.max_tokens (400 max_tokens_too_large)
     stop: StopText | Annotated[list[StopText], Field(max_length=4)] | None = None
     seed: int | None = None
     stream: bool | None = None
@@ -97,6 +113,12 @@ class ChatRequest(_Request):
             raise ValueError("top_logprobs needs logprobs: true")
         return self
 
+    def token_limit(self) -> tuple[int | None, str]:
+        """The completion length asked for (`max_completion_tokens` first), and the field that asked."""
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens, "max_completion_tokens"
+        return self.max_tokens, "max_tokens"
+
 
 class CompletionRequest(_Request):
     prompt: str | Annotated[list[str], Field(min_length=1)]
@@ -106,15 +128,53 @@ class CompletionRequest(_Request):
 class APIError(Exception):
     """An error answered with OpenAI's error body."""
 
-    def __init__(self, status: int, message: str, code: str, kind: str = "invalid_request_error") -> None:
+    def __init__(
+        self, status: int, message: str, code: str, kind: str = "invalid_request_error", param: str | None = None
+    ) -> None:
         super().__init__(message)
-        self.status, self.message, self.code, self.kind = status, message, code, kind
+        self.status, self.message, self.code, self.kind, self.param = status, message, code, kind, param
 
 
 def _error_response(_: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, APIError)
-    body = {"message": error.message, "type": error.kind, "param": None, "code": error.code}
+    body = {"message": error.message, "type": error.kind, "param": error.param, "code": error.code}
     return JSONResponse({"error": body}, status_code=error.status)
+
+
+def check_limits(limits: ServeLimits, prompts: int, n: int, max_tokens: int | None, param: str = "max_tokens") -> None:
+    """Refuse (APIError 400, `param` naming the field) a request of `prompts` prompts x `n` choices of up to
+    `max_tokens` tokens that asks more than `limits` allow. Cheap: called before any text is tokenized."""
+    if prompts > limits.max_prompts:
+        message = f"{prompts} prompts in one request; this server takes at most {limits.max_prompts}"
+        raise APIError(400, message, "too_many_prompts", param="prompt")
+    if n > limits.max_n:
+        raise APIError(400, f"n is {n}; this server gives at most {limits.max_n} choices", "n_too_large", param="n")
+    if prompts * n > limits.max_sequences:
+        message = (
+            f"{prompts} prompts x n={n} make {prompts * n} sequences; this server generates at most "
+            f"{limits.max_sequences} per request"
+        )
+        raise APIError(400, message, "too_many_sequences", param="n")
+    if max_tokens is not None and max_tokens > limits.max_tokens:
+        message = f"{param} is {max_tokens}; this server generates at most {limits.max_tokens} tokens per choice"
+        raise APIError(400, message, "max_tokens_too_large", param=param)
+
+
+def check_device(device: str) -> None:
+    """Refuse (DistillError) a device this machine does not have, before any model is loaded."""
+    try:
+        kind = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise DistillError(f"{device!r} is not a device; use cpu, cuda, cuda:N or mps") from None
+    if kind.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (kind.index or 0) >= count:
+            have = f"cuda:0 to cuda:{count - 1}" if count else "no CUDA device"
+            raise DistillError(f"cannot serve on {device}: this machine has {have}")
+    elif kind.type == "mps" and not torch.backends.mps.is_available():
+        raise DistillError(f"cannot serve on {device}: this machine has no MPS device")
+    elif kind.type not in ("cpu", "cuda", "mps"):
+        raise DistillError(f"cannot serve on {device}; use cpu, cuda, cuda:N or mps")
 
 
 def chat_prompt(tokenizer: Any, messages: list[Message]) -> tuple[str, bool]:
@@ -130,28 +190,44 @@ def _seed(seed: int | None, choice: int) -> int | None:
     return None if seed is None else (seed + choice) % 2**63
 
 
-def _rows(
-    engine: Engine,
-    prompts: list[list[int]],
-    body: _Request,
-    max_tokens: int | None,
-    default: int | None,
-    top: int | None,
-) -> list[Sequence]:
-    """One `Sequence` per prompt and choice (prompt-major, as OpenAI numbers the choices).
-
-    An explicit `max_tokens` must fit in the context; the default (None: the whole context) is cut to fit."""
-    rows = []
-    for ids in prompts:
+def _encode(
+    engine: Engine, texts: list[str], special: bool, max_tokens: int | None, param: str, token_param: str
+) -> list[list[int]]:
+    """The token ids of each prompt (in a worker thread: this is the slow part). A prompt with no room left in the
+    context for an explicit `max_tokens` (else for one token) is refused (400) as soon as it is tokenized."""
+    prompts = []
+    for text in texts:
+        try:
+            ids = engine.encode(text, special_tokens=special)
+        except PromptTooLong as error:
+            message = (
+                f"the prompt is {error.chars} characters, more than this model's context of {engine.context} tokens "
+                f"can hold (it reads at most {error.max_chars} characters); shorten the prompt"
+            )
+            raise APIError(400, message, TOO_LONG, param=param) from None
         room = engine.context - len(ids)
         prompt = f"the prompt is {len(ids)} tokens and this model's context is {engine.context} tokens"
         if room < 1:
-            raise APIError(400, f"{prompt}: no room is left for a completion; shorten the prompt", TOO_LONG)
+            raise APIError(
+                400, f"{prompt}: no room is left for a completion; shorten the prompt", TOO_LONG, param=param
+            )
         if max_tokens is not None and max_tokens > room:
-            raise APIError(400, f"{prompt}: max_tokens {max_tokens} does not fit; ask for at most {room}", TOO_LONG)
+            message = f"{prompt}: {token_param} {max_tokens} does not fit; ask for at most {room}"
+            raise APIError(400, message, TOO_LONG, param=token_param)
+        prompts.append(ids)
+    return prompts
+
+
+def _rows(
+    engine: Engine, prompts: list[list[int]], body: _Request, max_tokens: int | None, default: int, top: int | None
+) -> list[Sequence]:
+    """One `Sequence` per prompt and choice (prompt-major, as OpenAI numbers the choices). Without an explicit
+    `max_tokens` a choice gets `default` tokens, cut to the room the context leaves."""
+    rows = []
+    for ids in prompts:
         for choice in range(body.n or 1):
             params = SamplingParams(
-                max_tokens=max_tokens or min(default or room, room),
+                max_tokens=max_tokens or min(default, engine.context - len(ids)),
                 temperature=1.0 if body.temperature is None else body.temperature,
                 top_p=1.0 if body.top_p is None else body.top_p,
                 seed=_seed(body.seed, choice),
@@ -187,14 +263,18 @@ def _sse(data: Any) -> str:
     return f"data: {json.dumps(data)}\n\n"
 
 
+Chunk = Callable[[int, str, list[TokenLogprob], str | None], dict[str, Any]]
+
+
 async def _stream(
     batcher: Batcher,
     rows: list[Sequence],
-    chunk: Callable[[int, str, list[TokenLogprob], str | None], dict[str, Any]],
+    chunk: Chunk,
     opening: list[dict[str, Any]],
     usage: Callable[[], dict[str, Any]] | None,
 ) -> AsyncIterator[str]:
-    """Server-sent events: `opening` chunks, one chunk per settled piece of text, the usage chunk, [DONE]."""
+    """Server-sent events: `opening` chunks, one chunk per settled piece of text, the usage chunk, [DONE]. When the
+    client leaves (the server cancels or closes this iterator), the generation is cancelled."""
     loop, events = asyncio.get_running_loop(), asyncio.Queue[Any]()
     for index, row in enumerate(rows):
 
@@ -210,10 +290,14 @@ async def _stream(
         events.put_nowait(None)  # comes after every event: they were queued before the batch finished
 
     task.add_done_callback(finished)
-    for data in opening:
-        yield _sse(data)
-    while (event := await events.get()) is not None:
-        yield _sse(chunk(*event))
+    try:
+        for data in opening:
+            yield _sse(data)
+        while (event := await events.get()) is not None:
+            yield _sse(chunk(*event))
+    finally:
+        if not task.done():
+            task.cancel()  # the client left: Batcher.run marks the rows cancelled
     if task.exception() is not None:
         yield _sse(
             {"error": {"message": f"generation failed: {task.exception()}", "type": "server_error", "code": None}}
@@ -224,6 +308,95 @@ async def _stream(
     yield "data: [DONE]\n\n"
 
 
+async def _disconnect(receive: Callable[[], Awaitable[Any]]) -> None:
+    """Returns when the client has gone (after the body, the next ASGI message a server sends is the disconnect)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _generated(request: Request, batcher: Batcher, rows: list[Sequence]) -> bool:
+    """Generate `rows` while watching the connection: True when they are done; False when the client disconnected
+    first, in which case the rows are cancelled (they stop at their batch's next step)."""
+    work = asyncio.ensure_future(batcher.run(rows))
+    gone = asyncio.ensure_future(_disconnect(request.receive))
+    try:
+        await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not work.done():
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await work
+    if work.cancelled():
+        return False
+    work.result()  # a failed generation raises here
+    return True
+
+
+def _chat_stream(
+    batcher: Batcher, rows: list[Sequence], head: dict[str, Any], top: int | None, prompt_tokens: int, usage: bool
+) -> StreamingResponse:
+    chunk_head = head | {"object": "chat.completion.chunk"} | ({"usage": None} if usage else {})
+
+    def chunk(index: int, delta: str, entries: list[TokenLogprob], finish: str | None) -> dict[str, Any]:
+        logprobs = _chat_logprobs(entries) if top is not None and entries else None
+        message = {"content": delta} if delta or finish is None else {}
+        choice = {"index": index, "delta": message, "logprobs": logprobs, "finish_reason": finish}
+        return chunk_head | {"choices": [choice]}
+
+    role = {"delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+    opening = [chunk_head | {"choices": [{"index": i} | role]} for i in range(len(rows))]
+    totals = (lambda: chunk_head | {"choices": [], "usage": _usage(rows, prompt_tokens)}) if usage else None
+    return StreamingResponse(_stream(batcher, rows, chunk, opening, totals), media_type="text/event-stream")
+
+
+def _chat_response(head: dict[str, Any], rows: list[Sequence], top: int | None, prompt_tokens: int) -> JSONResponse:
+    choices = [
+        {
+            "index": i,
+            "message": {"role": "assistant", "content": row.text},
+            "logprobs": _chat_logprobs(row.logprobs) if top is not None else None,
+            "finish_reason": row.finish_reason,
+        }
+        for i, row in enumerate(rows)
+    ]
+    return JSONResponse(head | {"object": "chat.completion", "choices": choices, "usage": _usage(rows, prompt_tokens)})
+
+
+def _completion_stream(
+    batcher: Batcher, rows: list[Sequence], head: dict[str, Any], want: bool, starts: list[int], prompt_tokens: int,
+    usage: bool,
+) -> StreamingResponse:  # fmt: skip
+    chunk_head = head | ({"usage": None} if usage else {})
+
+    def chunk(index: int, delta: str, entries: list[TokenLogprob], finish: str | None) -> dict[str, Any]:
+        logprobs = _legacy_logprobs(entries, starts[index]) if want and entries else None
+        choice = {"index": index, "text": delta, "logprobs": logprobs, "finish_reason": finish}
+        return chunk_head | {"choices": [choice]}
+
+    totals = (lambda: chunk_head | {"choices": [], "usage": _usage(rows, prompt_tokens)}) if usage else None
+    return StreamingResponse(_stream(batcher, rows, chunk, [], totals), media_type="text/event-stream")
+
+
+def _completion_response(
+    head: dict[str, Any], rows: list[Sequence], want: bool, starts: list[int], prompt_tokens: int
+) -> JSONResponse:
+    choices = [
+        {
+            "index": i,
+            "text": row.text,
+            "logprobs": _legacy_logprobs(row.logprobs, starts[i]) if want else None,
+            "finish_reason": row.finish_reason,
+        }
+        for i, row in enumerate(rows)
+    ]
+    return JSONResponse(head | {"choices": choices, "usage": _usage(rows, prompt_tokens)})
+
+
+def _include_usage(body: _Request) -> bool:
+    return body.stream_options is not None and body.stream_options.include_usage
+
+
 def create_app(
     model_path: str | Path,
     *,
@@ -231,14 +404,20 @@ def create_app(
     device: str = "cpu",
     max_batch_size: int = 16,
     batch_wait_ms: float = 5.0,
+    limits: ServeLimits = ServeLimits(),
 ) -> FastAPI:
-    """The FastAPI app serving the causal LM in `model_path` (save_pretrained layout, with its tokenizer)."""
-    if max_batch_size < 1 or batch_wait_ms < 0:
-        raise DistillError(f"max_batch_size must be >= 1 and batch_wait_ms >= 0, not {max_batch_size}, {batch_wait_ms}")
+    """The FastAPI app serving the causal LM in `model_path` (save_pretrained layout, with its tokenizer), each
+    request held to `limits` (the body size by `asgi.RequestGuard`, the rest before tokenizing)."""
+    if not 1 <= max_batch_size <= 65_536 or not 0 <= batch_wait_ms <= 60_000:
+        message = (
+            f"max_batch_size must be 1 to 65536 and batch_wait_ms 0 to 60000, not {max_batch_size}, {batch_wait_ms}"
+        )
+        raise DistillError(message)
+    check_device(device)
     tokenizer = load_tokenizer(model_path)
     try:
         engine = Engine(load_causal_lm(model_path), tokenizer, device)
-    except (RuntimeError, ValueError) as error:
+    except (RuntimeError, ValueError, AssertionError) as error:
         raise DistillError(f"cannot serve {model_path} on {device}: {str(error).splitlines()[0]}") from None
     batcher = Batcher(engine, max_batch_size, batch_wait_ms)
     name, created = model_name or Path(str(model_path)).name, int(time.time())
@@ -251,11 +430,13 @@ def create_app(
 
     app = FastAPI(title=f"distill serve: {name}", lifespan=lifespan)
     app.add_exception_handler(APIError, _error_response)
+    install_error_handlers(app)
+    app.add_middleware(RequestGuard, max_bytes=limits.max_body_bytes)
 
     def check_model(requested: str) -> None:
         if requested != name:
             message = f"the model {requested!r} does not exist; this server serves {name!r}"
-            raise APIError(404, message, "model_not_found")
+            raise APIError(404, message, "model_not_found", param="model")
 
     @app.get("/v1/models")
     def list_models() -> dict[str, Any]:
@@ -267,78 +448,53 @@ def create_app(
         return card
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(body: ChatRequest) -> dict[str, Any] | StreamingResponse:
+    async def chat_completions(body: ChatRequest, request: Request) -> Response:
         check_model(body.model)
-        text, special = chat_prompt(tokenizer, body.messages)
-        prompt = engine.encode(text, special_tokens=special)
+        max_tokens, param = body.token_limit()
+        check_limits(limits, 1, body.n or 1, max_tokens, param)
+        text, special = await asyncio.to_thread(chat_prompt, tokenizer, body.messages)
+        (prompt,) = await asyncio.to_thread(_encode, engine, [text], special, max_tokens, "messages", param)
         top = (body.top_logprobs or 0) if body.logprobs else None
-        rows = _rows(engine, [prompt], body, body.max_completion_tokens or body.max_tokens, None, top)
+        rows = _rows(engine, [prompt], body, max_tokens, limits.max_tokens, top)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
         if body.stream:
-            chunk_head = head | {"object": "chat.completion.chunk"} | ({"usage": None} if include_usage else {})
-
-            def chunk(index: int, delta: str, entries: list[TokenLogprob], finish: str | None) -> dict[str, Any]:
-                logprobs = _chat_logprobs(entries) if top is not None and entries else None
-                message = {"content": delta} if delta or finish is None else {}
-                choice = {"index": index, "delta": message, "logprobs": logprobs, "finish_reason": finish}
-                return chunk_head | {"choices": [choice]}
-
-            role = {"delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-            opening = [chunk_head | {"choices": [{"index": i} | role]} for i in range(len(rows))]
-            usage = (
-                (lambda: chunk_head | {"choices": [], "usage": _usage(rows, len(prompt))}) if include_usage else None
-            )
-            return StreamingResponse(_stream(batcher, rows, chunk, opening, usage), media_type="text/event-stream")
-        await batcher.run(rows)
-        choices = [
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": row.text},
-                "logprobs": _chat_logprobs(row.logprobs) if top is not None else None,
-                "finish_reason": row.finish_reason,
-            }
-            for i, row in enumerate(rows)
-        ]
-        return head | {"object": "chat.completion", "choices": choices, "usage": _usage(rows, len(prompt))}
+            return _chat_stream(batcher, rows, head, top, len(prompt), _include_usage(body))
+        if not await _generated(request, batcher, rows):
+            return Response(status_code=CLIENT_GONE)
+        return await asyncio.to_thread(_chat_response, head, rows, top, len(prompt))
 
     @app.post("/v1/completions", response_model=None)
-    async def completions(body: CompletionRequest) -> dict[str, Any] | StreamingResponse:
+    async def completions(body: CompletionRequest, request: Request) -> Response:
         check_model(body.model)
-        texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        prompts = [engine.encode(text) for text in texts]
-        rows = _rows(engine, prompts, body, body.max_tokens, 16, body.logprobs)
-        starts = [len(texts[i // (body.n or 1)]) for i in range(len(rows))]  # legacy text_offset counts the prompt
-        prompt_tokens = sum(len(ids) for ids in prompts)
+        texts, n = [body.prompt] if isinstance(body.prompt, str) else body.prompt, body.n or 1
+        check_limits(limits, len(texts), n, body.max_tokens)
+        prompts = await asyncio.to_thread(_encode, engine, texts, True, body.max_tokens, "prompt", "max_tokens")
+        rows = _rows(engine, prompts, body, body.max_tokens, min(16, limits.max_tokens), body.logprobs)
+        starts = [len(texts[i // n]) for i in range(len(rows))]  # legacy text_offset counts the prompt
+        prompt_tokens, want = sum(len(ids) for ids in prompts), body.logprobs is not None
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time())}
         head["model"] = name
-        want = body.logprobs is not None
         if body.stream:
-            include_usage = body.stream_options is not None and body.stream_options.include_usage
-            chunk_head = head | ({"usage": None} if include_usage else {})
-
-            def chunk(index: int, delta: str, entries: list[TokenLogprob], finish: str | None) -> dict[str, Any]:
-                logprobs = _legacy_logprobs(entries, starts[index]) if want and entries else None
-                choice = {"index": index, "text": delta, "logprobs": logprobs, "finish_reason": finish}
-                return chunk_head | {"choices": [choice]}
-
-            usage = (
-                (lambda: chunk_head | {"choices": [], "usage": _usage(rows, prompt_tokens)}) if include_usage else None
-            )
-            return StreamingResponse(_stream(batcher, rows, chunk, [], usage), media_type="text/event-stream")
-        await batcher.run(rows)
-        choices = [
-            {
-                "index": i,
-                "text": row.text,
-                "logprobs": _legacy_logprobs(row.logprobs, starts[i]) if want else None,
-                "finish_reason": row.finish_reason,
-            }
-            for i, row in enumerate(rows)
-        ]
-        return head | {"choices": choices, "usage": _usage(rows, prompt_tokens)}
+            return _completion_stream(batcher, rows, head, want, starts, prompt_tokens, _include_usage(body))
+        if not await _generated(request, batcher, rows):
+            return Response(status_code=CLIENT_GONE)
+        return await asyncio.to_thread(_completion_response, head, rows, want, starts, prompt_tokens)
 
     return app
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to `host`:`port` (0: a free port); DistillError when that is not possible."""
+    if not 0 <= port <= 65_535:
+        raise DistillError(f"port {port} is out of range (1 to 65535)")
+    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+    except OSError as error:
+        listener.close()
+        raise DistillError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+    return listener
 
 
 def serve(
@@ -350,15 +506,24 @@ def serve(
     device: str = "cpu",
     max_batch_size: int = 16,
     batch_wait_ms: float = 5.0,
+    limits: ServeLimits = ServeLimits(),
     log_level: str = "info",
 ) -> None:
-    """Serve the model in `model_path` over HTTP until interrupted (uvicorn, one process)."""
+    """Serve the model in `model_path` over HTTP until interrupted (uvicorn, one process). The device and the address
+    are checked before the model loads: a device this machine lacks, a port out of range or in use is a DistillError
+    at once."""
     import uvicorn
 
-    app = create_app(
-        model_path, model_name=model_name, device=device, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms
-    )
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    check_device(device)
+    listener = _listen(host, port)
+    try:
+        app = create_app(
+            model_path, model_name=model_name, device=device, max_batch_size=max_batch_size,
+            batch_wait_ms=batch_wait_ms, limits=limits,
+        )  # fmt: skip
+        uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level)).run(sockets=[listener])
+    finally:
+        listener.close()
 
 
 @contextmanager
@@ -369,6 +534,7 @@ def serve_in_thread(
     device: str = "cpu",
     max_batch_size: int = 16,
     batch_wait_ms: float = 5.0,
+    limits: ServeLimits = ServeLimits(),
     host: str = "127.0.0.1",
     start_timeout: float = 60.0,
 ) -> Iterator[str]:
@@ -381,11 +547,10 @@ def serve_in_thread(
     import uvicorn
 
     app = create_app(
-        model_path, model_name=model_name, device=device, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms
-    )
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind((host, 0))  # port 0: the system picks a free one, held from here on (no race with others)
+        model_path, model_name=model_name, device=device, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
+        limits=limits,
+    )  # fmt: skip
+    listener = _listen(host, 0)  # port 0: the system picks a free one, held from here on (no race with others)
     port = int(listener.getsockname()[1])
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
     failure: list[BaseException] = []
