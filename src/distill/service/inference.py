@@ -4,12 +4,15 @@ Model ids: a finished job's id (`job-...`) serves the model it produced; `job-..
 (`job-.../teacher-0`); a deployment's name serves that cascade.
 
 - Causal LM students (Hugging Face folders) are served by `distill.serve`: the request goes, unchanged, to the app
-  `serve.create_app` builds for that folder (batching, sampling, streaming and log-probs as `distill serve`).
+  `serve.create_app` builds for that folder with the service's `Settings.serve_limits` (batching, sampling,
+  streaming, log-probs, limits and cancellation on disconnect as `distill serve`).
 - MLP/CNN students (`distill run`'s default mnist1d recipe, `distill train`) are classifiers: the last user message
   (chat) or each prompt (completions) is a JSON array of the input's numbers, e.g. the 40 values of an MNIST-1D
   signal; the answer is the predicted class as text, with the class log-probs in OpenAI's `logprobs` format
   (the `top_logprobs` asked for, else all classes up to 20). Sampling fields are accepted and ignored (the answer
-  is the arg-max).
+  is the arg-max). The same limits hold: prompts per request, `n` and prompts x n are checked before any input is
+  parsed (400 `too_many_prompts`, `n_too_large`, `too_many_sequences`), and an input is parsed in a worker thread,
+  its JSON nesting bounded (400, never a 500).
 - A cascade deployment answers like a classifier; the student's answer is kept when its confidence reaches the
   deployment's threshold, otherwise the teacher answers. The response header `X-Distill-Answered-By` says who
   (`student`, `teacher`, or `mixed` for several prompts), and so does each choice's `answered_by`.
@@ -37,7 +40,8 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 from torch import Tensor
 
-from distill.serve import ChatRequest, CompletionRequest
+from distill.asgi import MAX_JSON_DEPTH, json_too_deep
+from distill.serve import APIError, ChatRequest, CompletionRequest, check_limits
 from distill.service import cascade, db
 from distill.service.auth import Principal
 from distill.service.deps import require, services
@@ -131,8 +135,11 @@ class LoadedModels:
             )
         from distill.serve import create_app
 
+        limits = self.settings.serve_limits
         return Served(
-            model_id, int(finished), app=self._cached(f"lm:{model_id}", lambda: create_app(folder, model_name=model_id))
+            model_id,
+            int(finished),
+            app=self._cached(f"lm:{model_id}", lambda: create_app(folder, model_name=model_id, limits=limits)),
         )
 
     def listing(self) -> list[dict[str, Any]]:
@@ -173,11 +180,15 @@ class Forward(Response):
 
 
 def parse_input(text: str, shape: tuple[int, ...], param: str) -> Tensor:
-    """A JSON array of numbers (nested or flat) as one input of `shape`."""
+    """A JSON array of numbers (nested or flat) as one input of `shape`; anything else is a 400 naming `param`
+    (JSON nested more than `MAX_JSON_DEPTH` deep is refused before it is parsed)."""
     size = int(torch.tensor(shape).prod())
+    if json_too_deep(text.encode(), MAX_JSON_DEPTH):
+        message = f"{param}: the input nests arrays more than {MAX_JSON_DEPTH} deep; send a flat or shaped array"
+        raise ServiceError(400, message, param=param, code="json_too_deep")
     try:
         values = torch.tensor(json.loads(text), dtype=torch.float32)
-    except (ValueError, TypeError, RuntimeError):
+    except (ValueError, TypeError, RuntimeError, RecursionError):
         values = None
     if values is None or values.numel() != size or not bool(torch.isfinite(values).all()):
         raise ServiceError(
@@ -228,14 +239,27 @@ def _header(answered_by: list[str]) -> str:
 
 
 async def _body(request: Request) -> tuple[bytes, dict[str, Any], str]:
-    raw = await request.body()
+    raw = await request.body()  # its size and JSON depth are bounded by the service's RequestGuard
     try:
         payload = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise ServiceError(400, "the request body is not valid JSON", code="invalid_json") from None
     if not isinstance(payload, dict) or not isinstance(payload.get("model"), str):
         raise ServiceError(422, "model: a model id (string) is required", param="model")
     return raw, payload, payload["model"]
+
+
+def _check_limits(settings: Settings, prompts: int, n: int) -> None:
+    """`serve.check_limits` with the service's limits, as a ServiceError (the service's error handler)."""
+    try:
+        check_limits(settings.serve_limits, prompts, n, None)
+    except APIError as error:
+        raise ServiceError(error.status, error.message, param=error.param, code=error.code) from None
+
+
+def _inputs(texts: list[str], shape: tuple[int, ...], params: list[str]) -> Tensor:
+    """(N, *shape): each text parsed by `parse_input` (in a worker thread: a large input takes a while)."""
+    return torch.stack([parse_input(text, shape, param) for text, param in zip(texts, params)])
 
 
 def _validate(model: Any, payload: dict[str, Any]) -> Any:
@@ -266,11 +290,12 @@ async def chat_completions(request: Request, _: Principal = Depends(require("inf
     if served.app is not None:
         return Forward(served.app, raw)
     body = _validate(ChatRequest, payload)
+    _check_limits(svc.settings, 1, body.n or 1)
     users = [m for m in body.messages if m.role == "user"]
     if not users:
         raise ServiceError(422, "messages: needs a user message holding the input", param="messages")
     assert served.student is not None
-    inputs = parse_input(users[-1].text(), served.student.input_shape, "messages").unsqueeze(0)
+    inputs = await run_in_threadpool(_inputs, [users[-1].text()], served.student.input_shape, ["messages"])
     result = await run_in_threadpool(answer, served, inputs, svc.engine)
     top = body.top_logprobs if body.logprobs else None
     row, by = result.logprobs[0], result.answered_by[0]
@@ -320,7 +345,9 @@ async def completions(request: Request, _: Principal = Depends(require("infer"))
         raise ServiceError(422, "stream: classifier students answer at once; leave stream unset", param="stream")
     assert served.student is not None
     texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    inputs = torch.stack([parse_input(t, served.student.input_shape, f"prompt.{i}") for i, t in enumerate(texts)])
+    _check_limits(svc.settings, len(texts), body.n or 1)
+    params = [f"prompt.{i}" for i in range(len(texts))]
+    inputs = await run_in_threadpool(_inputs, texts, served.student.input_shape, params)
     result = await run_in_threadpool(answer, served, inputs, svc.engine)
     choices: list[dict[str, Any]] = []
     for p, (row, by) in enumerate(zip(result.logprobs, result.answered_by)):
