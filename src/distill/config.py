@@ -7,102 +7,230 @@ accepts them as job payloads, so a config never names an import path or anything
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from distill.errors import DistillError
 
 Divergence = Literal["forward_kl", "reverse_kl", "jsd", "tvd"]
 
+# ----------------------------------------------------------------------------------------------------------------
+# Bounds: what every config accepts, in one place (the CLI, config files and the service's jobs all validate here).
+# Generous for real use on a big machine, never absurd. A field that needs a tighter range narrows one of these
+# types with `Annotated[Type, Field(...)]` (a bound given in `= Field(default, ...)` would be overridden by the type's).
+# ----------------------------------------------------------------------------------------------------------------
+
+MAX_SEED = 2**32 - 1  # what numpy's and torch's seeding accept
+MAX_EPOCHS = 100_000
+MAX_ROWS = 100_000_000  # rows, examples, sentences, problems of a data set
+MAX_BATCH = 1_048_576
+MAX_WIDTH = 65_536
+MAX_DEPTH = 256
+MAX_HEADS = 1_024
+MAX_LENGTH = 1_048_576  # tokens
+MAX_TOP_K = 65_536
+MAX_CLASSES = 100_000
+MAX_VOCAB = 1_048_576
+MAX_TEMPERATURE = 1_000.0
+MAX_STEPS = 1_000_000_000
+MAX_WORKERS = 1_024  # threads, requests in flight
+MAX_HIDDEN_PARAMETERS = 2**28  # a built-in MLP/CNN's hidden layers (about 1 GiB of float32 weights)
+MAX_MODEL_PARAMETERS = 2**30  # a whole built-in MLP/CNN, its input and output layers included (data-dependent)
+MAX_GPT2_PARAMETERS = 2**32  # a GPT-2 built by the lm and reasoning recipes
+
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+Epochs = Annotated[int, Field(ge=1, le=MAX_EPOCHS)]
+Rows = Annotated[int, Field(ge=0, le=MAX_ROWS)]
+BatchSize = Annotated[int, Field(ge=1, le=MAX_BATCH)]
+Width = Annotated[int, Field(ge=1, le=MAX_WIDTH)]
+Depth = Annotated[int, Field(ge=1, le=MAX_DEPTH)]
+LayerIndex = Annotated[int, Field(ge=0, lt=MAX_DEPTH)]
+Heads = Annotated[int, Field(ge=1, le=MAX_HEADS)]
+Length = Annotated[int, Field(ge=1, le=MAX_LENGTH)]
+TopK = Annotated[int, Field(ge=1, le=MAX_TOP_K)]
+Classes = Annotated[int, Field(ge=2, le=MAX_CLASSES)]
+Vocab = Annotated[int, Field(ge=300, le=MAX_VOCAB)]
+Temperature = Annotated[float, Field(gt=0, le=MAX_TEMPERATURE)]
+SamplingTemperature = Annotated[float, Field(ge=0, le=2)]  # 0 = greedy
+Steps = Annotated[int, Field(ge=0, le=MAX_STEPS)]
+Workers = Annotated[int, Field(ge=1, le=MAX_WORKERS)]
+Weight = Annotated[float, Field(ge=0)]  # finite: Strict refuses inf and nan everywhere
+Share = Annotated[float, Field(ge=0, le=1)]
+
+KERNEL = {"mlp": 1, "cnn1d": 3, "cnn2d": 9}  # weights per (input unit, output unit) pair of a hidden layer
+
+
+def hidden_parameters(family: str, width: int, depth: int) -> int:
+    """About how many weights the hidden layers of a built-in model hold: kernel x width² x depth."""
+    return KERNEL[family] * width * width * depth
+
+
+def check_hidden_size(family: str, width: int, depth: int) -> None:
+    """A ValueError (a validation error in a config) when the hidden layers would exceed MAX_HIDDEN_PARAMETERS."""
+    estimate = hidden_parameters(family, width, depth)
+    if estimate > MAX_HIDDEN_PARAMETERS:
+        raise ValueError(
+            f"a {family} of width {width:,} and depth {depth} would hold about {estimate:,} parameters in its hidden "
+            f"layers (kernel x width² x depth), over the limit of {MAX_HIDDEN_PARAMETERS:,}; choose a smaller width "
+            "or depth"
+        )
+
+
+GPT2_KEYS = {"layers": MAX_DEPTH, "width": MAX_WIDTH, "heads": MAX_HEADS}
+
+
+def _gpt2_size(size: dict[str, int]) -> dict[str, int]:
+    """A GPT-2 size (layers, width, heads): each in 1..its bound and the width divisible by the heads."""
+    if set(size) != set(GPT2_KEYS):
+        raise ValueError(f"a GPT-2 size has exactly the keys layers, width and heads, not {', '.join(sorted(size))}")
+    for key, bound in GPT2_KEYS.items():
+        if not 1 <= size[key] <= bound:
+            raise ValueError(f"{key} must be between 1 and {bound:,}, not {size[key]:,}")
+    if size["width"] % size["heads"]:
+        raise ValueError(f"width {size['width']} is not divisible by heads {size['heads']}")
+    return size
+
+
+GPT2Size = Annotated[dict[str, int], AfterValidator(_gpt2_size)]
+
+
+def check_gpt2_parameters(size: dict[str, int], vocab_size: int) -> None:
+    """A ValueError when a GPT-2 of `size` over `vocab_size` tokens would exceed MAX_GPT2_PARAMETERS."""
+    estimate = 12 * size["layers"] * size["width"] ** 2 + vocab_size * size["width"]
+    if estimate > MAX_GPT2_PARAMETERS:
+        raise ValueError(
+            f"a GPT-2 of {size['layers']} layers, {size['width']:,} wide, over {vocab_size:,} tokens would "
+            f"hold about {estimate:,} parameters (12 x layers x width² + vocabulary x width), over the limit of "
+            f"{MAX_GPT2_PARAMETERS:,}"
+        )
+
 
 class Strict(BaseModel):
-    """Base for every config: unknown keys are errors, so a typo never silently falls back to a default."""
+    """Base for every config: unknown keys are errors, so a typo never silently falls back to a default; no float
+    takes inf or nan."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
 
 class FeatureLoss(Strict):
     """One feature-distillation term between a student module and a teacher module (named as in named_modules())."""
 
     kind: Literal["hidden_mse", "cosine", "attention_kl"]
-    student: str = Field(description="module in the student, e.g. encoder.layer.1")
-    teacher: str = Field(description="module in the teacher, e.g. encoder.layer.3")
-    weight: float = Field(1.0, ge=0)
-    heads: int = Field(12, ge=1, description="relation heads of attention_kl (both widths must divide by it)")
+    student: str = Field(max_length=1_000, description="module in the student, e.g. encoder.layer.1")
+    teacher: str = Field(max_length=1_000, description="module in the teacher, e.g. encoder.layer.3")
+    weight: Weight = 1.0
+    heads: Heads = Field(12, description="relation heads of attention_kl (both widths must divide by it)")
 
 
 class LossConfig(Strict):
     """Soft-target distillation: alpha * T^2 * D(p_T || q_T) + (1 - alpha) * CE(labels), plus feature terms."""
 
     divergence: Divergence = "forward_kl"
-    temperature: float = Field(2.0, gt=0, description="softening temperature T for teacher and student")
-    alpha: float = Field(0.9, ge=0, le=1, description="weight of the soft-target term; 1 - alpha on hard labels")
-    beta: float = Field(0.5, ge=0, le=1, description="mixture weight of the generalised JSD (divergence=jsd)")
-    features: list[FeatureLoss] = Field(default_factory=list, description="hidden-state / attention terms")
+    temperature: Temperature = Field(2.0, description="softening temperature T for teacher and student")
+    alpha: Share = Field(0.9, description="weight of the soft-target term; 1 - alpha on hard labels")
+    beta: Share = Field(0.5, description="mixture weight of the generalised JSD (divergence=jsd)")
+    features: list[FeatureLoss] = Field(
+        default_factory=list, max_length=256, description="hidden-state / attention terms"
+    )
     logits: bool = Field(True, description="distill the output distribution; false for encoders (features only)")
-    chunk_size: int = Field(1024, ge=0, description="tokens per chunk of a causal LM's loss; 0 = full logits")
-    lmbda: float = Field(0.0, ge=0, le=1, description="share of on-policy batches sampled from the student (GKD)")
-    max_new_tokens: int = Field(64, ge=1, description="length of an on-policy sample")
-    sample_temperature: float = Field(1.0, gt=0, description="temperature of on-policy sampling")
+    chunk_size: Annotated[Length, Field(ge=0)] = Field(
+        1024, description="tokens per chunk of a causal LM's loss; 0 = full logits"
+    )
+    lmbda: Share = Field(0.0, description="share of on-policy batches sampled from the student (GKD)")
+    max_new_tokens: Length = Field(64, description="length of an on-policy sample")
+    sample_temperature: Temperature = Field(1.0, description="temperature of on-policy sampling")
 
 
 class TrainConfig(Strict):
     """The one training loop: AdamW, a learning-rate schedule, checkpoints."""
 
-    epochs: int = Field(20, ge=1, le=100_000)
-    batch_size: int = Field(256, ge=1)
+    epochs: Epochs = 20
+    batch_size: BatchSize = 256
     lr: float = Field(3e-3, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
+    weight_decay: Weight = 0.01
     schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
-    warmup: float = Field(0.1, ge=0, lt=1, description="fraction of steps spent warming up (cosine, onecycle)")
+    warmup: Annotated[float, Field(ge=0, lt=1)] = Field(
+        0.1, description="fraction of steps spent warming up (cosine, onecycle)"
+    )
     grad_clip: float | None = Field(1.0, gt=0)
-    seed: int = 0
-    checkpoint_every: int = Field(100, ge=0, description="steps between checkpoints; 0 = at epoch ends only")
-    eval_every: int = Field(1, ge=1, description="epochs between evaluations")
-    device: str = "cpu"
+    seed: Seed = 0
+    checkpoint_every: Steps = Field(100, description="steps between checkpoints; 0 = at epoch ends only")
+    eval_every: Epochs = Field(1, description="epochs between evaluations")
+    device: str = Field("cpu", max_length=64)
     strategy: Literal["ddp", "fsdp"] = Field(
         "ddp", description="with several processes (torchrun): replicate (ddp) or shard (fsdp) the student"
     )
 
 
 class ModelSpec(Strict):
-    """A built-in architecture, named by family (see `distill.models.FAMILIES`)."""
+    """A built-in architecture, named by family (see `distill.models.FAMILIES`); its hidden layers hold at most
+    MAX_HIDDEN_PARAMETERS weights (kernel x width² x depth)."""
 
     family: Literal["mlp", "cnn1d", "cnn2d"] = "mlp"
-    width: int = Field(256, ge=1, le=65_536)
-    depth: int = Field(2, ge=1, le=64, description="hidden layers (mlp) or convolution blocks (cnn)")
-    dropout: float = Field(0.0, ge=0, lt=1)
-    head: int = Field(0, ge=0, description="hidden units of a CNN's fully-connected head; 0 = none")
+    width: Width = 256
+    depth: Depth = Field(2, description="hidden layers (mlp) or convolution blocks (cnn)")
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    head: Annotated[Width, Field(ge=0)] = Field(0, description="hidden units of a CNN's fully-connected head; 0 = none")
+
+    @model_validator(mode="after")
+    def _bounded_size(self) -> ModelSpec:
+        check_hidden_size(self.family, self.width, self.depth)
+        return self
 
 
 class ClassifyRunConfig(Strict):
     """`distill run --recipe mnist1d|digits`: teachers, a student alone, a student distilled, the report."""
 
     recipe: Literal["mnist1d", "digits"] = "mnist1d"
-    teachers: int = Field(1, ge=1, le=32, description="teachers in the ensemble")
+    teachers: Annotated[int, Field(ge=1, le=32)] = Field(1, description="teachers in the ensemble")
     ensemble: Literal["mean", "geometric"] = "mean"
     teacher: ModelSpec | None = Field(None, description="teacher architecture (recipe default if unset)")
     student: ModelSpec | None = Field(None, description="student architecture (recipe default if unset)")
-    student_width: int | None = Field(None, ge=1, le=65_536, description="shortcut: the student's width")
-    epochs: int | None = Field(None, ge=1, description="shortcut: epochs of the distilled student")
-    teacher_epochs: int | None = Field(None, ge=1, description="shortcut: epochs of each teacher")
-    transfer_size: int | None = Field(None, ge=0, description="freshly generated inputs labeled by the teacher")
+    student_width: Width | None = Field(None, description="shortcut: the student's width")
+    epochs: Epochs | None = Field(None, description="shortcut: epochs of the distilled student")
+    teacher_epochs: Epochs | None = Field(None, description="shortcut: epochs of each teacher")
+    transfer_size: Rows | None = Field(None, description="freshly generated inputs labeled by the teacher")
     loss: LossConfig = Field(default_factory=LossConfig, description="settings given here replace the recipe's")
     teacher_train: TrainConfig | None = None
     student_train: TrainConfig | None = None
-    seed: int = 0
-    train_size: int | None = Field(None, ge=10, description="labeled training examples (recipe default if unset)")
+    seed: Seed = 0
+    train_size: Annotated[Rows, Field(ge=10)] | None = Field(
+        None, description="labeled training examples (recipe default if unset)"
+    )
+
+    @field_validator("student_width")
+    @classmethod
+    def _bounded_width(cls, width: int | None, info: ValidationInfo) -> int | None:
+        """The width shortcut with the student's depth (1 at least: the recipe's default depth is checked when the
+        recipe applies the shortcut)."""
+        spec = info.data.get("student") or ModelSpec(depth=1, width=1)
+        if width is not None:
+            check_hidden_size(spec.family, width, spec.depth)
+        return width
 
 
 class TextStudentsConfig(Strict):
     """Shared settings of the transformer recipes."""
 
-    teacher: str = Field("minilm-l6", description="minilm-l6 (the packaged all-MiniLM-L6-v2), a folder or a hub name")
+    teacher: str = Field(
+        "minilm-l6", max_length=1_000, description="minilm-l6 (the packaged all-MiniLM-L6-v2), a folder or a hub name"
+    )
     data_dir: Path | None = Field(None, description="folder with sst2/, stsb/, agnews/ (default ../shared/data)")
-    max_length: int = Field(64, ge=8, le=512, description="tokens per text (longer texts are truncated)")
-    seed: int = 0
+    max_length: Annotated[Length, Field(ge=8, le=512)] = Field(
+        64, description="tokens per text (longer texts are truncated)"
+    )
+    seed: Seed = 0
 
 
 class StsbRunConfig(TextStudentsConfig):
@@ -110,12 +238,16 @@ class StsbRunConfig(TextStudentsConfig):
 
     recipe: Literal["stsb"] = "stsb"
     sentences: Path | None = Field(None, description="unlabeled sentences, one per line (default: the data sets')")
-    sample_size: int = Field(10_000, ge=0, description="training sentences drawn from them; 0 = all")
-    max_length: int = Field(32, ge=8, le=512, description="training tokens per sentence (scoring uses up to 128)")
-    students: list[int] = Field(default_factory=lambda: [3, 1], description="layer counts of the derived students")
+    sample_size: Rows = Field(10_000, description="training sentences drawn from them; 0 = all")
+    max_length: Annotated[Length, Field(ge=8, le=512)] = Field(
+        32, description="training tokens per sentence (scoring uses up to 128)"
+    )
+    students: list[Depth] = Field(
+        default_factory=lambda: [3, 1], max_length=64, description="layer counts of the derived students"
+    )
     ablation: bool = Field(True, description="also train other 3-layer choices and a random initialisation")
-    embedding_weight: float = Field(1.0, ge=0, description="weight of the sentence-embedding cosine term")
-    hidden_weight: float = Field(1.0, ge=0, description="weight of each hidden-state MSE term")
+    embedding_weight: Weight = Field(1.0, description="weight of the sentence-embedding cosine term")
+    hidden_weight: Weight = Field(1.0, description="weight of each hidden-state MSE term")
     train: TrainConfig = Field(
         default_factory=lambda: TrainConfig(
             epochs=1, batch_size=64, lr=5e-4, weight_decay=0.01, schedule="cosine", warmup=0.05
@@ -127,17 +259,19 @@ class Sst2RunConfig(TextStudentsConfig):
     """`distill run --recipe sst2`: a fine-tuned teacher, a derived 2-layer transformer and a BiLSTM student."""
 
     recipe: Literal["sst2"] = "sst2"
-    train_size: int = Field(6_000, ge=0, description="labeled SST-2 training phrases used; 0 = all 60,614")
-    transfer_size: int = Field(
-        15_000, ge=0, description="augmented sentences (masking, n-grams) labeled by the teacher"
+    train_size: Rows = Field(6_000, description="labeled SST-2 training phrases used; 0 = all 60,614")
+    transfer_size: Rows = Field(15_000, description="augmented sentences (masking, n-grams) labeled by the teacher")
+    unlabeled_size: Rows = Field(
+        30_000, description="more SST-2 training phrases, outside the labeled sample, labeled by the teacher"
     )
-    unlabeled_size: int = Field(
-        30_000, ge=0, description="more SST-2 training phrases, outside the labeled sample, labeled by the teacher"
+    student_layers: list[LayerIndex] | None = Field(
+        None, max_length=MAX_DEPTH, description="teacher layers the transformer student keeps"
     )
-    student_layers: list[int] | None = Field(None, description="teacher layers the transformer student keeps")
-    student_num_layers: int = Field(2, ge=1, description="layers of the transformer student when not listed")
-    ablation_layers: list[int] | None = Field(
-        default_factory=lambda: [4, 5], description="another choice of layers, distilled the same way; null = none"
+    student_num_layers: Depth = Field(2, description="layers of the transformer student when not listed")
+    ablation_layers: list[LayerIndex] | None = Field(
+        default_factory=lambda: [4, 5],
+        max_length=MAX_DEPTH,
+        description="another choice of layers, distilled the same way; null = none",
     )
     bilstm: bool = Field(True, description="also distill into the BiLSTM student of Tang et al. 2019")
     freeze_embeddings: bool = Field(
@@ -159,12 +293,14 @@ class Sst2RunConfig(TextStudentsConfig):
 class LMJobConfig(Strict):
     """`distill train-lm --config FILE.yaml`: a causal LM student distilled from a live teacher or a log-prob cache."""
 
-    student: str = Field(description="the student: a causal LM folder (save_pretrained) or a hub name")
-    teacher: str | None = Field(None, description="a live teacher (same tokenizer); or give `cache`")
+    student: str = Field(
+        max_length=1_000, description="the student: a causal LM folder (save_pretrained) or a hub name"
+    )
+    teacher: str | None = Field(None, max_length=1_000, description="a live teacher (same tokenizer); or give `cache`")
     cache: Path | None = Field(None, description="a teacher log-prob cache built by `distill cache build`")
     data: Path = Field(description="training JSONL: prompt/completion, messages, text or question/answer rows")
     eval_data: Path | None = Field(None, description="held-out JSONL for perplexity, agreement and KL")
-    max_length: int = Field(512, ge=8, description="tokens per example (longer ones are cut)")
+    max_length: Annotated[Length, Field(ge=8)] = Field(512, description="tokens per example (longer ones are cut)")
     loss: LossConfig = Field(default_factory=lambda: LossConfig(temperature=1.0, alpha=0.5))
     train: TrainConfig = Field(
         default_factory=lambda: TrainConfig(epochs=1, batch_size=8, lr=5e-5, schedule="cosine", checkpoint_every=200)
@@ -177,12 +313,12 @@ class LMRunConfig(Strict):
     recipe: Literal["lm"] = "lm"
     data_dir: Path | None = Field(None, description="folder with sst2/, stsb/, agnews/ (default ../shared/data)")
     corpus: Path | None = Field(None, description="a text file (one text per line) instead of the data sets")
-    sample_size: int = Field(30_000, ge=0, description="texts drawn from the corpus; 0 = all")
-    vocab_size: int = Field(2048, ge=300, description="BPE vocabulary trained on the corpus")
-    max_length: int = Field(48, ge=8, le=512)
-    top_k: int = Field(64, ge=1, description="teacher log-probs kept per token in the cache")
-    teacher: dict[str, int] = Field(default_factory=lambda: {"layers": 4, "width": 256, "heads": 4})
-    student: dict[str, int] = Field(default_factory=lambda: {"layers": 2, "width": 128, "heads": 2})
+    sample_size: Rows = Field(30_000, description="texts drawn from the corpus; 0 = all")
+    vocab_size: Vocab = Field(2048, description="BPE vocabulary trained on the corpus")
+    max_length: Annotated[Length, Field(ge=8, le=512)] = 48
+    top_k: TopK = Field(64, description="teacher log-probs kept per token in the cache")
+    teacher: GPT2Size = Field(default_factory=lambda: {"layers": 4, "width": 256, "heads": 4})
+    student: GPT2Size = Field(default_factory=lambda: {"layers": 2, "width": 128, "heads": 2})
     loss: LossConfig = Field(default_factory=lambda: LossConfig(temperature=1.0, alpha=0.5, chunk_size=2048))
     teacher_train: TrainConfig = Field(
         default_factory=lambda: TrainConfig(epochs=3, batch_size=32, lr=1e-3, schedule="cosine", warmup=0.05)
@@ -190,7 +326,13 @@ class LMRunConfig(Strict):
     student_train: TrainConfig = Field(
         default_factory=lambda: TrainConfig(epochs=3, batch_size=32, lr=2e-3, schedule="cosine", warmup=0.05)
     )
-    seed: int = 0
+    seed: Seed = 0
+
+    @field_validator("teacher", "student")
+    @classmethod
+    def _bounded_model(cls, size: dict[str, int], info: ValidationInfo) -> dict[str, int]:
+        check_gpt2_parameters(size, info.data.get("vocab_size", 300))
+        return size
 
 
 class DataSpec(Strict):
@@ -199,12 +341,16 @@ class DataSpec(Strict):
     train: Path
     test: Path | None = None
     transfer: Path | None = Field(None, description="unlabeled inputs for the teacher to label (label column optional)")
-    label_column: str = "label"
-    features_key: str = "x"
-    labels_key: str = "y"
-    num_classes: int | None = Field(None, ge=2)
-    test_fraction: float = Field(0.2, gt=0, lt=1, description="held out from train when no test file is given")
-    input_shape: list[int] | None = Field(None, description="reshape flat features, e.g. [8, 8] for a 2-D CNN")
+    label_column: str = Field("label", max_length=1_000)
+    features_key: str = Field("x", max_length=1_000)
+    labels_key: str = Field("y", max_length=1_000)
+    num_classes: Classes | None = None
+    test_fraction: Annotated[float, Field(gt=0, lt=1)] = Field(
+        0.2, description="held out from train when no test file is given"
+    )
+    input_shape: list[Length] | None = Field(
+        None, min_length=1, max_length=4, description="reshape flat features, e.g. [8, 8] for a 2-D CNN"
+    )
 
 
 class TrainJobConfig(Strict):
@@ -215,7 +361,9 @@ class TrainJobConfig(Strict):
 
     data: DataSpec
     student: ModelSpec = ModelSpec()
-    teacher: list[Path] = Field(default_factory=list, description="saved model directories; several = ensemble")
+    teacher: list[Path] = Field(
+        default_factory=list, max_length=32, description="saved model directories; several = ensemble"
+    )
     ensemble: Literal["mean", "geometric"] = "mean"
     loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig()
@@ -231,6 +379,15 @@ class TrainJobConfig(Strict):
             elif isinstance(teacher, (str, Path)):
                 values = {**values, "teacher": [teacher]}
         return values
+
+
+class CacheBuildOptions(Strict):
+    """The settings of `distill cache build`: its CLI options and the service's cache-build jobs validate here."""
+
+    top_k: Annotated[TopK, Field(le=4096)] = Field(64, description="log-probs kept per token")
+    temperature: Temperature = Field(1.0, description="temperature of the stored distribution")
+    max_length: Annotated[Length, Field(ge=8, le=32_768)] = Field(512, description="tokens per example")
+    batch_size: Annotated[BatchSize, Field(le=1024)] = Field(8, description="sequences scored at once")
 
 
 C = TypeVar("C", bound=BaseModel)
@@ -271,8 +428,9 @@ def format_validation_error(error: ValidationError, source: str) -> str:
     """One line naming each bad field, e.g. `train.lr: Input should be greater than 0`."""
     parts = []
     for item in error.errors():
-        where = ".".join(str(p) for p in item["loc"]) or "(top level)"
-        parts.append(f"{where}: {item['msg']}")
+        message = item["msg"].removeprefix("Value error, ")
+        where = ".".join(str(p) for p in item["loc"])
+        parts.append(f"{where}: {message}" if where else message)
     return f"invalid config in {source}: " + "; ".join(parts)
 
 
@@ -391,51 +549,50 @@ class ReasoningRunConfig(Strict):
     """
 
     recipe: Literal["reasoning"] = "reasoning"
-    problems: int = Field(
+    problems: Annotated[Rows, Field(ge=1)] = Field(
         5000,
-        ge=1,
         description="training problems: the teacher learns their worked solutions, the students their questions",
     )
-    questions: int = Field(
-        0, ge=0, description="training questions the teacher answers with traces (the first); 0 = all"
+    questions: Rows = Field(0, description="training questions the teacher answers with traces (the first); 0 = all")
+    held_out: Annotated[Rows, Field(ge=1)] = Field(
+        300, description="problems held out for evaluation (no question seen in training)"
     )
-    held_out: int = Field(300, ge=1, description="problems held out for evaluation (no question seen in training)")
-    steps: list[int] = Field(default_factory=lambda: [2], description="calculations per problem (1..6)")
-    vocab_size: int = Field(1000, ge=300, description="byte-level BPE vocabulary (every number up to 200 is one token)")
-    max_length: int = Field(160, ge=32, le=1024, description="tokens of question + solution")
-    teacher: dict[str, int] = Field(default_factory=lambda: {"layers": 4, "width": 128, "heads": 4})
-    student: dict[str, int] = Field(default_factory=lambda: {"layers": 2, "width": 64, "heads": 2})
+    steps: list[Annotated[int, Field(ge=1, le=6)]] = Field(
+        default_factory=lambda: [2], min_length=1, max_length=6, description="calculations per problem (1..6)"
+    )
+    vocab_size: Vocab = Field(1000, description="byte-level BPE vocabulary (every number up to 200 is one token)")
+    max_length: Annotated[Length, Field(ge=32, le=1024)] = Field(160, description="tokens of question + solution")
+    teacher: GPT2Size = Field(default_factory=lambda: {"layers": 4, "width": 128, "heads": 4})
+    student: GPT2Size = Field(default_factory=lambda: {"layers": 2, "width": 64, "heads": 2})
     teacher_train: TrainConfig = Field(default_factory=lambda: TrainConfig(**REASONING_TRAIN["teacher_train"]))
     student_train: TrainConfig = Field(
         default_factory=lambda: TrainConfig(**REASONING_TRAIN["student_train"]),
         description="both students; the answers-only one runs as many epochs as it needs to match the other's steps",
     )
-    samples: int = Field(2, ge=1, le=64, description="traces sampled per question (n)")
-    temperature: float = Field(0.7, ge=0, le=2, description="sampling temperature of the traces")
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_new_tokens: int = Field(96, ge=8, description="longest trace, in tokens")
-    concurrency: int = Field(16, ge=1, description="requests in flight to the teacher's server")
-    server_batch: int = Field(64, ge=1, description="rows the server generates together")
+    samples: Annotated[int, Field(ge=1, le=64)] = Field(2, description="traces sampled per question (n)")
+    temperature: SamplingTemperature = Field(0.7, description="sampling temperature of the traces")
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    max_new_tokens: Annotated[Length, Field(ge=8)] = Field(96, description="longest trace, in tokens")
+    concurrency: Workers = Field(16, description="requests in flight to the teacher's server")
+    server_batch: BatchSize = Field(64, description="rows the server generates together")
     dedupe: bool = Field(False, description="keep one copy of identical verified traces of a question")
-    token_kd: int = Field(
+    token_kd: Annotated[int, Field(ge=0, le=20)] = Field(
         5,
-        ge=0,
-        le=20,
         description="top log-probs the API returns per trace token; > 0 adds a third student trained on the "
         "verified traces with sparse token-level KD from them (0 = two students)",
     )
-    token_kd_alpha: float = Field(0.5, ge=0, le=1, description="weight of the token-level KD term (CE: 1 - alpha)")
+    token_kd_alpha: Share = Field(0.5, description="weight of the token-level KD term (CE: 1 - alpha)")
     baseline: Literal["all", "verified"] = Field(
         "all",
         description="the answers-only student learns the gold answers of all traced questions (all) or only of "
         "those with a verified trace (verified)",
     )
-    input_price: float = Field(0.15, ge=0, description="nominal price per million prompt tokens (the report's cost)")
-    output_price: float = Field(0.6, ge=0, description="nominal price per million completion tokens")
-    threads: int | None = Field(
-        1, ge=1, description="torch CPU threads during the run (restored after); null leaves torch's setting"
+    input_price: Weight = Field(0.15, description="nominal price per million prompt tokens (the report's cost)")
+    output_price: Weight = Field(0.6, description="nominal price per million completion tokens")
+    threads: Workers | None = Field(
+        1, description="torch CPU threads during the run (restored after); null leaves torch's setting"
     )
-    seed: int = 0
+    seed: Seed = 0
 
     @model_validator(mode="before")
     @classmethod
@@ -447,3 +604,9 @@ class ReasoningRunConfig(Strict):
                 if isinstance(values.get(key), dict):
                     values = {**values, key: {**default, **values[key]}}
         return values
+
+    @field_validator("teacher", "student")
+    @classmethod
+    def _bounded_model(cls, size: dict[str, int], info: ValidationInfo) -> dict[str, int]:
+        check_gpt2_parameters(size, info.data.get("vocab_size", 300))
+        return size
