@@ -6,10 +6,12 @@ Labels use -100 for "no label" (the PyTorch ignore index): a transfer set is an 
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import json
 import math
+import os
 import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from distill.config import MAX_CLASSES
 from distill.errors import DataError
 
 IGNORE = -100
@@ -95,6 +98,22 @@ def check_labels(labels: Tensor, num_classes: int, source: str) -> None:
         )
 
 
+def infer_num_classes(labels: Tensor, source: str) -> int:
+    """The number of classes labels 0..C-1 imply (the largest label + 1); a DataError, before anything is sized by
+    it, when no row is labeled or the largest label would make more than MAX_CLASSES classes."""
+    labeled = labels != IGNORE
+    if not bool(labeled.any()):
+        raise DataError(f"{source} has no labeled rows (every label is {IGNORE})")
+    top = int(labels[labeled].max())
+    if top >= MAX_CLASSES:
+        row = int((labels == top).nonzero()[0, 0])
+        raise DataError(
+            f"label {top} at row {row} of {source} would make {top + 1:,} classes, over the limit of {MAX_CLASSES:,}; "
+            "labels are class indices 0..C-1"
+        )
+    return max(top + 1, 2)
+
+
 def epoch_order(n: int, batch_size: int, seed: int, epoch: int, lengths: Tensor | None = None) -> list[Tensor]:
     """The batches of one epoch: a permutation fixed by (seed, epoch), so a resumed run sees the same order.
 
@@ -125,18 +144,21 @@ def load_arrays(
     features_key: str = "x",
     labels_key: str = "y",
     require_labels: bool = True,
+    max_bytes: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Features (N, ...) float32 and integer labels (N,) or None, from a CSV, TSV or NPZ file.
 
-    CSV/TSV: a header row; the label column by name; every other column a numeric feature.
-    NPZ: arrays named `features_key` and `labels_key`.
+    CSV/TSV: UTF-8 text, a header row; the label column by name; every other column a numeric feature.
+    NPZ: arrays named `features_key` and `labels_key`, refused from their headers alone (before any is loaded) when
+    they would take more than `max_bytes` (default: this machine's physical memory).
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
     suffix = path.suffix.lower()
     if suffix == ".npz":
-        features, labels = _load_npz(path, features_key, labels_key, require_labels)
+        limit = physical_memory() if max_bytes is None else max_bytes
+        features, labels = _load_npz(path, features_key, labels_key, require_labels, limit)
     elif suffix in (".csv", ".tsv", ".txt"):
         features, labels = _load_table(path, label_column, "\t" if suffix == ".tsv" else ",", require_labels)
     else:
@@ -191,19 +213,23 @@ def npz_headers(path: Path, max_bytes: int) -> dict[str, ArrayHeader]:
     return headers
 
 
+def physical_memory() -> int:
+    """Bytes of physical memory of this machine (the most an array loaded here could take)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def _load_npz(
-    path: Path, features_key: str, labels_key: str, require_labels: bool
+    path: Path, features_key: str, labels_key: str, require_labels: bool, max_bytes: int
 ) -> tuple[np.ndarray, np.ndarray | None]:
+    names = sorted(npz_headers(path, max_bytes))  # shapes and dtypes checked before any array is read
+    if features_key not in names:
+        raise DataError(f"{path} has no array {features_key!r} (arrays: {', '.join(names) or 'none'})")
     try:
-        archive = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as error:
+        with np.load(path, allow_pickle=False) as archive:
+            features = archive[features_key]
+            labels = archive[labels_key] if labels_key in names else None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
         raise DataError(f"{path} is not a readable .npz file ({error})") from None
-    with archive:
-        names = sorted(archive.files)
-        if features_key not in names:
-            raise DataError(f"{path} has no array {features_key!r} (arrays: {', '.join(names) or 'none'})")
-        features = archive[features_key]
-        labels = archive[labels_key] if labels_key in names else None
     if labels is None and require_labels:
         raise DataError(f"{path} has no labels array {labels_key!r} (arrays: {', '.join(names)})")
     if features.dtype.kind not in "fiub" or features.ndim < 2:
@@ -223,7 +249,30 @@ def _load_npz(
 def _load_table(
     path: Path, label_column: str, delimiter: str, require_labels: bool
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    with path.open(newline="") as handle:
+    try:
+        header, label_at, rows, raw_labels = _read_rows(path, label_column, delimiter, require_labels)
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
+    if not rows:
+        raise DataError(f"data file {path} has a header but no rows")
+    if rows and not rows[0]:
+        raise DataError(f"data file {path} has no feature columns besides {label_column!r}")
+    features = np.asarray(rows, dtype=np.float32)
+    labels = None
+    if label_at is not None:
+        try:
+            labels = _integer_labels(np.asarray([float(v) for v in raw_labels]), path)
+        except ValueError:
+            bad = next(v for v in raw_labels if not _is_number(v))
+            raise DataError(f"{path}: label {bad!r} is not an integer class index") from None
+    return features, labels
+
+
+def _read_rows(
+    path: Path, label_column: str, delimiter: str, require_labels: bool
+) -> tuple[list[str], int | None, list[list[float]], list[str]]:
+    """(header, index of the label column or None, feature rows, raw labels) of a UTF-8 CSV/TSV file."""
+    with path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.reader(handle, delimiter=delimiter)
         header = next(reader, None)
         if not header:
@@ -254,19 +303,7 @@ def _load_table(
                         f"line {number} of {path}, column {header[column]!r}: {cell!r} is not a number"
                     ) from None
             rows.append(values)
-    if not rows:
-        raise DataError(f"data file {path} has a header but no rows")
-    if rows and not rows[0]:
-        raise DataError(f"data file {path} has no feature columns besides {label_column!r}")
-    features = np.asarray(rows, dtype=np.float32)
-    labels = None
-    if label_at is not None:
-        try:
-            labels = _integer_labels(np.asarray([float(v) for v in raw_labels]), path)
-        except ValueError:
-            bad = next(v for v in raw_labels if not _is_number(v))
-            raise DataError(f"{path}: label {bad!r} is not an integer class index") from None
-    return features, labels
+    return header, label_at, rows, raw_labels
 
 
 def _is_number(value: str) -> bool:
@@ -410,6 +447,18 @@ def read_table(
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
     delimiter = "\t" if path.suffix.lower() in (".tsv", ".txt") else ","
+    try:
+        table = _read_columns(path, columns, delimiter, header, names)
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
+    if not table[columns[0]]:
+        raise DataError(f"data file {path} has no rows")
+    return table
+
+
+def _read_columns(
+    path: Path, columns: Sequence[str], delimiter: str, header: bool, names: Sequence[str] | None
+) -> dict[str, list[str]]:
     with path.open(newline="", encoding="utf-8") as handle:
         reader = csv.reader(
             handle, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
@@ -433,8 +482,6 @@ def read_table(
                 raise DataError(f"line {number} of {path} has {len(row)} columns; expected at least {max(where) + 1}")
             for column, at in zip(columns, where):
                 table[column].append(row[at])
-    if not table[columns[0]]:
-        raise DataError(f"data file {path} has no rows")
     return table
 
 
@@ -443,7 +490,7 @@ def read_lines(path: Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"text file {path} does not exist")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    lines = [line.strip() for line in read_text(path).splitlines()]
     lines = [line for line in lines if line]
     if not lines:
         raise DataError(f"text file {path} has no sentences")
@@ -451,15 +498,108 @@ def read_lines(path: Path) -> list[str]:
 
 
 def json_lines(path: Path) -> Iterator[tuple[str, Any]]:
-    """(where, value) for each non-empty line of a JSONL file, `where` naming the line ("line 3 of f.jsonl"); a
-    DataError naming the line when one is not valid JSON."""
-    with Path(path).open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"line {number} of {path}"
+    """(where, value) for each non-empty line of a UTF-8 JSONL file, `where` naming the line ("line 3 of f.jsonl");
+    a DataError naming the line when one is not valid JSON or nests too deeply, or the first byte that is not
+    UTF-8."""
+    try:
+        with Path(path).open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if line.strip():
+                    where = f"line {number} of {path}"
+                    yield where, parse_json(line, where)
+    except UnicodeDecodeError:
+        raise not_utf8(Path(path)) from None
+
+
+def parse_json(text: str, where: str) -> Any:
+    """The JSON value of `text`; a DataError naming `where` when it is not JSON or nests too deeply to read."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{where} is not valid JSON ({error.msg})") from None
+    except RecursionError:
+        raise DataError(f"{where} holds JSON nested too deeply to read") from None
+
+
+def read_text(path: Path) -> str:
+    """The whole of a UTF-8 text file; a DataError naming the first byte that is not UTF-8."""
+    try:
+        return Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise not_utf8(Path(path)) from None
+
+
+def read_json(path: Path, keys: Sequence[str] = ()) -> Any:
+    """The JSON value in a UTF-8 file (metrics.json, history.json...); a one-line DataError when the file is not
+    UTF-8, not JSON, nests too deeply to read, or (given `keys`) is not an object holding every one of them."""
+    value = parse_json(read_text(path), str(path))
+    if keys and (not isinstance(value, dict) or any(key not in value for key in keys)):
+        raise DataError(
+            f"{path} is not what distill wrote there (an object with {', '.join(keys)}); delete it to redo that step"
+        )
+    return value
+
+
+def not_utf8(path: Path) -> DataError:
+    """The DataError for a file that is not UTF-8 text, naming the offset and line of its first bad byte (found by
+    decoding the file again in blocks, so it costs nothing until a file fails)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, line = 0, 1
+    with path.open("rb") as handle:
+        while True:
+            block = handle.read(1 << 20)
+            pending = len(decoder.getstate()[0])  # bytes of an unfinished character carried from the last block
             try:
-                value = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{where} is not valid JSON ({error.msg})") from None
-            yield where, value
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as error:
+                at = offset - pending + error.start
+                line += block[: max(at - offset, 0)].count(b"\n")
+                return DataError(
+                    f"{path} is not UTF-8 text (byte {at:,}, line {line}: {error.reason}); save it as UTF-8"
+                )
+            if not block:
+                return DataError(f"{path} is not UTF-8 text; save it as UTF-8")
+            offset += len(block)
+            line += block.count(b"\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generated data kept between runs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def save_checked_array(path: Path, array: np.ndarray) -> None:
+    """Write `array` to `path` (.npy) with its sha256 beside it (`path.sha256`), each atomically: processes writing
+    the same file at once do not collide, and a kill mid-write leaves no half file under either name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+    np.save(tmp, array)
+    digest = sha256_file(tmp)
+    tmp.replace(path)
+    checksum = Path(f"{path}.sha256")
+    tmp_checksum = Path(f"{checksum}.{os.getpid()}.tmp")
+    tmp_checksum.write_text(digest + "\n")
+    tmp_checksum.replace(checksum)
+
+
+def load_checked_array(path: Path) -> np.ndarray | None:
+    """The array saved by `save_checked_array`, or None when it is missing, its checksum is missing or does not
+    match (a damaged file), or it is not a plain numeric .npy: the caller regenerates it."""
+    checksum = Path(f"{path}.sha256")
+    if not path.is_file() or not checksum.is_file():
+        return None
+    if sha256_file(path) != checksum.read_text(errors="replace").strip():
+        return None
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError):
+        return None
+
+
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file's bytes, read in blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from distill.data import IGNORE, json_lines
+from distill.data import IGNORE, json_lines, read_text
 from distill.errors import DataError
 
 
@@ -83,7 +83,7 @@ def read_examples(path: Path, tokenizer: Any = None, limit: int | None = None) -
         raise DataError(f"data file {path} does not exist")
     examples: list[Example] = []
     if path.suffix.lower() == ".txt":
-        texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        texts = [line.strip() for line in read_text(path).splitlines() if line.strip()]
         examples = [Example("", text) for text in texts[:limit]]
     else:
         for where, row in json_lines(path):

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from distill.data import json_lines
+from distill.data import json_lines, read_text
 from distill.errors import DataError, DistillError
 from distill.progress import NULL, Cancelled, Reporter
 from distill.teachers.api import ApiTeacher, Completion, TeacherApiError
@@ -117,7 +117,7 @@ def read_prompts(path: Path, limit: int | None = None) -> list[PromptRecord]:
         raise DataError(f"prompt file {path} does not exist")
     records: list[PromptRecord] = []
     if path.suffix.lower() == ".txt":
-        texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        texts = [line.strip() for line in read_text(path).splitlines() if line.strip()]
         records = [PromptRecord(prompt=text) for text in texts[:limit]]
     elif limit is None or limit > 0:
         for where, row in json_lines(path):  # stops at the limit: lines after it are not read
@@ -207,7 +207,7 @@ def read_done(path: Path) -> set[str]:
                 continue
             try:
                 done.add(str(json.loads(line)["id"]))
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RecursionError):
                 raise DataError(f"line {number} of {path} is not a sample row; fix or remove the file") from None
     if keep < size:
         with path.open("r+b") as handle:

@@ -14,7 +14,6 @@ fingerprint differ from what the caller expects, and a shard whose checksum does
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from distill.data import Dataset
+from distill.data import Dataset, sha256_file
 from distill.errors import CacheError
 from distill.progress import NULL, Reporter
 from distill.teachers import Teacher, TeacherOutput
@@ -33,14 +32,6 @@ FORMAT = "distill-teacher-cache"
 VERSION = 1
 MANIFEST = "manifest.json"
 PARTIAL = "partial.json"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -116,9 +107,11 @@ def build_cache(
 
 
 def read_json(path: Path) -> dict[str, Any]:
+    """A manifest as a dict; a CacheError (rebuild the cache) when it is unreadable, not UTF-8 JSON, nested too
+    deeply to read, or not a mapping."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as error:
         raise CacheError(f"{path} is not readable JSON ({error}); delete the cache directory and rebuild it") from None
     if not isinstance(data, dict):
         raise CacheError(f"{path} is not a cache manifest; delete the cache directory and rebuild it")
