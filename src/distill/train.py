@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -158,6 +159,33 @@ def _signature(data: Dataset, config: TrainConfig, teacher: Teacher | None, loss
     }
 
 
+def plain(value: Any) -> Any:
+    """`value` with numpy scalars and arrays made Python numbers and lists (dicts, lists and tuples walked; tensors
+    and plain values kept): what a checkpoint holds must load with `torch.load(weights_only=True)`."""
+    if isinstance(value, dict):
+        return {key: plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain(item) for item in value)
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    return value
+
+
+def _load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
+    """A checkpoint written by `train`, loaded with `weights_only=True`: tensors and plain data only, so a crafted
+    file cannot run code; anything else is a DistillError."""
+    try:
+        saved = torch.load(path, map_location=device, weights_only=True)
+    except Exception:  # a truncated, foreign or crafted file (pickle, zip and torch raise many types)
+        raise DistillError(
+            f"cannot read checkpoint {path}: it is not a distill checkpoint of tensors and plain data (nothing in it "
+            "was run); delete it to start over"
+        ) from None
+    if not isinstance(saved, dict) or not {"signature", "model", "optimizer", "scheduler", "state"} <= set(saved):
+        raise DistillError(f"cannot read checkpoint {path}: it is not a distill checkpoint; delete it to start over")
+    return saved
+
+
 def _save(path: Path, payload: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(payload, tmp)
@@ -268,6 +296,8 @@ def train(
             "on-policy distillation (lmbda > 0) needs a live teacher model and prompt/completion data: a cache "
             "cannot score the student's own samples"
         )
+    if len(data) == 0:
+        raise DistillError(f"{name}: the training data has no rows")
     labels = getattr(data, "labels", None)
     if teacher is not None and isinstance(labels, Tensor):
         check_labels(labels, teacher.num_classes, "the training data")
@@ -288,11 +318,8 @@ def train(
         if rank == 0:
             path.parent.mkdir(parents=True, exist_ok=True)
         if resume and path.exists():
-            try:
-                saved = torch.load(path, map_location=device, weights_only=False)
-            except Exception as error:  # a truncated or foreign file
-                raise DistillError(f"cannot read checkpoint {path} ({error}); delete it to start over") from None
-            if saved.get("signature") != signature:
+            saved = _load_checkpoint(path, device)
+            if saved["signature"] != signature:
                 raise DistillError(
                     f"checkpoint {path} was written by a run with other data or settings; "
                     "resume with the same config, or delete it to start over"
@@ -309,12 +336,12 @@ def train(
         model_state, optimizer_state = _full_state(model, optimizer, config.strategy, world)  # collective with FSDP
         if rank == 0:
             payload = {
-                "signature": signature,
-                "model": model_state,
+                "signature": plain(signature),
+                "model": model_state,  # torch's own state dicts: tensors and plain data already
                 "features": features.state_dict() if features is not None else None,
                 "optimizer": optimizer_state,
-                "scheduler": scheduler.state_dict(),
-                "state": state,
+                "scheduler": plain(scheduler.state_dict()),
+                "state": plain(state),
             }
             _save(path, payload)
         _barrier(world)
@@ -380,7 +407,7 @@ def train(
         due = (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs
         if evaluate is not None and due and (rank == 0 or sharded):
             model.eval()
-            record.update(evaluate(model))
+            record.update(plain(evaluate(model)))
             model.train()
         state["history"].append(record)
         reporter.event("epoch", run=name, **record)
