@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -129,6 +130,17 @@ def output_dir(output: Optional[Path], prefix: str, resume: bool) -> Path:
             raise DistillError(f"cannot resume: no earlier run in runs/{prefix}-*; pass --output DIR")
         return previous[-1]
     return Path("runs") / f"{prefix}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def checked_options(model: type[cfg.C], values: dict[str, Any]) -> cfg.C:
+    """Command-line options validated by a config model (the bounds the service's jobs have too); a DistillError
+    naming the first bad option, e.g. `--top-k: Input should be less than or equal to 4096`."""
+    try:
+        return model.model_validate(values)
+    except ValidationError as error:
+        first = error.errors()[0]
+        option = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "options"
+        raise DistillError(f"{option}: {first['msg']}") from None
 
 
 def _without(data: dict[str, Any], *keys: str) -> dict[str, Any]:
@@ -385,20 +397,10 @@ def cache_build(
     """Score a data file once with a teacher LM and store its top-k next-token log-probs, sharded and checksummed."""
     from distill.teachers import hf
 
-    if top_k < 1:
-        raise DistillError("--top-k must be at least 1")
+    given = {"top_k": top_k, "temperature": temperature, "max_length": max_length, "batch_size": batch_size}
+    options = checked_options(cfg.CacheBuildOptions, given)  # the bounds of the service's cache-build jobs
     with RichReporter(err) as reporter:
-        hf.build_lm_cache(
-            teacher,
-            data,
-            directory,
-            top_k=top_k,
-            temperature=temperature,
-            max_length=max_length,
-            batch_size=batch_size,
-            cache_dir=cache_dir(),
-            reporter=reporter,
-        )
+        hf.build_lm_cache(teacher, data, directory, **options.model_dump(), cache_dir=cache_dir(), reporter=reporter)
     from distill.teachers.token_cache import verify_token_cache
 
     summary = verify_token_cache(directory)
@@ -466,15 +468,16 @@ def train_lm(
 def report(run_dir: Path = typer.Argument(..., help="A run directory holding metrics.json.")) -> None:
     """Render report.md and report.html again from a run's metrics.json."""
     from distill import report as rep
+    from distill.data import read_json
     from distill.report_recipes import REPORTS
 
     path = run_dir / "metrics.json"
     if not path.is_file():
         raise DistillError(f"{path} does not exist; is {run_dir} a run directory?")
+    metrics = read_json(path)  # a one-line error when not UTF-8, not JSON or nested too deeply
     try:
-        metrics = json.loads(path.read_text())
         rendered = REPORTS[metrics["recipe"]](metrics)
-    except (ValueError, KeyError, TypeError) as error:
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as error:
         raise DistillError(f"{path} is not the metrics of a distill run ({error})") from None
     rep.write(rendered, run_dir)
     out.print(f"Wrote {run_dir}/report.md and {run_dir}/report.html")

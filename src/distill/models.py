@@ -7,6 +7,7 @@ input shape and number of classes), so a teacher trained in one run can teach in
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from distill.config import ModelSpec
+from distill.config import MAX_CLASSES, MAX_LENGTH, MAX_MODEL_PARAMETERS, ModelSpec
+from distill.data import read_json
 from distill.errors import DistillError
 
 WEIGHTS = "model.safetensors"
@@ -91,7 +93,7 @@ def _head(features: int, num_classes: int, hidden: int, dropout: float) -> nn.Se
 
 
 def _mlp(spec: ModelSpec, shape: tuple[int, ...], classes: int) -> nn.Module:
-    return MLP(int(torch.tensor(shape).prod()), classes, spec.width, spec.depth, spec.dropout)
+    return MLP(math.prod(shape), classes, spec.width, spec.depth, spec.dropout)
 
 
 def _cnn1d(spec: ModelSpec, shape: tuple[int, ...], classes: int) -> nn.Module:
@@ -117,8 +119,20 @@ FAMILIES: dict[str, Callable[[ModelSpec, tuple[int, ...], int], nn.Module]] = {
 
 
 def build(spec: ModelSpec, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """A fresh model of `spec.family` for inputs of `input_shape` (without the batch) and `num_classes` outputs."""
-    return FAMILIES[spec.family](spec, tuple(input_shape), num_classes)
+    """A fresh model of `spec.family` for inputs of `input_shape` (without the batch) and `num_classes` outputs.
+
+    The model is first laid out on the meta device (no memory, no random draws): one that would hold more than
+    MAX_MODEL_PARAMETERS parameters is a DistillError before anything is allocated.
+    """
+    shape = tuple(input_shape)
+    with torch.device("meta"):
+        size = count_parameters(FAMILIES[spec.family](spec, shape, num_classes))
+    if size > MAX_MODEL_PARAMETERS:
+        raise DistillError(
+            f"a {spec.family} of width {spec.width} and depth {spec.depth} for inputs of shape {list(shape)} and "
+            f"{num_classes:,} classes would hold {size:,} parameters, over the limit of {MAX_MODEL_PARAMETERS:,}"
+        )
+    return FAMILIES[spec.family](spec, shape, num_classes)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -147,13 +161,18 @@ def load(directory: Path) -> tuple[nn.Module, ModelSpec, tuple[int, ...], int]:
     directory = Path(directory)
     if not (directory / SPEC).is_file() or not (directory / WEIGHTS).is_file():
         raise DistillError(f"{directory} is not a saved distill model (expected {SPEC} and {WEIGHTS} inside)")
+    meta = read_json(directory / SPEC)
     try:
-        meta = json.loads((directory / SPEC).read_text())
         spec = ModelSpec.model_validate(meta["spec"])
         shape = tuple(int(s) for s in meta["input_shape"])
         classes = int(meta["num_classes"])
     except (ValueError, KeyError, TypeError) as error:
-        raise DistillError(f"{directory / SPEC} is malformed ({error})") from None
+        raise DistillError(f"{directory / SPEC} is malformed ({str(error).splitlines()[0]})") from None
+    if not 1 <= classes <= MAX_CLASSES or not 1 <= len(shape) <= 4 or not all(1 <= n <= MAX_LENGTH for n in shape):
+        raise DistillError(
+            f"{directory / SPEC} is malformed: {classes:,} classes (1..{MAX_CLASSES:,}) for inputs of shape "
+            f"{list(shape)} (1 to 4 sizes, each 1..{MAX_LENGTH:,})"
+        )
     model = build(spec, shape, classes)
     try:
         model.load_state_dict(load_file(str(directory / WEIGHTS)))

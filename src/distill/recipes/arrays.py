@@ -16,7 +16,7 @@ import torch
 from distill import evaluate as ev
 from distill import models, report
 from distill.config import TrainJobConfig, dump
-from distill.data import ArrayDataset, check_labels, dataset_from_file
+from distill.data import ArrayDataset, check_labels, dataset_from_file, infer_num_classes
 from distill.errors import DataError, ShapeMismatchError
 from distill.progress import NULL, Reporter
 from distill.recipes.classify import Problem, finish, run_classification
@@ -35,7 +35,7 @@ def _load_data(
         "labels_key": spec.labels_key,
     }
     train_set = dataset_from_file(spec.train, **common)
-    classes = num_classes or spec.num_classes or int(train_set.labels.max()) + 1
+    classes = num_classes or spec.num_classes or infer_num_classes(train_set.labels, str(spec.train))
     if spec.num_classes is not None and num_classes is not None and spec.num_classes != num_classes:
         raise ShapeMismatchError(
             f"data.num_classes is {spec.num_classes} but the teacher predicts {num_classes} classes"
@@ -49,9 +49,7 @@ def _load_data(
                 f"{spec.test} has inputs of shape {test_set.input_shape}, train has {train_set.input_shape}"
             )
     else:
-        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(config.train.seed))
-        cut = max(1, int(round(spec.test_fraction * len(train_set))))
-        test_set, train_set = train_set.subset(order[:cut]), train_set.subset(order[cut:])
+        test_set, train_set = _split(train_set, spec.test_fraction, config.train.seed, spec.train)
     transfer = None
     if spec.transfer is not None:
         transfer = dataset_from_file(spec.transfer, require_labels=False, **common).unlabeled()
@@ -60,6 +58,22 @@ def _load_data(
                 f"{spec.transfer} has inputs of shape {transfer.input_shape}, train has {train_set.input_shape}"
             )
     return train_set, test_set, transfer, classes
+
+
+def _split(data: ArrayDataset, fraction: float, seed: int, path: Path) -> tuple[ArrayDataset, ArrayDataset]:
+    """(test, train): `fraction` of the rows (at least one) held out in an order fixed by `seed`; a DataError when
+    either part would be empty or hold no labeled row."""
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    cut = max(1, int(round(fraction * len(data))))
+    test_set, train_set = data.subset(order[:cut]), data.subset(order[cut:])
+    if train_set.labeled == 0 or test_set.labeled == 0:
+        raise DataError(
+            f"{path} has {len(data)} row{'s' if len(data) != 1 else ''} ({data.labeled} labeled): holding out "
+            f"test_fraction {fraction} leaves "
+            f"{train_set.labeled} labeled rows to train on and {test_set.labeled} to test on; give more rows, "
+            "another data.test_fraction, or a data.test file"
+        )
+    return test_set, train_set
 
 
 def run_train_job(

@@ -28,8 +28,8 @@ from torch import Tensor, nn
 
 from distill import evaluate as ev
 from distill import models
-from distill.config import ClassifyRunConfig, LossConfig, ModelSpec, TrainConfig
-from distill.data import ArrayDataset, concat
+from distill.config import ClassifyRunConfig, LossConfig, ModelSpec, TrainConfig, build
+from distill.data import ArrayDataset, concat, read_json
 from distill.progress import NULL, Reporter
 from distill.teachers import CachedTeacher, EnsembleTeacher, LocalTeacher, Teacher, build_cache
 from distill.teachers.local import fingerprint
@@ -71,8 +71,8 @@ def resolve_specs(
     student = config.student or student
     teacher_train = config.teacher_train or teacher_train
     student_train = config.student_train or student_train
-    if config.student_width is not None:
-        student = student.model_copy(update={"width": config.student_width})
+    if config.student_width is not None:  # validated again: the recipe's default depth applies to the new width
+        student = build(ModelSpec, {**student.model_dump(), "width": config.student_width}, "student_width")
     if config.epochs is not None:
         student_train = student_train.model_copy(update={"epochs": config.epochs})
     if config.teacher_epochs is not None:
@@ -113,7 +113,7 @@ def _train_or_load(
     done = directory / "history.json"
     if resume and done.exists():
         model, *_ = models.load(directory)
-        saved = json.loads(done.read_text())
+        saved = read_json(done, ("history", "seconds"))
         return Trained(model, saved["history"], saved["seconds"], directory)
     torch.manual_seed(init_seed)
     model = models.build(spec, problem.train.input_shape, problem.num_classes)

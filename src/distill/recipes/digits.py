@@ -52,6 +52,7 @@ def problem(config: ClassifyRunConfig, cache_dir: Path | None = None) -> Problem
         from sklearn.datasets import load_digits
     except ImportError:
         raise DistillError("the digits recipe needs scikit-learn: pip install scikit-learn") from None
+    specs = resolve_specs(config, TEACHER, STUDENT, TEACHER_TRAIN, STUDENT_TRAIN, LOSS)  # checked before any data
     bunch = load_digits()
     images = torch.tensor(bunch.images, dtype=torch.float32) / 16.0  # (1797, 8, 8) in [0, 1]
     labels = torch.tensor(bunch.target, dtype=torch.long)
@@ -76,5 +77,5 @@ def problem(config: ClassifyRunConfig, cache_dir: Path | None = None) -> Problem
         teacher_data=ArrayDataset(shifted(train_x), train_y.repeat(9)),
         num_classes=10,
         alone_batch_size=ALONE_BATCH,
-        **resolve_specs(config, TEACHER, STUDENT, TEACHER_TRAIN, STUDENT_TRAIN, LOSS),
+        **specs,
     )

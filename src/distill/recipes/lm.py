@@ -22,7 +22,7 @@ from torch import nn
 
 from distill import evaluate as ev
 from distill.config import LMJobConfig, LMRunConfig
-from distill.data import read_lines, read_table
+from distill.data import read_json, read_lines, read_table
 from distill.errors import DataError, DistillError
 from distill.lm_data import Example, LMDataset, read_examples, tokenize_examples
 from distill.models import count_parameters
@@ -225,7 +225,7 @@ def _fit(
     directory = output / "models" / name
     done = directory / "history.json"
     if resume and done.is_file():
-        return GPT2LMHeadModel.from_pretrained(directory).eval(), json.loads(done.read_text())
+        return GPT2LMHeadModel.from_pretrained(directory).eval(), read_json(done, ("history", "seconds", "steps"))
     result = train(
         gpt2(tokenizer, size, config.max_length, seed),
         data,

@@ -9,7 +9,6 @@ thrown away so that only the teacher labels them. The data set's authors report 
 from __future__ import annotations
 
 import hashlib
-import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 
 from distill.config import ClassifyRunConfig, LossConfig, ModelSpec, TrainConfig
-from distill.data import ArrayDataset
+from distill.data import ArrayDataset, load_checked_array, save_checked_array
 from distill.errors import DistillError
 from distill.recipes.classify import Problem, resolve_specs
 
@@ -67,22 +66,20 @@ def _standard_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 def transfer_inputs(size: int, seed: int, cache_dir: Path | None, workers: int = 2) -> np.ndarray:
     """`size` fresh MNIST-1D signals (labels discarded), generated in chunks by `workers` processes.
 
-    Chunk i uses generator seed 10_000 + 1_000 * seed + i, never the split's seed. Generation is deterministic, so the
-    result is kept in `cache_dir` (when given) and reused by later runs with the same seed and size.
+    Chunk i uses generator seed (10_000 + 1_000 * seed + i) mod 2^32, never the split's seed. Generation is
+    deterministic, so the result is kept in `cache_dir` (when given) with its sha256 beside it and reused by later
+    runs with the same seed and size; a kept file that fails its checksum is generated again and replaced.
     """
     if size == 0:
         return np.zeros((0, 40), np.float32)
     key = hashlib.sha256(f"mnist1d-transfer-v1-{size}-{seed}-{CHUNK}".encode()).hexdigest()[:16]
     path = cache_dir / "mnist1d" / f"transfer-{key}.npy" if cache_dir is not None else None
-    if path is not None and path.exists():
-        try:
-            cached = np.load(path)
-            if cached.shape == (size, 40):
-                return cached
-        except (ValueError, OSError):
-            pass  # a damaged cache file is regenerated below
+    if path is not None:
+        cached = load_checked_array(path)
+        if cached is not None and cached.shape == (size, 40) and cached.dtype == np.float32:
+            return cached
     sizes = [min(CHUNK, size - start) for start in range(0, size, CHUNK)]
-    seeds = [10_000 + 1_000 * seed + i for i in range(len(sizes))]
+    seeds = [(10_000 + 1_000 * seed + i) % 2**32 for i in range(len(sizes))]  # numpy's seeds are 32-bit
     if workers > 1 and len(sizes) > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             parts = list(pool.map(_generate, sizes, seeds))
@@ -90,10 +87,7 @@ def transfer_inputs(size: int, seed: int, cache_dir: Path | None, workers: int =
         parts = [_generate(n, s) for n, s in zip(sizes, seeds)]
     inputs = np.concatenate([p[0] for p in parts])
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")  # processes building it at once do not collide
-        np.save(tmp, inputs)
-        tmp.replace(path)
+        save_checked_array(path, inputs)
     return inputs
 
 
@@ -103,6 +97,7 @@ def problem(config: ClassifyRunConfig, cache_dir: Path | None = None) -> Problem
         import mnist1d  # noqa: F401
     except ImportError:
         raise DistillError("the mnist1d recipe needs the package mnist1d: pip install mnist1d") from None
+    specs = resolve_specs(config, TEACHER, STUDENT, TEACHER_TRAIN, STUDENT_TRAIN, LOSS)  # checked before any data
     x, y, x_test, y_test = _standard_split()
     if config.train_size is not None:
         if config.train_size > len(x):
@@ -120,6 +115,6 @@ def problem(config: ClassifyRunConfig, cache_dir: Path | None = None) -> Problem
         test=ArrayDataset(torch.from_numpy(x_test), torch.from_numpy(y_test)),
         transfer=ArrayDataset(torch.from_numpy(transfer), torch.full((len(transfer),), -100)),
         num_classes=10,
-        **resolve_specs(config, TEACHER, STUDENT, TEACHER_TRAIN, STUDENT_TRAIN, LOSS),
+        **specs,
         alone_batch_size=ALONE_BATCH,
     )

@@ -35,6 +35,7 @@ from torch import nn
 
 from distill import evaluate as ev
 from distill.config import LossConfig, ReasoningRunConfig, TrainConfig
+from distill.data import read_json
 from distill.errors import DistillError
 from distill.generate.cot import QUESTION_ONLY_TEMPLATE, build_prompt, read_traces, split_traces, write_split
 from distill.generate.problems import answer_only, make_problems, split_problems
@@ -126,7 +127,9 @@ def fit(
     directory = output / "models" / name
     done = directory / "history.json"
     if resume and done.is_file():
-        return GPT2LMHeadModel.from_pretrained(directory).eval(), json.loads(done.read_text())
+        return GPT2LMHeadModel.from_pretrained(directory).eval(), read_json(
+            done, ("history", "seconds", "steps", "rows")
+        )
     result = train(
         fresh_gpt2(tokenizer, size, max_length, seed),
         data,
@@ -297,7 +300,7 @@ def api_cache(
         built = cache_from_generated(output / "traces" / "verified.jsonl", tokenizer, directory, max_length=max_length)
         summary_path.write_text(json.dumps(built.to_json()))
     cache = TokenCache(directory, expect={"data_id": data.fingerprint(), "temperature": 1.0})
-    return cache, json.loads(summary_path.read_text())
+    return cache, read_json(summary_path)
 
 
 def evaluate_models(

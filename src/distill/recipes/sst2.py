@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from torch import nn
 from distill import evaluate as ev
 from distill.augment import augment
 from distill.config import LossConfig, Sst2RunConfig, TrainConfig
-from distill.data import IGNORE, TextDataset, concat_text, read_table, tokenize
+from distill.data import IGNORE, TextDataset, concat_text, read_json, read_table, sha256_file, tokenize
 from distill.errors import DataError
 from distill.models import count_parameters
 from distill.progress import NULL, Reporter
@@ -77,7 +78,9 @@ def fine_tune_teacher(
     cache_dir: Path,
     reporter: Reporter,
 ) -> tuple[nn.Module, Path, dict[str, Any]]:
-    """The fine-tuned teacher, trained once per (teacher, data sample, settings) and kept in the cache directory."""
+    """The fine-tuned teacher, trained once per (teacher, data sample, settings) and kept in the cache directory
+    with the sha256 of each of its files; a kept teacher whose files fail the check is fine-tuned again (the
+    fine-tuning is deterministic: nothing is lost)."""
     key = hashlib.sha256(
         json.dumps(
             [
@@ -93,7 +96,14 @@ def fine_tune_teacher(
     directory = cache_dir / "sst2-teachers" / key
     done = directory / "fine_tune.json"
     if done.is_file():
-        return hf.load_classifier(directory, 2), directory, json.loads(done.read_text())
+        try:
+            kept = read_json(done, ("history", "seconds", "files"))
+        except DataError:
+            kept = None  # a record cut short or from an older version: fine-tuned again below
+        if kept is not None and kept["files"] == _checksums(directory):
+            return hf.load_classifier(directory, 2), directory, kept
+        shutil.rmtree(directory)
+    torch.manual_seed(config.seed)  # the new classification head: the same teacher for the same key, every time
     model = hf.load_classifier(config.teacher, 2, cache_dir)
     result = train(
         model,
@@ -107,9 +117,17 @@ def fine_tune_teacher(
     )
     model.save_pretrained(directory)  # type: ignore[operator]
     tokenizer.save_pretrained(directory)
-    info = {"history": result.history, "seconds": result.seconds}
-    done.write_text(json.dumps(info))
+    info = {"history": result.history, "seconds": result.seconds, "files": _checksums(directory)}
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps(info))
+    tmp.replace(done)
     return result.model, directory, info
+
+
+def _checksums(directory: Path) -> dict[str, str]:
+    """sha256 of every file directly in `directory` but the record that lists them (and its temporary copy)."""
+    skip = ("fine_tune.json", "fine_tune.tmp")
+    return {p.name: sha256_file(p) for p in sorted(directory.iterdir()) if p.is_file() and p.name not in skip}
 
 
 def _train_student(
@@ -130,7 +148,7 @@ def _train_student(
     directory = output / "students" / name
     done = directory / "history.json"
     if resume and done.is_file():
-        saved = json.loads(done.read_text())
+        saved = read_json(done, ("history", "seconds"))
         return load(directory), saved["history"], saved["seconds"]
     result = train(
         model,

@@ -21,7 +21,7 @@ from torch import nn
 
 from distill import evaluate as ev
 from distill.config import FeatureLoss, LossConfig, StsbRunConfig
-from distill.data import TextDataset, read_lines, read_table, tokenize
+from distill.data import TextDataset, read_json, read_lines, read_table, tokenize
 from distill.errors import DataError
 from distill.features import FeatureDistiller, hook_names
 from distill.models import count_parameters
@@ -164,7 +164,7 @@ def run_stsb(
         student = SentenceEncoder(transformer)
         if resume and done.exists():
             student = SentenceEncoder(hf.load_encoder(directory))
-            history = json.loads(done.read_text())
+            history = read_json(done)
         else:
             pairs = feature_pairs(derivation.layers, total_layers, config)
             features = FeatureDistiller.build(pairs, student, teacher, example)
