@@ -236,6 +236,21 @@ def test_the_batcher_skips_a_job_cancelled_while_it_waits(model_dir, monkeypatch
     assert second.cancelled and second.finish_reason == "cancelled" and second.generated == 0
 
 
+def test_a_request_larger_than_a_batch_is_split_into_batches(model_dir, monkeypatch):
+    """No batch outgrows max_batch_size, whatever n x prompts a request asks (its KV cache is bounded by it)."""
+    from fastapi.testclient import TestClient
+
+    sizes = []
+    generate = Engine.generate
+    monkeypatch.setattr(Engine, "generate", lambda self, rows: sizes.append(len(rows)) or generate(self, rows))
+    body = {"model": "tiny", "prompt": ["the movie was", "a dog"], "n": 3, "max_tokens": 5, "temperature": 0}
+    with TestClient(create_app(model_dir, model_name="tiny", max_batch_size=2, batch_wait_ms=1)) as small:
+        choices = small.post("/v1/completions", json=body).json()["choices"]
+        alone = [small.post("/v1/completions", json=body | {"prompt": p, "n": 1}).json() for p in body["prompt"]]
+    assert sizes == [2, 2, 2, 1, 1]  # the six rows in three batches, then each prompt alone
+    assert [c["text"] for c in choices] == [a["choices"][0]["text"] for a in alone for _ in range(3)]
+
+
 @pytest.fixture
 def slow_steps(monkeypatch):
     """Every forward step of a served model takes STEP_SECONDS and never picks end-of-sequence (generation runs to

@@ -17,7 +17,8 @@ before tokenizing it: a fast tokenizer holds some 45 to 125 bytes per character 
 180 to 510 MB at their peak), and no sensible prompt that long fits the context.
 
 `Batcher` collects submitted rows for up to `wait_ms` after the first arrives, up to `max_batch_size` rows (a request
-with more rows runs alone), and runs them with `Engine.generate` in a worker thread, so the event loop stays free.
+with more rows is split into batches of that size, so no batch outgrows it), and runs them with `Engine.generate` in
+a worker thread, so the event loop stays free.
 Cancelling a `Batcher.run` call cancels its rows: a job whose rows are all cancelled before its batch starts is
 skipped, and in a running batch they end at the next step while the rows batched with them go on.
 """
@@ -312,13 +313,17 @@ class Batcher:
         if self._queue is None or self._task is None or self._task.done() or self._loop is not loop:
             self._loop, self._queue = loop, asyncio.Queue()
             self._task = loop.create_task(self._work(self._queue))
-        job = _Job(rows, loop.create_future())
-        self._queue.put_nowait(job)
+        jobs = [
+            _Job(rows[i : i + self.max_batch_size], loop.create_future())
+            for i in range(0, len(rows), self.max_batch_size)
+        ]
+        for job in jobs:
+            self._queue.put_nowait(job)
         try:
-            await asyncio.shield(job.done)  # a cancelled request does not cancel the batch it is in...
+            await asyncio.shield(asyncio.gather(*(job.done for job in jobs)))  # a cancelled request does not cancel...
         except asyncio.CancelledError:
             for row in rows:
-                row.cancelled = True  # ...but its own rows stop
+                row.cancelled = True  # ...the batch it is in, but its own rows stop
             raise
 
     async def close(self) -> None:
