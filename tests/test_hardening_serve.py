@@ -435,6 +435,9 @@ GENERATE_BAD = [
     (["--timeout", "-1"], "--timeout"),
     (["--price-input", "inf"], "--price-input"),
     (["--concurrency", "0"], "--concurrency"),
+    (["--seed", str(2**32)], "--seed"),  # distill.config's MAX_SEED, as the service's generate jobs
+    (["--seed", "-1"], "--seed"),
+    (["--max-retries", "21"], "--max-retries"),
 ]
 
 

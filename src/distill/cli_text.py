@@ -2,8 +2,9 @@
 
 Registered on the main app by `distill.cli`; like every command, each one parses its options and makes one library
 call. The teacher API key is read here, from the environment variable named by `--api-key-env`, never from a file.
-Every number an option takes is bounded (and a float must be finite): a value out of range ends the command with
-one line `error: Invalid value for '--option': ...` and exit status 2, through `distill.cli.main`.
+Every number an option takes is bounded (and a float must be finite), with the bounds of `distill.config` where it
+has one: a value out of range ends the command with one line `error: Invalid value for '--option': ...` and exit
+status 2, through `distill.cli.main`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Optional
 
 import typer
 
+from distill import config as cfg
 from distill.cli import RichReporter, app, err, out
 from distill.errors import DistillError
 
@@ -101,10 +103,10 @@ def generate(
     n: int = typer.Option(1, min=1, max=128, help="Samples per prompt."),
     temperature: float = typer.Option(1.0, callback=between(0, 2), help="Sampling temperature (0 = greedy)."),
     top_p: float = typer.Option(1.0, callback=between(0, 1, above=True), help="Nucleus sampling mass."),
-    max_tokens: Optional[int] = typer.Option(None, min=1, max=1_000_000, help="Tokens per answer at most."),
+    max_tokens: Optional[int] = typer.Option(None, min=1, max=cfg.MAX_LENGTH, help="Tokens per answer at most."),
     stop: list[str] = typer.Option([], help="Stop string (repeatable)."),
     seed: Optional[int] = typer.Option(
-        None, min=-(2**63), max=2**63 - 1, help="Seed sent to the server (sample i uses seed + i)."
+        None, min=0, max=cfg.MAX_SEED, help="Seed sent to the server (sample i uses seed + i)."
     ),
     top_logprobs: Optional[int] = typer.Option(
         None,
@@ -115,12 +117,12 @@ def generate(
     cot: bool = typer.Option(False, "--cot", help="Ask for step-by-step reasoning ending in '#### <answer>'."),
     template: Optional[str] = typer.Option(None, help="A prompt template with {question} (overrides --cot's)."),
     endpoint: str = typer.Option("chat", help="chat (messages) or completions (raw prompt)."),
-    concurrency: int = typer.Option(16, min=1, max=4096, help="Requests in flight at most."),
+    concurrency: int = typer.Option(16, min=1, max=cfg.MAX_WORKERS, help="Requests in flight at most."),
     timeout: float = typer.Option(
-        120.0, callback=between(0, 86_400, above=True), help="Seconds a response may take before it is retried."
+        120.0, callback=between(0, 3600, above=True), help="Seconds a response may take before it is retried."
     ),
     max_retries: int = typer.Option(
-        6, min=0, max=100, help="Retries per request (429, 5xx, timeouts, malformed answers)."
+        6, min=0, max=20, help="Retries per request (429, 5xx, timeouts, malformed answers)."
     ),
     price_input: float = typer.Option(
         0.0, callback=between(0, 1e6), help="Price per million prompt tokens, for the cost figure."
@@ -128,7 +130,7 @@ def generate(
     price_output: float = typer.Option(
         0.0, callback=between(0, 1e6), help="Price per million completion tokens, for the cost figure."
     ),
-    limit: Optional[int] = typer.Option(None, min=0, help="Only the first N prompts."),
+    limit: Optional[int] = typer.Option(None, min=0, max=cfg.MAX_ROWS, help="Only the first N prompts."),
 ) -> None:
     """Ask a teacher behind an OpenAI-compatible API for answers and keep them as training data.
 
@@ -170,7 +172,9 @@ def traces(
     generated: Path = typer.Argument(..., help="The JSONL written by `distill generate --cot`."),
     output: Path = typer.Option(..., "--output", "-o", help="Folder for verified.jsonl, rejected.jsonl, summary.json."),
     mode: str = typer.Option("auto", help="How answers compare: auto, exact, numeric or choice."),
-    max_per_question: Optional[int] = typer.Option(None, min=1, help="Verified traces kept per question at most."),
+    max_per_question: Optional[int] = typer.Option(
+        None, min=1, max=cfg.MAX_ROWS, help="Verified traces kept per question at most."
+    ),
     dedupe: bool = typer.Option(True, help="Drop verified traces identical to one already kept."),
 ) -> None:
     """Verify reasoning traces: extract each final answer (#### x, \\boxed{x}, Answer: x), compare it with the gold
