@@ -44,6 +44,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -397,6 +398,58 @@ def _include_usage(body: _Request) -> bool:
     return body.stream_options is not None and body.stream_options.include_usage
 
 
+@dataclass(frozen=True)
+class _Model:
+    """What the routes of one served model share."""
+
+    name: str
+    engine: Engine
+    batcher: Batcher
+    limits: ServeLimits
+
+    def check(self, requested: str) -> None:
+        if requested != self.name:
+            message = f"the model {requested!r} does not exist; this server serves {self.name!r}"
+            raise APIError(404, message, "model_not_found", param="model")
+
+
+async def _chat(model: _Model, body: ChatRequest, request: Request) -> Response:
+    """POST /v1/chat/completions: limits, then the template and tokens (in a thread), then generation."""
+    model.check(body.model)
+    max_tokens, param = body.token_limit()
+    check_limits(model.limits, 1, body.n or 1, max_tokens, param)
+    engine = model.engine
+    text, special = await asyncio.to_thread(chat_prompt, engine.tokenizer, body.messages)
+    (prompt,) = await asyncio.to_thread(_encode, engine, [text], special, max_tokens, "messages", param)
+    top = (body.top_logprobs or 0) if body.logprobs else None
+    rows = _rows(engine, [prompt], body, max_tokens, model.limits.max_tokens, top)
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model.name}
+    if body.stream:
+        return _chat_stream(model.batcher, rows, head, top, len(prompt), _include_usage(body))
+    if not await _generated(request, model.batcher, rows):
+        return Response(status_code=CLIENT_GONE)
+    return await asyncio.to_thread(_chat_response, head, rows, top, len(prompt))
+
+
+async def _complete(model: _Model, body: CompletionRequest, request: Request) -> Response:
+    """POST /v1/completions: limits, then the tokens (in a thread), then generation."""
+    model.check(body.model)
+    texts, n = [body.prompt] if isinstance(body.prompt, str) else body.prompt, body.n or 1
+    check_limits(model.limits, len(texts), n, body.max_tokens)
+    engine = model.engine
+    prompts = await asyncio.to_thread(_encode, engine, texts, True, body.max_tokens, "prompt", "max_tokens")
+    rows = _rows(engine, prompts, body, body.max_tokens, min(16, model.limits.max_tokens), body.logprobs)
+    starts = [len(texts[i // n]) for i in range(len(rows))]  # legacy text_offset counts the prompt
+    prompt_tokens, want = sum(len(ids) for ids in prompts), body.logprobs is not None
+    head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time())}
+    head["model"] = model.name
+    if body.stream:
+        return _completion_stream(model.batcher, rows, head, want, starts, prompt_tokens, _include_usage(body))
+    if not await _generated(request, model.batcher, rows):
+        return Response(status_code=CLIENT_GONE)
+    return await asyncio.to_thread(_completion_response, head, rows, want, starts, prompt_tokens)
+
+
 def create_app(
     model_path: str | Path,
     *,
@@ -419,24 +472,20 @@ def create_app(
         engine = Engine(load_causal_lm(model_path), tokenizer, device)
     except (RuntimeError, ValueError, AssertionError) as error:
         raise DistillError(f"cannot serve {model_path} on {device}: {str(error).splitlines()[0]}") from None
-    batcher = Batcher(engine, max_batch_size, batch_wait_ms)
-    name, created = model_name or Path(str(model_path)).name, int(time.time())
-    card = {"id": name, "object": "model", "created": created, "owned_by": "distill"}
+    model = _Model(
+        model_name or Path(str(model_path)).name, engine, Batcher(engine, max_batch_size, batch_wait_ms), limits
+    )
+    card = {"id": model.name, "object": "model", "created": int(time.time()), "owned_by": "distill"}
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
-        await batcher.close()
+        await model.batcher.close()
 
-    app = FastAPI(title=f"distill serve: {name}", lifespan=lifespan)
+    app = FastAPI(title=f"distill serve: {model.name}", lifespan=lifespan)
     app.add_exception_handler(APIError, _error_response)
     install_error_handlers(app)
     app.add_middleware(RequestGuard, max_bytes=limits.max_body_bytes)
-
-    def check_model(requested: str) -> None:
-        if requested != name:
-            message = f"the model {requested!r} does not exist; this server serves {name!r}"
-            raise APIError(404, message, "model_not_found", param="model")
 
     @app.get("/v1/models")
     def list_models() -> dict[str, Any]:
@@ -444,41 +493,16 @@ def create_app(
 
     @app.get("/v1/models/{model_id:path}")
     def get_model(model_id: str) -> dict[str, Any]:
-        check_model(model_id)
+        model.check(model_id)
         return card
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatRequest, request: Request) -> Response:
-        check_model(body.model)
-        max_tokens, param = body.token_limit()
-        check_limits(limits, 1, body.n or 1, max_tokens, param)
-        text, special = await asyncio.to_thread(chat_prompt, tokenizer, body.messages)
-        (prompt,) = await asyncio.to_thread(_encode, engine, [text], special, max_tokens, "messages", param)
-        top = (body.top_logprobs or 0) if body.logprobs else None
-        rows = _rows(engine, [prompt], body, max_tokens, limits.max_tokens, top)
-        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
-        if body.stream:
-            return _chat_stream(batcher, rows, head, top, len(prompt), _include_usage(body))
-        if not await _generated(request, batcher, rows):
-            return Response(status_code=CLIENT_GONE)
-        return await asyncio.to_thread(_chat_response, head, rows, top, len(prompt))
+        return await _chat(model, body, request)
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        check_model(body.model)
-        texts, n = [body.prompt] if isinstance(body.prompt, str) else body.prompt, body.n or 1
-        check_limits(limits, len(texts), n, body.max_tokens)
-        prompts = await asyncio.to_thread(_encode, engine, texts, True, body.max_tokens, "prompt", "max_tokens")
-        rows = _rows(engine, prompts, body, body.max_tokens, min(16, limits.max_tokens), body.logprobs)
-        starts = [len(texts[i // n]) for i in range(len(rows))]  # legacy text_offset counts the prompt
-        prompt_tokens, want = sum(len(ids) for ids in prompts), body.logprobs is not None
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time())}
-        head["model"] = name
-        if body.stream:
-            return _completion_stream(batcher, rows, head, want, starts, prompt_tokens, _include_usage(body))
-        if not await _generated(request, batcher, rows):
-            return Response(status_code=CLIENT_GONE)
-        return await asyncio.to_thread(_completion_response, head, rows, want, starts, prompt_tokens)
+        return await _complete(model, body, request)
 
     return app
 
