@@ -228,6 +228,8 @@ def install_error_handlers(app: Any) -> None:
         for item in error.errors():
             loc = [str(p) for p in item["loc"]]
             where = ".".join(loc[1:] if loc and loc[0] in ("body", "query", "path", "header") else loc) or "body"
+            if item.get("type") == "json_invalid":  # its location is a character offset, not a field
+                where = "body"
             problems.append((where, item["msg"]))
         where, message = problems[0] if problems else ("body", "invalid request")
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""

@@ -18,6 +18,7 @@ from distill.cli import app, out
 from distill.errors import DistillError
 from distill.service import settings as service_settings
 
+LIMITS = ServeLimits()  # the defaults of the inference limits
 DATA_DIR_HELP = "Folder holding the store (SQLite), uploads and job outputs; the service and its workers share it."
 
 service_app = typer.Typer(
@@ -53,11 +54,18 @@ def service(
         512, min=1, max=1024 * 1024, help="Largest uploaded file, in MiB (an .npz also once unpacked)."
     ),
     max_body_kb: int = typer.Option(1024, min=1, max=1024 * 1024, help="Largest JSON request body, in KiB."),
-    max_prompts: int = typer.Option(256, min=1, max=1_000_000, help="Prompts in one inference request."),
-    max_n: int = typer.Option(128, min=1, max=1_000_000, help="Choices per prompt (n) in one inference request."),
-    max_tokens: int = typer.Option(4096, min=1, max=10_000_000, help="Tokens generated per choice, at most."),
+    max_prompts: int = typer.Option(LIMITS.max_prompts, min=1, max=1_000_000, help="Prompts in one inference request."),
+    max_n: int = typer.Option(
+        LIMITS.max_n, min=1, max=1_000_000, help="Choices per prompt (n) in one inference request."
+    ),
+    max_tokens: int = typer.Option(
+        LIMITS.max_tokens, min=1, max=10_000_000, help="Tokens generated per choice, at most."
+    ),
     max_sequences: int = typer.Option(
-        512, min=1, max=1_000_000, help="Prompts x n in one inference request (the rows it adds to a batch)."
+        LIMITS.max_sequences,
+        min=1,
+        max=1_000_000,
+        help="Prompts x n in one inference request (the rows it adds to a batch).",
     ),
     access_log: bool = typer.Option(False, help="Log every request."),
 ) -> None:
