@@ -193,6 +193,7 @@ def test_every_number_in_every_config_is_bounded_and_finite():
         (cfg.Sst2RunConfig, {"max_length": 7}),
         (cfg.LMRunConfig, {"vocab_size": 299}),
         (cfg.LMRunConfig, {"max_length": 600}),
+        (cfg.LMRunConfig, {"vocab_size": 1000, "top_k": 1001}),
         (cfg.LMJobConfig, {"student": "s", "data": "d", "max_length": 7}),
         (cfg.ReasoningRunConfig, {"max_length": 31}),
         (cfg.ReasoningRunConfig, {"steps": [7]}),

@@ -328,6 +328,14 @@ class LMRunConfig(Strict):
     )
     seed: Seed = 0
 
+    @field_validator("top_k")
+    @classmethod
+    def _top_k_within_vocabulary(cls, top_k: int, info: ValidationInfo) -> int:
+        vocab_size = info.data.get("vocab_size")
+        if vocab_size is not None and top_k > vocab_size:
+            raise ValueError(f"top_k {top_k:,} is more than the vocabulary's {vocab_size:,} tokens")
+        return top_k
+
     @field_validator("teacher", "student")
     @classmethod
     def _bounded_model(cls, size: dict[str, int], info: ValidationInfo) -> dict[str, int]:
