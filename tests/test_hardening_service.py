@@ -71,7 +71,10 @@ def bomb_npz(path: Path, values: int) -> None:
     """An .npz whose one float64 array of `values` zeros compresses to almost nothing (streamed: never in memory)."""
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False, "shape": (values,)})
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive, archive.open("x.npy", "w", force_zip64=True) as out:
+    with (
+        zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive,
+        archive.open("x.npy", "w", force_zip64=True) as out,
+    ):
         out.write(header.getvalue())
         block = bytes(8 * 1024 * 1024)
         for start in range(0, values * 8, len(block)):
@@ -233,9 +236,9 @@ def test_decompression_bombs_are_refused_from_their_headers(open_service, tmp_pa
 def test_bad_text_uploads_name_the_problem(open_service):
     with open_service.client() as client:
         deep = ('{"prompt": ' + nested(100_000) + "}\n").encode()
-        assert "more than 64 deep" in error_of(client.post("/v1/files", files={"file": ("d.jsonl", deep)}), 422)[
-            "message"
-        ]
+        assert (
+            "more than 64 deep" in error_of(client.post("/v1/files", files={"file": ("d.jsonl", deep)}), 422)["message"]
+        )
         latin = b'{"prompt": "caf\xe9"}\n'
         assert "not UTF-8" in error_of(client.post("/v1/files", files={"file": ("l.jsonl", latin)}), 422)["message"]
         latin_csv = b"a,label\n0.5,\xff\n"
@@ -263,7 +266,14 @@ def test_event_positions_beyond_64_bits_are_a_422(open_service):
         events = f"/v1/jobs/{job}/events"
         assert error_of(client.get(events, params={"after": 2**64}), 422)["param"] == "after"
         assert client.get(events, params={"after": 2**63 - 1}).json()["data"] == []
-        for header in (b"9" * 30, b"\xb2", b"\xb9\xb2", "\u0661\u0662".encode(), b"-1", b"1e3"):  # \xb2: a 2 superscript
+        for header in (
+            b"9" * 30,
+            b"\xb2",
+            b"\xb9\xb2",
+            "\u0661\u0662".encode(),
+            b"-1",
+            b"1e3",
+        ):  # \xb2: a 2 superscript
             answer = client.get(events, headers={"Last-Event-ID": header})
             assert error_of(answer, 422)["param"] == "Last-Event-ID", header
         assert error_of(client.get(f"/ui/jobs/{job}/events", params={"after": 2**70}), 422)

@@ -275,7 +275,8 @@ def parse(kind: str, raw: Any, settings: Settings, resolver: Resolver) -> BaseMo
         first = error.errors()[0]
         where = ".".join(["config", *(str(p) for p in first["loc"])])
         others = f" (and {len(error.errors()) - 1} more)" if len(error.errors()) > 1 else ""
-        raise ServiceError(422, f"{where}: {first['msg']}{others}", param=where) from None
+        message = first["msg"].removeprefix("Value error, ")  # a validator's own sentence, as the CLI shows it
+        raise ServiceError(422, f"{where}: {message}{others}", param=where) from None
     if spec.check is not None:
         spec.check(config, settings)
     return config
