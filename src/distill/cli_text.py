@@ -53,18 +53,18 @@ def serve(
     batch_wait_ms: float = typer.Option(
         5.0, callback=between(0, 10_000), help="How long a request waits for others to share its batch."
     ),
-    max_body_mb: Optional[int] = typer.Option(None, min=1, max=1024, help="Largest request body in MiB [default: 4]."),
+    max_body_mb: Optional[int] = typer.Option(None, min=1, max=1024, help="Largest request body in MiB (default: 4)."),
     max_prompts: Optional[int] = typer.Option(
-        None, min=1, max=1_000_000, help="Prompts per completions request at most [default: 256]."
+        None, min=1, max=1_000_000, help="Prompts per completions request at most (default: 256)."
     ),
     max_n: Optional[int] = typer.Option(
-        None, min=1, max=1_000_000, help="Choices (n) per prompt at most [default: 128]."
+        None, min=1, max=1_000_000, help="Choices (n) per prompt at most (default: 128)."
     ),
     max_tokens: Optional[int] = typer.Option(
-        None, min=1, max=1_000_000, help="Tokens generated per choice at most [default: 4096]."
+        None, min=1, max=1_000_000, help="Tokens generated per choice at most (default: 4096)."
     ),
     max_sequences: Optional[int] = typer.Option(
-        None, min=1, max=1_000_000, help="Prompts x n per request at most [default: 512]."
+        None, min=1, max=1_000_000, help="Prompts x n per request at most (default: 512)."
     ),
 ) -> None:
     """Serve a local model behind an OpenAI-compatible API: /v1/models, /v1/chat/completions, /v1/completions.
