@@ -228,3 +228,32 @@ def stop_all(*processes: Service | Worker | None) -> None:
 
 def interrupt(process: subprocess.Popen) -> None:
     process.send_signal(signal.SIGINT)
+
+
+def finished_job(data_dir: Path, config: dict | None = None, name: str | None = None) -> tuple[str, Path]:
+    """A job recorded as succeeded straight into the store of the service in `data_dir`, without running it: its id
+    and its (new, empty) output folder, for the test to fill with what the job would have produced."""
+    from distill.service import db, jobs
+    from distill.service.refs import job_output
+    from distill.service.settings import Settings
+
+    settings = Settings(data_dir=data_dir)
+    engine = db.open_engine(settings.url, pool_size=1)
+    job, _ = jobs.create(engine, "recipe", config or {}, name=name, created_by="local", idempotency_key=None)
+    with db.write(engine) as connection:
+        update = db.jobs.update().where(db.jobs.c.id == job["id"])
+        connection.execute(update.values(status="succeeded", finished_at=time.time()))
+    engine.dispose()
+    output = job_output(settings, job["id"])
+    output.mkdir(parents=True)
+    return str(job["id"]), output
+
+
+def finished_lm_job(data_dir: Path) -> str:
+    """A job that produced a tiny random GPT-2 student (training one through the lm recipe takes a minute; tests of
+    the kinds and of serving only need a finished job's causal LM)."""
+    from conftest import tiny_gpt2
+
+    job_id, output = finished_job(data_dir, {"recipe": "lm"}, "tiny-lm")
+    tiny_gpt2(output / "student")
+    return job_id

@@ -545,9 +545,9 @@ def running(app):
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     pytest.importorskip("sqlalchemy")
+    from _service import finished_lm_job
     from distill.service.app import create_app as service_app
     from distill.service.settings import Settings
-    from test_service_kinds import finished_lm_job
 
     data = tmp_path_factory.mktemp("service") / "data"
     settings = Settings(data_dir=data, serve_limits=SERVICE_LIMITS).prepare()

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from _rss import MB, PeakRss
-from _service import Service, Worker, distill_cli, wait_status
-from distill.service import db, jobs
+from _service import Service, Worker, distill_cli, finished_job, wait_status
+from distill.service import db
 from distill.service.settings import Settings
 
 MEMORY_BOUND = 64 * MB
@@ -305,36 +305,28 @@ def test_dashboard_pages_carry_security_headers(open_service):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def finished_job(service: Service, files: dict[str, str | Path]) -> str:
-    """A job marked succeeded in the service's store, whose output folder holds `files` (text, or a Path: a
-    symlink to it)."""
-    settings = Settings(data_dir=service.data_dir)
-    engine = db.open_engine(settings.url, pool_size=1)
-    job, _ = jobs.create(engine, "recipe", {}, name=None, created_by="local", idempotency_key=None)
-    with db.write(engine) as connection:
-        connection.execute(db.jobs.update().where(db.jobs.c.id == job["id"]).values(status="succeeded"))
-    engine.dispose()
-    output = settings.jobs_dir / job["id"] / "output"
-    output.mkdir(parents=True)
+def finished_job_with(service: Service, files: dict[str, str | Path]) -> str:
+    """A job recorded as succeeded whose output folder holds `files` (text, or a Path: a symlink to it)."""
+    job_id, output = finished_job(service.data_dir)
     for name, content in files.items():
         if isinstance(content, Path):
             (output / name).symlink_to(content)
         else:
             (output / name).write_text(content)
-    return str(job["id"])
+    return job_id
 
 
 def test_report_files_are_never_read_through_a_link(open_service, tmp_path):
     secret = tmp_path / "secret.txt"
     secret.write_text("outside the job folder")
-    linked = finished_job(open_service, {"report.md": secret, "metrics.json": secret, "report.html": secret})
+    linked = finished_job_with(open_service, {"report.md": secret, "metrics.json": secret, "report.html": secret})
     with open_service.client() as client:
         for fmt in ("md", "html", "json"):
             answer = client.get(f"/v1/jobs/{linked}/report", params={"format": fmt})
             assert error_of(answer, 404)["code"] == "not_found" and "outside" not in answer.text, fmt
-        plain = finished_job(open_service, {"report.md": "# fine", "metrics.json": '{"a": 1}'})
+        plain = finished_job_with(open_service, {"report.md": "# fine", "metrics.json": '{"a": 1}'})
         assert client.get(f"/v1/jobs/{plain}/report").json()["metrics"] == {"a": 1}
-        broken = finished_job(open_service, {"metrics.json": nested(50_000)})
+        broken = finished_job_with(open_service, {"metrics.json": nested(50_000)})
         assert error_of(client.get(f"/v1/jobs/{broken}/report"), 409)
 
 

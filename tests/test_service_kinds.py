@@ -6,36 +6,16 @@ and (slow) the `lm` recipe as a job."""
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 from openai import OpenAI
 
 from _fake_openai import fake_openai
-from _service import Service, Worker, stop_all, wait_status
-from conftest import tiny_gpt2
-from distill.service import db, jobs
-from distill.service.refs import job_output
-from distill.service.settings import Settings
+from _service import Service, Worker, finished_lm_job, stop_all, wait_status
 from test_service_e2e import mnist1d_csv
 
 ROWS = [{"prompt": f"the {noun} was", "completion": f"{adjective} and fun"}
         for noun in ("movie", "film", "story", "plot") for adjective in ("great", "good", "bad", "dull", "funny")]  # fmt: skip
-
-
-def finished_lm_job(data_dir) -> str:
-    """A job that produced a tiny random GPT-2 student, recorded straight into the store (training one through the
-    lm recipe takes a minute; the kinds below only need a finished job's causal LM)."""
-    settings = Settings(data_dir=data_dir)
-    engine = db.open_engine(settings.url, pool_size=1)
-    job, _ = jobs.create(engine, "recipe", {"recipe": "lm"}, name="tiny-lm", created_by="local", idempotency_key=None)
-    tiny_gpt2(job_output(settings, job["id"]) / "student")
-    with db.write(engine) as connection:
-        connection.execute(
-            db.jobs.update().where(db.jobs.c.id == job["id"]).values(status="succeeded", finished_at=time.time())
-        )
-    engine.dispose()
-    return job["id"]
 
 
 @pytest.fixture(scope="module")
