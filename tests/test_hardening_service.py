@@ -372,3 +372,23 @@ def test_json_parse_of_the_api_never_recurses(open_service):
     with open_service.client() as client:
         body = json.dumps({"kind": "recipe", "config": {"loss": json.loads(nested(60))}})
         assert error_of(client.post("/v1/jobs", content=body, headers={"content-type": "application/json"}), 422)
+
+
+def test_absurd_job_parameters_are_refused_at_creation(open_service):
+    """What a job would have accepted and then run for ever, or failed with an internal error: a 422 naming the
+    field, before anything is queued."""
+    cases = [
+        ({"transfer_size": 10**12}, "config.transfer_size"),
+        ({"epochs": 10**30}, "config.epochs"),
+        ({"student": {"family": "mlp", "width": 65536, "depth": 64}}, "config.student"),
+        ({"seed": 10**30}, "config.seed"),
+        ({"teachers": 10**6}, "config.teachers"),
+    ]
+    with open_service.client() as client:
+        before = len(client.get("/v1/jobs", params={"limit": 1000}).json()["data"])
+        for config, field in cases:
+            assert error_of(client.post("/v1/jobs", json={"kind": "recipe", "config": config}), 422)["param"] == field
+        infinite = '{"kind": "recipe", "config": {"loss": {"temperature": Infinity}}}'
+        answer = client.post("/v1/jobs", content=infinite, headers={"content-type": "application/json"})
+        assert error_of(answer, 422)["param"] == "config.loss.temperature"
+        assert len(client.get("/v1/jobs", params={"limit": 1000}).json()["data"]) == before
