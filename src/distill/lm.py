@@ -21,13 +21,9 @@ from torch import Tensor, nn
 from distill.chunked import chunked_kd_and_ce
 from distill.config import LossConfig
 from distill.data import IGNORE
+from distill.distributed import is_fsdp, unwrap
 from distill.errors import DistillError, ShapeMismatchError
 from distill.teachers import Teacher, TeacherOutput
-
-
-def unwrap(model: nn.Module) -> Any:
-    """The model inside a DistributedDataParallel / FSDP wrapper (or the model itself)."""
-    return getattr(model, "module", model)
 
 
 def is_causal_lm(model: nn.Module) -> bool:
@@ -43,20 +39,11 @@ def hidden_states(model: nn.Module, inputs: dict[str, Tensor]) -> tuple[Tensor, 
     call goes to `model(..., output_hidden_states=True)` only when the base cannot be reached directly."""
     inner: Any = unwrap(model)
     head = inner.get_output_embeddings()
-    if inner is model and not _sharded(model):
+    if inner is model and not is_fsdp(model):  # FSDP gathers the parameters in its root forward only
         base = getattr(inner, str(inner.base_model_prefix))
         return base(**inputs).last_hidden_state, head
     output = model(**inputs, output_hidden_states=True)
     return output.hidden_states[-1], head
-
-
-def _sharded(model: nn.Module) -> bool:
-    """FSDP gathers a sharded model's parameters in its root forward: the base alone cannot be called."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - torch without FSDP2
-        return False
-    return isinstance(model, FSDPModule)
 
 
 def lm_terms(
