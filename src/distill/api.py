@@ -69,7 +69,8 @@ def distill(
 ) -> TrainResult:
     """Distill `teacher` into `student` on labeled `data` plus unlabeled `transfer` inputs; return the result.
 
-    Loss: alpha * T^2 * divergence(teacher_T || student_T) + (1 - alpha) * CE(labels) (labels only where given).
+    Loss: Hinton's mix of the divergence at temperature T and the labels' cross-entropy, weighted by alpha
+    (`distill.losses.hinton_terms`, `hinton_weights`; labels only where given).
     `test`, when given, is evaluated after every epoch (`test_accuracy` in the history).
     """
     labeled = _as_dataset(data, "data")

@@ -53,7 +53,7 @@ def chunked_token_loss(
     its term of the loss is computed by LOSSES, and its gradient with respect to `student_hidden`, `student_head`
     and `student_bias` (those that require grad) is taken at once; the head and bias gradients are summed over
     chunks. Backward only scales these stored gradients by the incoming gradient. The teacher never gets gradients.
-    Like LOSSES, the value has no T^2 factor (see `hinton_terms`). At N = 4096, V = 32000 the default chunk cuts the
+    Like LOSSES, the value has no T^2 factor (see `soft_target_term`). At N = 4096, V = 32000 the default chunk cuts the
     peak memory of forward + backward by 73 % against the full logits (benchmarks/lm_loss_memory.py).
 
     See `chunked_kd_and_ce` for the divergence and the hard-label cross-entropy from one pass over the chunks.

@@ -23,6 +23,7 @@ from distill.config import LossConfig
 from distill.data import IGNORE
 from distill.distributed import is_fsdp, unwrap
 from distill.errors import DistillError, ShapeMismatchError
+from distill.losses import hinton_weights, soft_target_term
 from distill.teachers import Teacher, TeacherOutput
 
 
@@ -49,7 +50,7 @@ def hidden_states(model: nn.Module, inputs: dict[str, Tensor]) -> tuple[Tensor, 
 def lm_terms(
     model: nn.Module, batch: dict[str, Any], teacher: Teacher | None, loss: LossConfig, on_policy: bool = False
 ) -> tuple[dict[str, Tensor], dict[str, float]]:
-    """`kd` (weight alpha; T^2 included) and `ce` (weight 1 - alpha) over the scored tokens, from one chunked pass.
+    """Hinton's `kd` and `ce` over the scored tokens (`distill.losses.hinton_weights`), from one chunked pass.
 
     Without a teacher only `ce`; on an on-policy batch only `kd` (the divergence on the student's own samples)."""
     hidden, head = hidden_states(model, batch["inputs"])  # (B, T, H)
@@ -85,9 +86,11 @@ def lm_terms(
         divergence=loss.divergence, temperature=loss.temperature, teacher_temperature=output.temperature,
         beta=loss.beta, chunk_size=loss.chunk_size, labels=None if on_policy else labels,
     )  # fmt: skip
+    terms = {"kd": soft_target_term(kd, loss.temperature)}
     if on_policy:
-        return {"kd": kd * loss.temperature**2}, {"kd": 1.0}
-    return {"kd": kd * loss.temperature**2, "ce": ce}, {"kd": loss.alpha, "ce": 1.0 - loss.alpha}
+        return terms, {"kd": 1.0}  # the divergence on the student's own samples, alone
+    terms["ce"] = ce
+    return terms, hinton_weights(loss.alpha, terms)
 
 
 def on_policy_step(seed: int, step: int, lmbda: float) -> bool:

@@ -18,7 +18,7 @@ are floored at LOG_FLOOR (e^-100, about 4e-44) so that a zero-probability bucket
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -249,6 +249,39 @@ def hard_label_ce(student_logits: Tensor, labels: Tensor, ignore_index: int = -1
     return total / (labels != ignore_index).sum().clamp_min(1)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Soft-target distillation (Hinton et al. 2015): the T^2 scale and the alpha mix, each written once
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def soft_target_term(divergence: Tensor, temperature: float) -> Tensor:
+    """The soft-target term of Hinton et al. 2015 ("Distilling the Knowledge in a Neural Network"):
+
+        kd = T^2 * D(p_T || q_T)
+
+    The gradients of soft targets at temperature T scale as 1/T^2; the factor T^2 keeps their size independent of
+    T, and comparable with the hard-label term's."""
+    return divergence * temperature**2
+
+
+def hinton_weights(alpha: float, terms: Iterable[str]) -> dict[str, float]:
+    """The weights of Hinton et al. 2015's mix of soft and hard targets, for the terms present:
+
+        loss = alpha * kd + (1 - alpha) * ce
+
+    (a batch without labels has no `ce`; its `kd` keeps the weight alpha)."""
+    mix = {"kd": alpha, "ce": 1.0 - alpha}
+    return {name: mix[name] for name in terms}
+
+
+def weighted_total(terms: Mapping[str, Tensor], weights: Mapping[str, float]) -> Tensor:
+    """sum_k weights[k] * terms[k]: the loss minimised, from its named terms, in the terms' order."""
+    total = sum(weights[name] * terms[name] for name in terms)
+    if not isinstance(total, Tensor):
+        raise ValueError("a loss needs at least one term")
+    return total
+
+
 def hinton_terms(
     student_logits: Tensor,
     teacher_logprobs: Tensor,
@@ -262,9 +295,9 @@ def hinton_terms(
     kd_mask: Tensor | None = None,
     ignore_index: int = -100,
 ) -> dict[str, Tensor]:
-    """The two named terms of soft-target distillation (Hinton et al. 2015):
+    """The two named terms of soft-target distillation (Hinton et al. 2015), weighted by `hinton_weights`:
 
-        kd = T^2 * D(p_T || q_T)      soft targets at temperature T; T^2 keeps the gradient scale independent of T
+        kd = T^2 * D(p_T || q_T)      soft targets at temperature T (`soft_target_term`)
         ce = CE(y, q_1)               hard labels, only on rows that have one (a transfer set has none)
 
     D is forward KL by default (Hinton's soft cross-entropy up to a constant), or any divergence in LOSSES.
@@ -280,7 +313,7 @@ def hinton_terms(
         mask=kd_mask,
         beta=beta,
     )
-    terms = {"kd": kd * temperature**2}
+    terms = {"kd": soft_target_term(kd, temperature)}
     if labels is not None:
         terms["ce"] = hard_label_ce(student_logits, labels, ignore_index)
     return terms
@@ -298,7 +331,7 @@ def hinton_loss(
     divergence: str = "forward_kl",
     beta: float = 0.5,
 ) -> Tensor:
-    """alpha * kd + (1 - alpha) * ce with the terms of `hinton_terms`."""
+    """alpha * kd + (1 - alpha) * ce with the terms of `hinton_terms` (`hinton_weights`)."""
     terms = hinton_terms(
         student_logits,
         teacher_logprobs,
@@ -309,7 +342,4 @@ def hinton_loss(
         divergence=divergence,
         beta=beta,
     )
-    loss = alpha * terms["kd"]
-    if "ce" in terms:
-        loss = loss + (1.0 - alpha) * terms["ce"]
-    return loss
+    return weighted_total(terms, hinton_weights(alpha, terms))

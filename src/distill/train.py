@@ -33,7 +33,7 @@ from distill.data import Dataset, check_labels, epoch_order
 from distill.errors import DistillError, NonFiniteLossError, ShapeMismatchError
 from distill.features import FeatureDistiller, capture
 from distill.lm import is_causal_lm, lm_terms, on_policy_step, student_samples
-from distill.losses import hard_label_ce, hinton_terms
+from distill.losses import hard_label_ce, hinton_terms, hinton_weights, weighted_total
 from distill.progress import NULL, Cancelled, Reporter
 from distill.teachers import Teacher, TeacherOutput
 from distill.teachers.local import logits_of, run_model, to_device
@@ -156,7 +156,7 @@ def _logit_terms(
         beta=loss.beta,
         kd_mask=_kd_mask(batch, taught, device),
     )
-    return terms, {k: {"kd": loss.alpha, "ce": 1.0 - loss.alpha}[k] for k in terms}
+    return terms, hinton_weights(loss.alpha, terms)
 
 
 def _kd_mask(batch: dict[str, Any], taught: TeacherOutput, device: torch.device) -> Tensor | None:
@@ -334,8 +334,7 @@ def _step(run: _Run, batch: dict[str, Any], epoch: int) -> tuple[dict[str, Tenso
     The one place where a step's arithmetic is decided: mixed precision (autocast, gradient scaling) and gradient
     accumulation belong here."""
     terms, weights = _forward(run, batch)
-    total = sum(weights[k] * terms[k] for k in terms)
-    assert isinstance(total, Tensor)
+    total = weighted_total(terms, weights)
     value = float(total.detach())
     if not math.isfinite(value):
         detail = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
