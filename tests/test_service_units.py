@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from _service import store_url
-from distill.service import auth, db, files, jobs, kinds, leases
+from distill.service import auth, cascade, db, files, jobs, kinds, leases
 from distill.service.cascade import choose_threshold
 from distill.service.errors import ServiceError
 from distill.service.refs import Resolver
@@ -75,6 +75,33 @@ def test_threshold_matches_brute_force_with_ties():
         else:
             assert choice.threshold == pytest.approx(expected)
         assert choice.escalation_rate == pytest.approx(float((confidence < choice.threshold).float().mean()))
+
+
+@pytest.mark.parametrize("mode", ["geometric", "mean"])
+def test_the_cascade_escalates_to_the_ensemble_its_student_was_distilled_from(tmp_path, mode):
+    """A job's teachers combine in the cascade as they did in training: its config's ensemble mode, through the
+    same `combine` as the EnsembleTeacher (a geometric ensemble is not served as an arithmetic mean)."""
+    from distill import models
+    from distill.config import ModelSpec
+    from distill.service.refs import job_output
+    from distill.teachers import EnsembleTeacher, LocalTeacher
+
+    settings = Settings(data_dir=tmp_path / "data")
+    spec, members = ModelSpec(family="mlp", width=16, depth=1), []
+    for i in range(3):
+        torch.manual_seed(i)
+        model = models.build(spec, (8,), 4)
+        models.save(model, job_output(settings, "job-1") / "models" / f"teacher-{i}", spec, (8,), 4)
+        members.append(LocalTeacher(model, 4))
+    job = {"id": "job-1", "kind": "recipe", "config": {"recipe": "mnist1d", "teachers": 3, "ensemble": mode}}
+    inputs = torch.randn(50, 8, generator=torch.Generator().manual_seed(7)) * 3
+    served = cascade.teacher_of(settings, None, job).logprobs(inputs)  # (N, C)
+    trained = EnsembleTeacher(members, mode=mode)({"inputs": inputs}).logprobs  # (N, C)
+    assert torch.allclose(served, trained, atol=1e-6)
+    other = EnsembleTeacher(members, mode="mean" if mode == "geometric" else "geometric")({"inputs": inputs})
+    assert (served - other.logprobs).abs().max() > 1e-3  # the modes differ on these inputs: the check has teeth
+    with pytest.raises(ServiceError, match="unknown ensemble mode"):
+        cascade.teacher_of(settings, None, {**job, "config": {"ensemble": "median"}})
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from distill.service import db
 from distill.service.errors import ServiceError, not_found
 from distill.service.refs import Resolver, job_output, model_folder
 from distill.service.settings import Settings
+from distill.teachers.ensemble import MODES, Mode, combine
 
 VALIDATION_SEED = 977  # generated validation signals use other generator seeds than any recipe's transfer set
 
@@ -76,25 +77,41 @@ def choose_threshold(confidence: Tensor, agree: Tensor, target: float) -> Choice
 
 
 class Classifier:
-    """One saved MLP/CNN, or the mean of several members' probabilities (an ensemble teacher)."""
+    """One saved MLP/CNN, or several combined as the ensemble teacher of the job they taught
+    (`distill.teachers.ensemble.combine` with that job's mode)."""
 
-    def __init__(self, members: list[nn.Module], input_shape: tuple[int, ...], num_classes: int) -> None:
-        self.members, self.input_shape, self.num_classes = members, input_shape, num_classes
+    def __init__(
+        self, members: list[nn.Module], input_shape: tuple[int, ...], num_classes: int, mode: Mode = "mean"
+    ) -> None:
+        self.members, self.input_shape, self.num_classes, self.mode = members, input_shape, num_classes, mode
 
     @classmethod
-    def load(cls, folders: list[Path]) -> Classifier:
+    def load(cls, folders: list[Path], mode: Mode = "mean") -> Classifier:
         loaded = [models.load(folder) for folder in folders]
         shapes = {(shape, classes) for _, _, shape, classes in loaded}
         if len(shapes) != 1:
             raise ServiceError(422, "the teachers differ in input shape or classes", param="student")
         ((shape, classes),) = shapes
-        return cls([model for model, *_ in loaded], shape, classes)
+        return cls([model for model, *_ in loaded], shape, classes, mode)
 
     @torch.inference_mode()
     def logprobs(self, inputs: Tensor) -> Tensor:
         """(N, *input_shape) -> (N, C) log-probabilities."""
-        probs = torch.stack([m(inputs.float()).softmax(-1) for m in self.members]).mean(0)  # (N, C)
-        return probs.clamp_min(1e-30).log()
+        members = torch.stack([m(inputs.float()).float().log_softmax(-1) for m in self.members])  # (M, N, C)
+        return combine(members, self.mode)  # (N, C)
+
+
+def ensemble_mode(job: dict[str, Any]) -> Mode:
+    """How the job's teachers were combined into the one that taught its student (its config's `ensemble`)."""
+    mode = job["config"].get("ensemble", "mean")
+    if mode not in MODES:
+        raise ServiceError(422, f"student: job {job['id']} names an unknown ensemble mode {mode!r}", param="student")
+    return mode
+
+
+def teacher_of(settings: Settings, engine: Engine, job: dict[str, Any]) -> Classifier:
+    """The teacher a finished job distilled from, its members combined as the job combined them."""
+    return Classifier.load(teacher_folders(settings, engine, job), ensemble_mode(job))
 
 
 def teacher_folders(settings: Settings, engine: Engine, job: dict[str, Any]) -> list[Path]:
@@ -152,7 +169,7 @@ def create(
             422, f"student: job {job['id']} has no MLP/CNN student to serve in a cascade", param="student"
         )
     student = Classifier.load([folder])
-    teacher = Classifier.load(teacher_folders(settings, engine, job))
+    teacher = teacher_of(settings, engine, job)
     if (teacher.input_shape, teacher.num_classes) != (student.input_shape, student.num_classes):
         raise ServiceError(422, "student: the student and its teacher differ in inputs or classes", param="student")
     inputs, source = validation_inputs(settings, engine, job, validation, size, student.input_shape)
