@@ -597,7 +597,8 @@ def load_checked_array(path: Path) -> np.ndarray | None:
 
 
 def sha256_file(path: Path) -> str:
-    """The sha256 of a file's bytes, read in blocks."""
+    """The sha256 of a file's bytes, read in blocks: the one checksum of files (kept arrays, teacher caches, job
+    artifacts, uploads)."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):

@@ -10,7 +10,6 @@ client's file name is only recorded.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 import secrets
@@ -21,7 +20,7 @@ from typing import IO, Any
 from sqlalchemy import Engine, select
 
 from distill.asgi import MAX_JSON_DEPTH, json_too_deep
-from distill.data import npz_headers
+from distill.data import npz_headers, sha256_file
 from distill.errors import DataError
 from distill.service import db
 from distill.service.errors import ServiceError
@@ -121,7 +120,7 @@ def store_upload(
     file_id = f"file-{secrets.token_hex(12)}"
     settings.files_dir.mkdir(parents=True, exist_ok=True)
     partial = settings.files_dir / f".{file_id}.part"
-    digest, size = hashlib.sha256(), 0
+    size = 0
     try:
         with partial.open("wb") as out:
             while chunk := source.read(CHUNK):
@@ -130,11 +129,11 @@ def store_upload(
                     raise ServiceError(
                         413, f"the file is larger than the limit of {settings.max_upload_bytes} bytes", param="file"
                     )
-                digest.update(chunk)
                 out.write(chunk)
             out.flush()
             os.fsync(out.fileno())
         rows = validate(partial, FORMATS[suffix], settings.max_upload_bytes)
+        digest = sha256_file(partial)
         os.replace(partial, settings.files_dir / f"{file_id}{suffix}")
     finally:
         partial.unlink(missing_ok=True)
@@ -144,7 +143,7 @@ def store_upload(
         "purpose": purpose,
         "format": FORMATS[suffix],
         "bytes": size,
-        "sha256": digest.hexdigest(),
+        "sha256": digest,
         "rows": rows,
         "created_by": created_by,
         "created_at": time.time(),

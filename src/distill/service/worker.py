@@ -15,7 +15,6 @@ For each claimed job the worker:
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import logging
 import os
 import socket
@@ -30,6 +29,7 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from distill.data import sha256_file
 from distill.errors import DistillError
 from distill.progress import Cancelled
 from distill.service import kinds, leases
@@ -40,14 +40,6 @@ from distill.service.settings import Settings
 
 log = logging.getLogger("distill.worker")
 INTERNAL = ("checkpoints", "cache")  # output folders that are a run's working state, not its results
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def manifest(output: Path) -> list[dict[str, Any]]:

@@ -25,7 +25,6 @@ distribution (temperature 1, as OpenAI and `distill serve` report them), so the 
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -34,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from distill.data import json_lines
+from distill.data import json_lines, sha256_file
 from distill.errors import DataError, DistillError
 from distill.lm_data import read_examples, tokenize_examples
 from distill.losses import LOG_FLOOR
@@ -196,7 +195,7 @@ def cache_from_generated(
     mass = np.exp(top.astype(np.float64)).sum(axis=1)  # (n,)
     log_tail = np.log(np.clip(1.0 - mass, 1e-30, None))  # (n,) what the kept entries leave
     records = codec.encode(top, top_ids, log_tail)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    digest = sha256_file(path)[:16]
     from distill.teachers.hf import tokenizer_fingerprint
 
     write_token_cache(
