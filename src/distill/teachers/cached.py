@@ -7,15 +7,14 @@ Layout of a cache directory:
     ...
     partial.json           only while building: the shards finished so far (a killed build resumes from it)
 
-A cache answers for one teacher and one data set: `CachedTeacher` refuses a manifest whose teacher id or data
-fingerprint differ from what the caller expects, and a shard whose checksum does not match.
+written, resumed and checked as `distill.teachers.cache_files` describes. A cache answers for one teacher and one
+data set: `CachedTeacher` refuses a manifest whose teacher id or data fingerprint differ from what the caller
+expects, and a shard whose checksum does not match.
 """
 
 from __future__ import annotations
 
 import copy
-import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -23,21 +22,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from distill.data import Dataset, sha256_file
+from distill.data import Dataset
 from distill.errors import CacheError
 from distill.progress import NULL, Reporter
 from distill.teachers import Teacher, TeacherOutput
+from distill.teachers.cache_files import MANIFEST, PARTIAL, add_shard, check_file, finish, read_json, resumable_shards
 
 FORMAT = "distill-teacher-cache"
 VERSION = 1
-MANIFEST = "manifest.json"
-PARTIAL = "partial.json"
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 def build_cache(
@@ -51,7 +43,8 @@ def build_cache(
     shard_rows: int = 65_536,
     reporter: Reporter = NULL,
 ) -> CachedTeacher:
-    """Score every row of `data` with `teacher` and store the log-probs; resume a killed build; reuse a finished one."""
+    """Score every row of `data` with `teacher` and store the log-probs; resume a killed build; reuse a finished one
+    (the protocol of `distill.teachers.cache_files`)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     identity = {"teacher": teacher_id, "data": data_id, "rows": len(data), "width": teacher.num_classes}
@@ -63,59 +56,38 @@ def build_cache(
         raise CacheError(
             f"{directory} already holds a cache for another teacher or data set; choose another directory or delete it"
         )
-
-    partial_path = directory / PARTIAL
-    shards: list[dict[str, Any]] = []
-    if partial_path.exists():
-        partial = read_json(partial_path)
-        if all(partial.get(k) == v for k, v in identity.items()):
-            for shard in partial.get("shards", []):
-                path = directory / shard["file"]
-                if path.exists() and sha256_file(path) == shard["sha256"]:
-                    shards.append(shard)
-                else:
-                    break  # rebuild from the first missing or damaged shard on
+    shards = resumable_shards(directory, identity)
     start = sum(s["rows"] for s in shards)
     total = len(data)
     reporter.stage("teacher cache", total=total)
     reporter.advance(start)
     while start < total:
         stop = min(start + shard_rows, total)
-        rows = torch.arange(start, stop)
-        lengths = getattr(data, "lengths", None)
-        if isinstance(lengths, torch.Tensor):  # ragged texts: batch rows of similar length, so little is padding
-            rows = rows[torch.argsort(lengths[start:stop], stable=True)]
-        values = np.empty((stop - start, teacher.num_classes), np.float32)  # (rows_in_shard, C)
-        for index in rows.split(batch_size):
-            output = teacher(data.batch(index))
-            if output.sparse or output.logprobs is None:
-                raise CacheError("this cache stores dense teacher log-probs; the teacher returned top-k or none")
-            values[(index - start).numpy()] = output.logprobs.float().cpu().numpy()  # (b, C)
-            reporter.advance(len(index))
+        values = _score_rows(teacher, data, start, stop, batch_size, reporter)  # (rows_in_shard, C)
         name = f"logprobs-{len(shards):05d}.npy"
-        tmp = directory / (name + ".tmp")
-        with tmp.open("wb") as handle:
-            np.save(handle, values)
-        os.replace(tmp, directory / name)
-        shards.append({"file": name, "first_row": start, "rows": stop - start, "sha256": sha256_file(directory / name)})
-        write_json(partial_path, {**identity, "shards": shards})
+        add_shard(directory, identity, shards, name, values, first_row=start, rows=stop - start)
         start = stop
     reporter.end()
-    write_json(manifest_path, {"format": FORMAT, "version": VERSION, "kind": "dense", **identity, "shards": shards})
-    partial_path.unlink(missing_ok=True)
+    finish(directory, {"format": FORMAT, "version": VERSION, "kind": "dense", **identity, "shards": shards})
     return CachedTeacher(directory, teacher_id=teacher_id, data_id=data_id)
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    """A manifest as a dict; a CacheError (rebuild the cache) when it is unreadable, not UTF-8 JSON, nested too
-    deeply to read, or not a mapping."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as error:
-        raise CacheError(f"{path} is not readable JSON ({error}); delete the cache directory and rebuild it") from None
-    if not isinstance(data, dict):
-        raise CacheError(f"{path} is not a cache manifest; delete the cache directory and rebuild it")
-    return data
+def _score_rows(
+    teacher: Teacher, data: Dataset, start: int, stop: int, batch_size: int, reporter: Reporter
+) -> np.ndarray:
+    """The teacher's log-probs (stop - start, C) of rows start..stop-1, in row order."""
+    rows = torch.arange(start, stop)
+    lengths = getattr(data, "lengths", None)
+    if isinstance(lengths, torch.Tensor):  # ragged texts: batch rows of similar length, so little is padding
+        rows = rows[torch.argsort(lengths[start:stop], stable=True)]
+    values = np.empty((stop - start, teacher.num_classes), np.float32)  # (rows_in_shard, C)
+    for index in rows.split(batch_size):
+        output = teacher(data.batch(index))
+        if output.sparse or output.logprobs is None:
+            raise CacheError("this cache stores dense teacher log-probs; the teacher returned top-k or none")
+        values[(index - start).numpy()] = output.logprobs.float().cpu().numpy()  # (b, C)
+        reporter.advance(len(index))
+    return values
 
 
 class CachedTeacher:
@@ -142,10 +114,7 @@ class CachedTeacher:
         expected_start = 0
         for shard in manifest["shards"]:
             path = self.directory / shard["file"]
-            if not path.exists():
-                raise CacheError(f"cache shard {path} is missing; rebuild the cache")
-            if verify and sha256_file(path) != shard["sha256"]:
-                raise CacheError(f"cache shard {path} fails its sha256 check (corrupt); rebuild the cache")
+            check_file(path, shard["sha256"] if verify else None, "cache shard")
             try:
                 array = np.load(path, mmap_mode="r")
             except (ValueError, OSError) as error:

@@ -13,6 +13,8 @@ Layout of a cache directory:
                         sequence; sequence i's records are the rows from sum(scored[:i]) on, counted across shards
     partial.json        only while building: the shards finished so far; a killed build resumes from them
 
+The files are written, resumed and checked as `distill.teachers.cache_files` describes.
+
 Position t of a sequence holds the teacher's distribution of token t + 1 (`logits[t]`), at the cache's temperature:
 log_softmax(logits / T). The record format and its error bound are in `distill.teachers.token_codec`.
 
@@ -26,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import math
 import zipfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +41,21 @@ from distill.errors import CacheError
 from distill.losses import LOG_FLOOR
 from distill.progress import NULL, Cancelled, Reporter
 from distill.teachers import TeacherOutput
-from distill.teachers.cached import read_json, sha256_file, write_json
+from distill.teachers.cache_files import (
+    MANIFEST,
+    PARTIAL,
+    add_shard,
+    check_file,
+    finish,
+    read_json,
+    resumable_shards,
+    write_file,
+)
 from distill.teachers.local import logits_of
 from distill.teachers.token_codec import Codec
 
 FORMAT = "distill-token-cache"
 VERSION = 1
-MANIFEST = "manifest.json"
-PARTIAL = "partial.json"
 INDEX = "index.npz"
 EXPECTABLE = ("teacher_name", "teacher_revision", "tokenizer_hash", "vocab_size", "top_k", "temperature", "data_id")
 
@@ -156,6 +165,27 @@ def build_token_cache(
                          data_sha256, ids, counts)  # fmt: skip
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    finished = _finished(directory, identity)
+    if finished is not None:
+        reporter.event("token cache reused", directory=str(directory))
+        return finished
+    shards = resumable_shards(directory, identity)
+    reporter.stage("teacher top-k cache", total=identity["positions"])
+    reporter.advance(sum(s["rows"] for s in shards))
+
+    def score(rows: slice) -> np.ndarray:
+        return _score(teacher, ids[rows], masks[rows], codec, temperature)
+
+    start = sum(s["sequences"] for s in shards)
+    for first, stop, records in _scored_shards(score, counts, start, batch_size, shard_tokens, codec, reporter):
+        _write_shard(directory, identity, shards, records, first, stop)
+    reporter.end()
+    return _finish(directory, identity, shards, ids, masks, counts)
+
+
+def _finished(directory: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
+    """The manifest of a finished cache of `identity` in `directory` (its files checked), or None when there is
+    none yet; CacheError when the directory holds a cache or an unfinished build for other settings."""
     for name in (MANIFEST, PARTIAL):
         if (directory / name).exists():
             found = read_json(directory / name)
@@ -168,35 +198,34 @@ def build_token_cache(
                 )
             if name == MANIFEST:
                 TokenCache(directory)  # the files are there and have the right shapes
-                reporter.event("token cache reused", directory=str(directory))
                 return found
+    return None
 
-    shards: list[dict[str, Any]] = []
-    if (directory / PARTIAL).exists():
-        for shard in read_json(directory / PARTIAL).get("shards", []):
-            path = directory / str(shard.get("file"))
-            if not (path.exists() and sha256_file(path) == shard.get("sha256")):
-                break  # rescore from the first missing or damaged shard on
-            shards.append(shard)
-    sequence = sum(s["sequences"] for s in shards)
-    reporter.stage("teacher top-k cache", total=identity["positions"])
-    reporter.advance(sum(s["rows"] for s in shards))
+
+def _scored_shards(
+    score: Callable[[slice], np.ndarray],
+    counts: np.ndarray,
+    start: int,
+    batch_size: int,
+    shard_tokens: int,
+    codec: Codec,
+    reporter: Reporter,
+) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(first sequence, stop, records (rows,)) of each shard from sequence `start` on, scored `batch_size` sequences
+    at a time (`score`); a shard closes at `shard_tokens` records or more, the last with what is left."""
     parts: list[np.ndarray] = []
-    first = sequence
-    while sequence < len(ids):
+    first = sequence = start
+    while sequence < len(counts):
         if reporter.cancelled():
             raise Cancelled("the teacher cache build was cancelled; run it again to resume")
-        stop = min(sequence + batch_size, len(ids))
+        stop = min(sequence + batch_size, len(counts))
         if counts[sequence:stop].sum():
-            parts.append(_score(teacher, ids[sequence:stop], masks[sequence:stop], codec, temperature))
+            parts.append(score(slice(sequence, stop)))
             reporter.advance(len(parts[-1]))
         sequence = stop
-        if sum(len(p) for p in parts) >= shard_tokens or sequence == len(ids):
-            records = np.concatenate(parts) if parts else np.zeros(0, codec.record_dtype)  # (rows,)
-            _write_shard(directory, identity, shards, records, first, sequence)
+        if sum(len(p) for p in parts) >= shard_tokens or sequence == len(counts):
+            yield first, sequence, np.concatenate(parts) if parts else np.zeros(0, codec.record_dtype)
             first, parts = sequence, []
-    reporter.end()
-    return _finish(directory, identity, shards, ids, masks, counts)
 
 
 def _write_shard(
@@ -204,15 +233,9 @@ def _write_shard(
 ) -> None:
     """Write the records (rows,) of sequences first..stop-1 as the next shard and note it in the partial file."""
     name = f"shard-{len(shards):05d}.npy"
-    with (directory / (name + ".tmp")).open("wb") as handle:
-        np.save(handle, records)
-    (directory / (name + ".tmp")).replace(directory / name)
     row = sum(s["rows"] for s in shards)
-    shards.append(
-        {"file": name, "first_sequence": first, "sequences": stop - first, "first_row": row,
-         "rows": len(records), "sha256": sha256_file(directory / name)}
-    )  # fmt: skip
-    write_json(directory / PARTIAL, {**identity, "shards": shards})
+    add_shard(directory, identity, shards, name, records, first_sequence=first, sequences=stop - first,
+              first_row=row, rows=len(records))  # fmt: skip
 
 
 def _finish(
@@ -224,18 +247,17 @@ def _finish(
     counts: np.ndarray,
 ) -> dict[str, Any]:
     """Write the index, then the manifest (last: its presence marks a finished cache); return the manifest."""
-    with (directory / (INDEX + ".tmp")).open("wb") as handle:
-        np.savez(
+    digest = write_file(
+        directory / INDEX,
+        lambda handle: np.savez(
             handle,
             lengths=np.array([len(a) for a in ids], np.uint32),
             scored=counts.astype(np.uint32),
             mask=np.packbits(np.concatenate(masks) if masks else np.zeros(0, bool)),
-        )
-    (directory / (INDEX + ".tmp")).replace(directory / INDEX)
-    index = {"file": INDEX, "sha256": sha256_file(directory / INDEX)}
-    manifest = {**identity, "index": index, "shards": shards}
-    write_json(directory / MANIFEST, manifest)
-    (directory / PARTIAL).unlink(missing_ok=True)
+        ),
+    )
+    manifest = {**identity, "index": {"file": INDEX, "sha256": digest}, "shards": shards}
+    finish(directory, manifest)
     return manifest
 
 
@@ -380,8 +402,7 @@ class TokenCache:
         self.shard_rows = np.array([int(s["first_row"]) for s in manifest["shards"]], np.int64)  # (shards,)
         for shard in manifest["shards"]:
             path = self.directory / shard["file"]
-            if not path.exists():
-                raise CacheError(f"cache shard {path} is missing; rebuild the cache")
+            check_file(path, None, "cache shard")
             try:
                 records = np.load(path, mmap_mode="r")
             except (OSError, ValueError) as error:
@@ -447,11 +468,7 @@ def verify_token_cache(directory: Path | str) -> dict[str, Any]:
     directory = Path(directory)
     manifest = _manifest(directory)
     for entry in [manifest["index"], *manifest["shards"]]:
-        path = directory / entry["file"]
-        if not path.exists():
-            raise CacheError(f"cache file {path} is missing; rebuild the cache")
-        if sha256_file(path) != entry["sha256"]:
-            raise CacheError(f"cache file {path} fails its sha256 check (corrupt); rebuild the cache")
+        check_file(directory / entry["file"], entry["sha256"])
     cache = TokenCache(directory)
     for shard in manifest["shards"]:  # one shard's sequences at a time: memory stays in proportion to a shard
         first, stop = shard["first_sequence"], shard["first_sequence"] + shard["sequences"]
