@@ -24,7 +24,7 @@ from distill.errors import DataError, ShapeMismatchError
 from distill.progress import NULL, Reporter
 from distill.teachers import EnsembleTeacher, LocalTeacher, Teacher, build_cache
 from distill.teachers.local import fingerprint, logits_of
-from distill.train import TrainResult, train
+from distill.train import Evaluate, TrainResult, train
 
 
 def _as_dataset(data: ArrayDataset | tuple[Tensor, Tensor], name: str) -> ArrayDataset:
@@ -43,6 +43,25 @@ def _output_width(model: nn.Module, example: Tensor) -> int:
         width = int(logits_of(model(example[:1])).shape[-1])
     model.train(was_training)
     return width
+
+
+def _as_teacher(
+    teacher: nn.Module | Sequence[nn.Module] | Teacher, inputs: Tensor, ensemble: Literal["mean", "geometric"]
+) -> tuple[Teacher, str]:
+    """The teacher as a `Teacher`, and an id of its weights for the cache ("" when it has none: not cached)."""
+    if isinstance(teacher, nn.Module):
+        return LocalTeacher(teacher, _output_width(teacher, inputs)), fingerprint(teacher)
+    if isinstance(teacher, (list, tuple)):
+        members = [LocalTeacher(m, _output_width(m, inputs)) for m in teacher]
+        return EnsembleTeacher(members, mode=ensemble), ensemble + "".join(fingerprint(m) for m in teacher)
+    return teacher, ""  # type: ignore[return-value]
+
+
+def _accuracy_on(test_set: ArrayDataset) -> Evaluate:
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        return {"test_accuracy": ev.accuracy(ev.predict(model, test_set.inputs), test_set.labels)}
+
+    return evaluate
 
 
 def distill(
@@ -79,17 +98,7 @@ def distill(
         transfer_inputs = torch.as_tensor(transfer)
         train_set = concat(labeled, ArrayDataset(transfer_inputs, torch.full((len(transfer_inputs),), IGNORE)))
     student_width = _output_width(student, train_set.inputs)
-    source: Teacher
-    if isinstance(teacher, nn.Module):
-        source = LocalTeacher(teacher, _output_width(teacher, train_set.inputs))
-        fingerprint_id = fingerprint(teacher)
-    elif isinstance(teacher, (list, tuple)):
-        members = [LocalTeacher(m, _output_width(m, train_set.inputs)) for m in teacher]
-        source = EnsembleTeacher(members, mode=ensemble)
-        fingerprint_id = ensemble + "".join(fingerprint(m) for m in teacher)
-    else:
-        source = teacher  # type: ignore[assignment]
-        fingerprint_id = ""
+    source, fingerprint_id = _as_teacher(teacher, train_set.inputs, ensemble)
     if source.num_classes != student_width:
         raise ShapeMismatchError(
             f"the teacher has {source.num_classes} outputs but the student has {student_width}; "
@@ -103,19 +112,13 @@ def distill(
     config = train_config or TrainConfig(
         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed
     )
-    test_set = _as_dataset(test, "test") if test is not None else None
-
-    def evaluate(model: nn.Module) -> dict[str, float]:
-        assert test_set is not None
-        return {"test_accuracy": ev.accuracy(ev.predict(model, test_set.inputs), test_set.labels)}
-
     return train(
         student,
         train_set,
         config,
         teacher=source,
         loss=LossConfig(divergence=divergence, temperature=temperature, alpha=alpha),
-        evaluate=evaluate if test_set is not None else None,
+        evaluate=_accuracy_on(_as_dataset(test, "test")) if test is not None else None,
         checkpoint_dir=checkpoint_dir,
         resume=resume,
         reporter=reporter,

@@ -99,20 +99,7 @@ def chunked_kd_and_ce(
     if teacher_hidden is not None and teacher_temperature != 1.0:
         raise ValueError("teacher_temperature describes given teacher_logprobs; a teacher head yields raw logits")
     n, vocab = _check_chunked_shapes(student_hidden, student_head, student_bias, weights, "student")
-    if teacher_hidden is not None and teacher_head is not None:
-        if (teacher_hidden.shape[0], teacher_head.shape[0]) != (n, vocab):
-            raise ShapeMismatchError(
-                f"student has {n} positions and {vocab} classes, teacher has {teacher_hidden.shape[0]} positions "
-                f"and {teacher_head.shape[0]} classes"
-            )
-        _check_chunked_shapes(teacher_hidden, teacher_head, teacher_bias, None, "teacher")
-    elif teacher_logprobs is not None:
-        expected = (n, vocab) if token_ids is None else (n, teacher_logprobs.shape[-1])
-        if tuple(teacher_logprobs.shape) != expected:
-            raise ShapeMismatchError(
-                f"teacher log-probs have shape {tuple(teacher_logprobs.shape)} but the student has {n} positions "
-                f"and {vocab} classes" + ("" if token_ids is None else " (sparse: (N, K) expected)")
-            )
+    _check_teacher_shapes(n, vocab, teacher_hidden, teacher_head, teacher_bias, teacher_logprobs, token_ids)
 
     def teacher_chunk(rows: slice) -> tuple[Tensor, Tensor | None]:
         """The teacher's log-probs for a chunk of positions (and its top-K ids when sparse)."""
@@ -134,6 +121,33 @@ def chunked_kd_and_ce(
         student_hidden, student_head, student_bias, weights, teacher_chunk, divergence, options, chunk_size, labels
     )
     return kd, ce
+
+
+def _check_teacher_shapes(
+    n: int,
+    vocab: int,
+    teacher_hidden: Tensor | None,
+    teacher_head: Tensor | None,
+    teacher_bias: Tensor | None,
+    teacher_logprobs: Tensor | None,
+    token_ids: Tensor | None,
+) -> None:
+    """The teacher, as hidden states (N, H) + head (V, H) or as log-probs (N, V) / top-K (N, K), fits the student's
+    N positions and V classes."""
+    if teacher_hidden is not None and teacher_head is not None:
+        if (teacher_hidden.shape[0], teacher_head.shape[0]) != (n, vocab):
+            raise ShapeMismatchError(
+                f"student has {n} positions and {vocab} classes, teacher has {teacher_hidden.shape[0]} positions "
+                f"and {teacher_head.shape[0]} classes"
+            )
+        _check_chunked_shapes(teacher_hidden, teacher_head, teacher_bias, None, "teacher")
+    elif teacher_logprobs is not None:
+        expected = (n, vocab) if token_ids is None else (n, teacher_logprobs.shape[-1])
+        if tuple(teacher_logprobs.shape) != expected:
+            raise ShapeMismatchError(
+                f"teacher log-probs have shape {tuple(teacher_logprobs.shape)} but the student has {n} positions "
+                f"and {vocab} classes" + ("" if token_ids is None else " (sparse: (N, K) expected)")
+            )
 
 
 def _check_chunked_shapes(

@@ -113,14 +113,7 @@ def student_samples(
     positions are the sampled tokens. The global random state is restored afterwards."""
     inner = unwrap(model)
     ids, lengths = batch["inputs"]["input_ids"], batch["prompt_lengths"]  # (B, T), (B,)
-    rows = ids.shape[0]
-    width = int(lengths.max())
-    prompts = torch.full((rows, width), pad_id, dtype=torch.long, device=ids.device)  # left-padded (B, P)
-    attention = torch.zeros_like(prompts)
-    for b in range(rows):
-        n = int(lengths[b])
-        prompts[b, width - n :] = ids[b, :n]
-        attention[b, width - n :] = 1
+    prompts, attention = _left_padded_prompts(ids, lengths, pad_id)  # (B, P), (B, P)
     state = torch.get_rng_state()
     torch.manual_seed(seed)
     was_training = inner.training
@@ -135,12 +128,12 @@ def student_samples(
             max_new_tokens=max_new_tokens,
             pad_token_id=pad_id,
             eos_token_id=eos_id,
-        )[:, width:]  # (B, M)
+        )[:, prompts.shape[1] :]  # (B, M)
     finally:
         inner.train(was_training)
         torch.set_rng_state(state)
     sequences, prompt_lengths = [], []
-    for b in range(rows):
+    for b in range(ids.shape[0]):
         new = generated[b].tolist()
         if eos_id is not None and eos_id in new:
             new = new[: new.index(eos_id) + 1]
@@ -148,20 +141,38 @@ def student_samples(
         n = int(lengths[b])
         sequences.append(ids[b, :n].tolist() + new)
         prompt_lengths.append(n)
-    total = max(len(s) for s in sequences)
-    out_ids = torch.full((rows, total), pad_id, dtype=torch.long)
-    out_attention = torch.zeros((rows, total), dtype=torch.long)
-    labels = torch.full((rows, total), IGNORE, dtype=torch.long)
+    return _sampled_batch(sequences, prompt_lengths, pad_id, ids.device) | {"index": batch["index"]}
+
+
+def _left_padded_prompts(ids: Tensor, lengths: Tensor, pad_id: int) -> tuple[Tensor, Tensor]:
+    """The prompts (the first `lengths[b]` tokens of each row of `ids` (B, T)) left-padded for generation: token ids
+    (B, P) and attention mask (B, P)."""
+    rows, width = ids.shape[0], int(lengths.max())
+    prompts = torch.full((rows, width), pad_id, dtype=torch.long, device=ids.device)  # (B, P)
+    attention = torch.zeros_like(prompts)  # (B, P)
+    for b in range(rows):
+        n = int(lengths[b])
+        prompts[b, width - n :] = ids[b, :n]
+        attention[b, width - n :] = 1
+    return prompts, attention
+
+
+def _sampled_batch(
+    sequences: list[list[int]], prompt_lengths: list[int], pad_id: int, device: torch.device
+) -> dict[str, Any]:
+    """Prompt + sampled completion sequences as a right-padded training batch scored on the completions."""
+    rows, total = len(sequences), max(len(s) for s in sequences)
+    out_ids = torch.full((rows, total), pad_id, dtype=torch.long)  # (B, T)
+    out_attention = torch.zeros((rows, total), dtype=torch.long)  # (B, T)
+    labels = torch.full((rows, total), IGNORE, dtype=torch.long)  # (B, T)
     for b, sequence in enumerate(sequences):
         out_ids[b, : len(sequence)] = torch.tensor(sequence)
         out_attention[b, : len(sequence)] = 1
         p = prompt_lengths[b]
         labels[b, p - 1 : len(sequence) - 1] = torch.tensor(sequence[p:])
-    device = ids.device
     return {
         "inputs": {"input_ids": out_ids.to(device), "attention_mask": out_attention.to(device)},
         "labels": labels.to(device),
         "kd_mask": (labels != IGNORE).to(device),
         "prompt_lengths": torch.tensor(prompt_lengths, device=device),
-        "index": batch["index"],
     }

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ import numpy as np
 
 from distill.data import json_lines, sha256_file
 from distill.errors import DataError, DistillError
-from distill.lm_data import read_examples, tokenize_examples
+from distill.lm_data import LMDataset, read_examples, tokenize_examples
 from distill.losses import LOG_FLOOR
 from distill.progress import NULL, Reporter
 from distill.sampling import PIECE_CONTEXT, added_text, decode_text
@@ -119,6 +119,34 @@ def cache_from_generated(
     path = Path(path)
     examples = read_examples(path, tokenizer)  # the rows as train-lm reads them, in file order
     data = tokenize_examples(tokenizer, examples, max_length)
+    returned, models = _returned(path)
+    with_top = [r for r in returned if r is not None and r.top is not None]
+    if not with_top:
+        raise DataError(
+            f"no row of {path} holds top log-probs; generate with --top-logprobs K (a server that offers them)"
+        )
+    top_k = min(1 + max((len(p) for r in with_top for p in r.top or []), default=0), len(tokenizer))
+    found = _align(returned, data, tokenizer, top_k, reporter)
+    if not found.values:
+        raise DistillError(
+            f"none of the teacher's tokens in {path} line up with this tokenizer's: the teacher uses another "
+            "tokenizer, so its log-probs cannot be used token by token; train on the text alone (no cache)"
+        )
+    _store(found, data, tokenizer, directory, top_k=top_k, source=path, models=models, shard_tokens=shard_tokens)
+    return ApiCacheSummary(
+        rows=len(returned),
+        rows_with_logprobs=len(with_top),
+        rows_aligned=found.rows_aligned,
+        positions=len(found.values),
+        completion_positions=found.completion_positions,
+        alternatives=found.alternatives,
+        alternatives_mapped=found.alternatives_mapped,
+        top_k=top_k,
+    )
+
+
+def _returned(path: Path) -> tuple[list[TokenLogprobs | None], set[str]]:
+    """Each row's top log-probs (None where it kept none) and the models that wrote them."""
     returned: list[TokenLogprobs | None] = []
     models: set[str] = set()
     for where, row in json_lines(path):
@@ -129,97 +157,113 @@ def cache_from_generated(
             raise DataError(f"{where}: top_logprobs must hold tokens, logprobs and top lists") from None
         if isinstance(row, dict) and isinstance(row.get("model"), str):
             models.add(row["model"])
-    with_top = [r for r in returned if r is not None and r.top is not None]
-    if not with_top:
-        raise DataError(
-            f"no row of {path} holds top log-probs; generate with --top-logprobs K (a server that offers them)"
-        )
-    top_k = min(1 + max((len(p) for r in with_top for p in r.top or []), default=0), len(tokenizer))
+    return returned, models
+
+
+@dataclass
+class _Alignment:
+    """The teacher's distributions found at the student's positions, row after row, and what was counted."""
+
+    values: list[np.ndarray] = field(default_factory=list)  # each (K,) log-probs
+    ids: list[np.ndarray] = field(default_factory=list)  # each (K,) student token ids
+    masks: list[np.ndarray] = field(default_factory=list)  # each (T_i,) bool: positions holding a distribution
+    rows_aligned: int = 0
+    alternatives: int = 0
+    alternatives_mapped: int = 0
+    completion_positions: int = 0
+
+
+def _align(
+    returned: list[TokenLogprobs | None], data: LMDataset, tokenizer: Any, top_k: int, reporter: Reporter
+) -> _Alignment:
+    """Every row's returned tokens lined up with the student's tokenization of its completion (module docstring)."""
     vocabulary = VocabularyText(tokenizer)
     eos = getattr(tokenizer, "eos_token_id", None)
-
-    values: list[np.ndarray] = []  # each (K,)
-    ids: list[np.ndarray] = []  # each (K,)
-    masks: list[np.ndarray] = []
-    aligned_rows = alternatives = mapped = completion_positions = 0
+    found = _Alignment()
     reporter.stage("teacher tokens to student ids", total=len(returned))
-    for i, found in enumerate(returned):
+    for i, row in enumerate(returned):
         reporter.advance(1)
         sequence = data.sequences[i].tolist()
         start = int(data.prompt_lengths[i])
         mask = np.zeros(len(sequence), bool)
-        masks.append(mask)
-        completion_positions += int(data.scored(i).sum())
-        if found is None or found.top is None:
+        found.masks.append(mask)
+        found.completion_positions += int(data.scored(i).sum())
+        if row is None or row.top is None:
             continue
         completion = sequence[start:]
-        if completion and completion[-1] == eos and len(completion) > len(found.tokens):
+        if completion and completion[-1] == eos and len(completion) > len(row.tokens):
             completion = completion[:-1]  # the end-of-text token the data adds; APIs return no entry for it
         pieces = token_pieces(tokenizer, completion)
         agree = 0
         while (
-            agree < min(len(pieces), len(found.tokens))
-            and pieces[agree] == found.tokens[agree]
+            agree < min(len(pieces), len(row.tokens))
+            and pieces[agree] == row.tokens[agree]
             and REPLACEMENT not in pieces[agree]
         ):
             agree += 1
-        aligned_rows += agree == len(found.tokens) == len(pieces)
+        found.rows_aligned += agree == len(row.tokens) == len(pieces)
         for j in range(agree):
             position = start + j - 1  # position t holds the distribution of token t + 1
             if position < 0:
                 continue  # no prompt token to predict the first completion token from
-            chosen = [completion[j]]
-            logprobs = [found.logprobs[j]]
-            for text, logprob in found.top[j]:
-                alternatives += 1
-                token = vocabulary.id_of(text, first=j == 0)
-                if token is None:
-                    continue
-                mapped += 1
-                if token not in chosen and len(chosen) < top_k:
-                    chosen.append(token)
-                    logprobs.append(logprob)
-            value, token_ids = _padded(chosen, logprobs, top_k)
-            values.append(value)
-            ids.append(token_ids)
+            _add_position(found, row, j, completion[j], vocabulary, top_k)
             mask[position] = True
     reporter.end()
-    if not values:
-        raise DistillError(
-            f"none of the teacher's tokens in {path} line up with this tokenizer's: the teacher uses another "
-            "tokenizer, so its log-probs cannot be used token by token; train on the text alone (no cache)"
-        )
-    codec = Codec.for_sizes(top_k, len(tokenizer))
-    top = np.stack(values)  # (n, K)
-    top_ids = np.stack(ids)  # (n, K)
-    mass = np.exp(top.astype(np.float64)).sum(axis=1)  # (n,)
-    log_tail = np.log(np.clip(1.0 - mass, 1e-30, None))  # (n,) what the kept entries leave
-    records = codec.encode(top, top_ids, log_tail)
-    digest = sha256_file(path)[:16]
+    return found
+
+
+def _add_position(
+    found: _Alignment, row: TokenLogprobs, j: int, token: int, vocabulary: VocabularyText, top_k: int
+) -> None:
+    """The distribution at completion token `j`: the sampled `token`, then the alternatives that map to one id."""
+    assert row.top is not None
+    chosen = [token]
+    logprobs = [row.logprobs[j]]
+    for text, logprob in row.top[j]:
+        found.alternatives += 1
+        mapped = vocabulary.id_of(text, first=j == 0)
+        if mapped is None:
+            continue
+        found.alternatives_mapped += 1
+        if mapped not in chosen and len(chosen) < top_k:
+            chosen.append(mapped)
+            logprobs.append(logprob)
+    value, token_ids = _padded(chosen, logprobs, top_k)
+    found.values.append(value)
+    found.ids.append(token_ids)
+
+
+def _store(
+    found: _Alignment,
+    data: LMDataset,
+    tokenizer: Any,
+    directory: Path,
+    *,
+    top_k: int,
+    source: Path,
+    models: set[str],
+    shard_tokens: int,
+) -> None:
+    """The distributions found, encoded and written as a token cache over `data` (temperature 1)."""
     from distill.teachers.hf import tokenizer_fingerprint
 
+    codec = Codec.for_sizes(top_k, len(tokenizer))
+    top = np.stack(found.values)  # (n, K)
+    top_ids = np.stack(found.ids)  # (n, K)
+    mass = np.exp(top.astype(np.float64)).sum(axis=1)  # (n,)
+    log_tail = np.log(np.clip(1.0 - mass, 1e-30, None))  # (n,) what the kept entries leave
     write_token_cache(
-        records,
+        codec.encode(top, top_ids, log_tail),
         [s.numpy() for s in data.sequences],
-        masks,
+        found.masks,
         directory,
         codec=codec,
         temperature=1.0,
         teacher_name="api:" + ",".join(sorted(models) or ["unknown"]),
-        teacher_revision=f"generated-{digest}",
+        teacher_revision=f"generated-{sha256_file(source)[:16]}",
         tokenizer_hash=tokenizer_fingerprint(tokenizer),
         data_id=data.fingerprint(),
         shard_tokens=shard_tokens,
-    )
-    return ApiCacheSummary(
-        rows=len(returned),
-        rows_with_logprobs=len(with_top),
-        rows_aligned=aligned_rows,
-        positions=len(values),
-        completion_positions=completion_positions,
-        alternatives=alternatives,
-        alternatives_mapped=mapped,
-        top_k=top_k,
     )
 
 
