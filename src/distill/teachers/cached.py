@@ -25,8 +25,8 @@ from torch import Tensor
 from distill.data import Dataset
 from distill.errors import CacheError
 from distill.progress import NULL, Reporter
-from distill.teachers import Teacher, TeacherOutput
 from distill.teachers.cache_files import MANIFEST, PARTIAL, add_shard, check_file, finish, read_json, resumable_shards
+from distill.teachers.protocol import Teacher, TeacherOutput
 
 FORMAT = "distill-teacher-cache"
 VERSION = 1

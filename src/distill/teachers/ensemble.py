@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from distill.errors import DistillError, ShapeMismatchError
-from distill.teachers import Teacher, TeacherOutput
+from distill.teachers.protocol import Teacher, TeacherOutput
 
 Mode = Literal["mean", "geometric"]
 MODES: tuple[Mode, ...] = ("mean", "geometric")

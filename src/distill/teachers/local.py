@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distill.teachers import TeacherOutput
+from distill.teachers.protocol import TeacherOutput
 
 
 def logits_of(output: object) -> Tensor:

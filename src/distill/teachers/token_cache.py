@@ -40,7 +40,6 @@ from torch import Tensor, nn
 from distill.errors import CacheError
 from distill.losses import LOG_FLOOR
 from distill.progress import NULL, Cancelled, Reporter
-from distill.teachers import TeacherOutput
 from distill.teachers.cache_files import (
     MANIFEST,
     PARTIAL,
@@ -52,6 +51,7 @@ from distill.teachers.cache_files import (
     write_file,
 )
 from distill.teachers.local import logits_of
+from distill.teachers.protocol import TeacherOutput
 from distill.teachers.token_codec import Codec
 
 FORMAT = "distill-token-cache"
