@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import blobs, mlp  # noqa: E402
+from distill import distributed  # noqa: E402
 from distill.config import LossConfig, TrainConfig  # noqa: E402
 from distill.evaluate import accuracy, predict  # noqa: E402
 from distill.teachers import LocalTeacher  # noqa: E402
@@ -20,9 +20,9 @@ from distill.train import train  # noqa: E402
 
 def main() -> None:
     out = Path(sys.argv[1])
-    dist.init_process_group("gloo")
+    assert distributed.join_torchrun() == 2  # gloo: the test machine has no GPU
     torch.set_num_threads(1)
-    rank = dist.get_rank()
+    rank = distributed.rank()
     data, test = blobs(1000, seed=1), blobs(300, seed=2)
     teacher_model = mlp(seed=5, width=32)
     train(teacher_model, data, TrainConfig(epochs=3, batch_size=32, lr=1e-2, checkpoint_every=0))
@@ -40,11 +40,10 @@ def main() -> None:
     weights = torch.cat([p.detach().flatten() for p in result.model.parameters()]).tolist()
     (out / f"rank{rank}.json").write_text(
         json.dumps(
-            {"history": result.history, "weights": weights, "steps": result.steps, "world": dist.get_world_size()}
+            {"history": result.history, "weights": weights, "steps": result.steps, "world": distributed.world_size()}
         )
     )
-    dist.barrier()  # both processes past their last collective before the group goes
-    dist.destroy_process_group()
+    distributed.leave()  # both processes past their last collective before the group goes
 
 
 if __name__ == "__main__":
