@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 
 from distill import models
-from distill.config import ClassifyRunConfig
 from distill.data import ArrayDataset, concat, epoch_order
 from distill.recipes import mnist1d
+from distill.recipes.mnist1d import Mnist1dConfig
 from distill.teachers import LocalTeacher, build_cache
 from distill.train import train
 
@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--teacher-epochs", type=int, default=3, help="a few epochs: the timing needs no good teacher")
     args = parser.parse_args()
 
-    config = ClassifyRunConfig(transfer_size=args.transfer_size)
+    config = Mnist1dConfig(transfer_size=args.transfer_size)
     problem = mnist1d.problem(config, Path.home() / ".cache" / "distill")
     transfer_inputs = problem.transfer.inputs if problem.transfer is not None else torch.zeros(0, 40)
     kd_data = concat(problem.train, ArrayDataset(transfer_inputs, torch.full((len(transfer_inputs),), -100)))

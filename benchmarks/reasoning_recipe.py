@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from distill.recipes.reasoning import ReasoningConfig
+
 RESULTS = Path(__file__).parent / "results"
 MARGIN = 0.10  # "a clear margin": ten points of held-out accuracy
 
@@ -51,12 +53,12 @@ def main() -> None:
         metrics = json.loads((run_dir / "metrics.json").read_text())
         command = f"distill run --recipe reasoning (run directory {run_dir})"
     else:
-        from distill.cli import cache_dir
-        from distill.config import ReasoningRunConfig
-        from distill.recipes import RECIPES
+        from distill.cli.app import store_dir
+        from distill.recipes import RECIPES, run_recipe
+        from distill.stages import RunContext
 
         run_dir = Path("runs") / f"bench-reasoning-{time.strftime('%Y%m%d-%H%M%S')}"
-        metrics = RECIPES["reasoning"][1](ReasoningRunConfig(), run_dir, cache_dir=cache_dir())
+        metrics = run_recipe(RECIPES["reasoning"], ReasoningConfig(), RunContext(run_dir, store=store_dir()))
         command = "python benchmarks/reasoning_recipe.py " + " ".join(sys.argv[1:])
     result = {"benchmark": "reasoning", "command": command, "seconds": metrics["seconds"], **summary(metrics)}
     print(json.dumps(result, indent=2))

@@ -20,14 +20,16 @@ from pathlib import Path
 
 import torch
 
-from distill.config import ClassifyRunConfig
-from distill.recipes import run_array_recipe
+from distill.recipes import RECIPES, run_recipe
+from distill.recipes.digits import DigitsConfig
+from distill.recipes.mnist1d import Mnist1dConfig
+from distill.stages import RunContext
 
 RESULTS = Path(__file__).parent / "results"
 RUNS = {
-    "mnist1d": ClassifyRunConfig(),
-    "ensemble": ClassifyRunConfig(teachers=5),
-    "digits": ClassifyRunConfig(recipe="digits"),
+    "mnist1d": Mnist1dConfig(),
+    "ensemble": Mnist1dConfig(teachers=5),
+    "digits": DigitsConfig(),
 }
 
 
@@ -65,7 +67,9 @@ def main() -> None:
     for name in args.only.split(","):
         started = time.perf_counter()
         output = Path("runs") / f"bench-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        metrics = run_array_recipe(RUNS[name], output, cache_dir=Path.home() / ".cache" / "distill")
+        config = RUNS[name]
+        store = Path.home() / ".cache" / "distill"
+        metrics = run_recipe(RECIPES[config.recipe], config, RunContext(output, store=store))
         results[name] = {**summary(metrics), "run_dir": str(output), "wall_seconds": time.perf_counter() - started}
 
     header = f"{'run':<10}{'teacher':>9}{'alone':>8}{'distilled':>11}{'gap closed':>12}{'retention':>11}{'speed-up':>10}{'compression':>13}"

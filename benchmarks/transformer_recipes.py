@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from distill.config import Sst2RunConfig, StsbRunConfig
+from distill.recipes.sst2 import Sst2Config
+from distill.recipes.stsb import StsbConfig
 
 RESULTS = Path(__file__).parent / "results"
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -73,13 +74,14 @@ def main() -> None:
         metrics = json.loads((run_dir / "metrics.json").read_text())
         command = f"distill run --recipe {args.recipe} (run directory {run_dir})"
     else:
-        from distill.cli import cache_dir
-        from distill.recipes import RECIPES
+        from distill.cli.app import store_dir
+        from distill.recipes import RECIPES, run_recipe
+        from distill.stages import RunContext
 
-        model, runner = RECIPES[args.recipe]
-        config = StsbRunConfig() if args.recipe == "stsb" else Sst2RunConfig()
+        config = StsbConfig() if args.recipe == "stsb" else Sst2Config()
         run_dir = Path("runs") / f"bench-{args.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
-        metrics = runner(config, run_dir, cache_dir=cache_dir(), data_dir=args.data_dir)
+        context = RunContext(run_dir, store=store_dir(), datasets=args.data_dir)
+        metrics = run_recipe(RECIPES[args.recipe], config, context)
         command = "python benchmarks/transformer_recipes.py " + " ".join(sys.argv[1:])
     summary = stsb_summary(metrics) if args.recipe == "stsb" else sst2_summary(metrics)
     result = {

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from distill.config import LMJobConfig, LossConfig, TrainConfig
+from distill.config import LossConfig, TrainConfig
 from distill.errors import DataError, DistillError
 from distill.generate import PromptRecord, generate
 from distill.generate.sample import SamplingParams
@@ -20,6 +20,7 @@ from distill.teachers.api import ApiTeacher
 from distill.teachers.api_logprobs import VocabularyText, cache_from_generated, token_pieces
 from distill.teachers.token_cache import TokenCache, verify_token_cache
 from distill.train import loss_terms
+from distill.train_lm import LMJobConfig
 from test_cli import distill_cli
 from test_serve import tiny_chat_lm
 
@@ -36,7 +37,7 @@ def bpe_gpt2(directory):
     """A tiny random GPT-2 over a byte-level BPE tokenizer trained here (the GPT-2 kind of tokenizer)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from distill.recipes.lm import train_tokenizer
+    from distill.lm_models import train_tokenizer
 
     tokenizer = train_tokenizer(TEXTS, 300, directory)
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=2,
@@ -154,12 +155,13 @@ def test_train_lm_learns_from_the_api_cache_and_weighs_uncovered_positions_zero(
     full, _ = loss_terms(student, batch, cache, loss.model_copy(update={"chunk_size": 0}))  # the full-logits path
     assert float(full["kd"]) == pytest.approx(float(expected), rel=1e-4, abs=1e-5)
 
-    from distill.recipes.lm import run_lm_job
+    from distill.stages import RunContext
+    from distill.train_lm import run_train_lm
 
     job = LMJobConfig(student=str(student_dir), cache=directory, data=path, max_length=64,
                       loss=LossConfig(temperature=1.0, alpha=1.0, chunk_size=16),
                       train=TrainConfig(epochs=3, batch_size=4, lr=3e-3))  # fmt: skip
-    metrics = run_lm_job(job, tmp_path / "run", cache_dir=tmp_path)
+    metrics = run_train_lm(job, RunContext(tmp_path / "run", store=tmp_path))
     kd = [epoch["kd"] for epoch in metrics["history"]]
     assert all(torch.isfinite(torch.tensor(kd))) and kd[-1] < 0.8 * kd[0]
 

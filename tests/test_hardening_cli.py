@@ -35,7 +35,14 @@ from distill.data import (
 from distill.errors import DataError, DistillError
 from distill.lm_data import read_examples
 from distill.recipes import mnist1d
+from distill.recipes.lm import LMConfig
+from distill.recipes.mnist1d import Mnist1dConfig
+from distill.recipes.reasoning import ReasoningConfig
+from distill.recipes.sst2 import Sst2Config
+from distill.recipes.stsb import StsbConfig
 from distill.train import train
+from distill.train_arrays import ArraysJobConfig, DataSpec
+from distill.train_lm import LMJobConfig
 
 HUGE = str(10**30)
 
@@ -138,15 +145,15 @@ def _config_models() -> list[tuple[type[BaseModel], dict[str, Any]]]:
         (cfg.LossConfig, {}),
         (cfg.TrainConfig, {}),
         (cfg.ModelSpec, {}),
-        (cfg.ClassifyRunConfig, {}),
-        (cfg.StsbRunConfig, {}),
-        (cfg.Sst2RunConfig, {}),
-        (cfg.LMJobConfig, {"student": "s", "data": "d.jsonl"}),
-        (cfg.LMRunConfig, {}),
-        (cfg.DataSpec, {"train": "a.csv"}),
-        (cfg.TrainJobConfig, {"data": {"train": "a.csv"}}),
+        (Mnist1dConfig, {}),
+        (StsbConfig, {}),
+        (Sst2Config, {}),
+        (LMJobConfig, {"student": "s", "data": "d.jsonl"}),
+        (LMConfig, {}),
+        (DataSpec, {"train": "a.csv"}),
+        (ArraysJobConfig, {"data": {"train": "a.csv"}}),
         (cfg.CacheBuildOptions, {}),
-        (cfg.ReasoningRunConfig, {}),
+        (ReasoningConfig, {}),
     ]
     try:
         from distill.service import kinds
@@ -189,16 +196,16 @@ def test_every_number_in_every_config_is_bounded_and_finite():
 @pytest.mark.parametrize(
     "model, data",
     [
-        (cfg.StsbRunConfig, {"max_length": 513}),
-        (cfg.Sst2RunConfig, {"max_length": 7}),
-        (cfg.LMRunConfig, {"vocab_size": 299}),
-        (cfg.LMRunConfig, {"max_length": 600}),
-        (cfg.LMRunConfig, {"vocab_size": 1000, "top_k": 1001}),
-        (cfg.LMJobConfig, {"student": "s", "data": "d", "max_length": 7}),
-        (cfg.ReasoningRunConfig, {"max_length": 31}),
-        (cfg.ReasoningRunConfig, {"steps": [7]}),
-        (cfg.ClassifyRunConfig, {"train_size": 9}),
-        (cfg.ClassifyRunConfig, {"teachers": 33}),
+        (StsbConfig, {"max_length": 513}),
+        (Sst2Config, {"max_length": 7}),
+        (LMConfig, {"vocab_size": 299}),
+        (LMConfig, {"max_length": 600}),
+        (LMConfig, {"vocab_size": 1000, "top_k": 1001}),
+        (LMJobConfig, {"student": "s", "data": "d", "max_length": 7}),
+        (ReasoningConfig, {"max_length": 31}),
+        (ReasoningConfig, {"steps": [7]}),
+        (Mnist1dConfig, {"train_size": 9}),
+        (Mnist1dConfig, {"teachers": 33}),
         (cfg.CacheBuildOptions, {"top_k": 4097}),
         (cfg.CacheBuildOptions, {"batch_size": 1025}),
         (cfg.TrainConfig, {"warmup": 1.0}),
@@ -212,14 +219,14 @@ def test_a_field_narrowing_a_shared_bound_keeps_its_narrower_range(model, data):
 def test_narrowed_ranges_still_take_their_ends():
     assert cfg.ModelSpec(head=0).head == 0 and cfg.LossConfig(chunk_size=0).chunk_size == 0
     assert cfg.TrainConfig(seed=cfg.MAX_SEED).seed == 2**32 - 1
-    assert cfg.StsbRunConfig(max_length=512).max_length == 512
+    assert StsbConfig(max_length=512).max_length == 512
 
 
 @pytest.mark.parametrize(
     "size, fragment",
     [
-        ({"layers": 2, "width": 128}, "exactly the keys layers, width and heads"),
         ({"layers": 2, "width": 128, "heads": 2, "depth": 3}, "exactly the keys layers, width and heads"),
+        ({"layers": 2, "width": 128, "heads": 3}, "width 128 is not divisible by heads 3"),
         ({"layers": 0, "width": 128, "heads": 2}, "layers must be between 1 and 256, not 0"),
         ({"layers": 2, "width": 100_000, "heads": 2}, "width must be between 1 and 65,536"),
         ({"layers": 2, "width": 100, "heads": 3}, "width 100 is not divisible by heads 3"),
@@ -227,9 +234,15 @@ def test_narrowed_ranges_still_take_their_ends():
     ],
 )
 def test_gpt2_sizes_are_bounded(size, fragment):
-    for model in (cfg.LMRunConfig, cfg.ReasoningRunConfig):
+    for model in (LMConfig, ReasoningConfig):
         with pytest.raises(ValidationError, match=fragment):
             model.model_validate({"teacher": size})
+
+
+def test_a_gpt2_size_given_in_part_keeps_the_recipes_other_keys():
+    for model in (LMConfig, ReasoningConfig):
+        given = model.model_validate({"teacher": {"layers": 2, "width": 64}}).teacher
+        assert given == {**model().teacher, "layers": 2, "width": 64}
 
 
 def test_built_in_models_are_bounded_before_anything_is_allocated(tmp_path):
@@ -264,7 +277,7 @@ def test_service_job_configs_share_the_bounds():
 def test_the_largest_seed_trains_and_generates():
     result = train(mlp(), blobs(64), cfg.TrainConfig(epochs=1, batch_size=16, seed=cfg.MAX_SEED))
     assert result.steps == 4
-    signals = mnist1d.transfer_inputs(10, seed=cfg.MAX_SEED, cache_dir=None, workers=1)
+    signals = mnist1d.transfer_inputs(10, seed=cfg.MAX_SEED, store=None, workers=1)
     assert signals.shape == (10, 40)
 
 
@@ -458,7 +471,7 @@ def test_resume_with_a_damaged_history_or_a_crafted_checkpoint_gets_one_line(tmp
 
 
 def test_a_damaged_cached_transfer_set_is_detected_and_replaced(tmp_path):
-    first = mnist1d.transfer_inputs(200, seed=3, cache_dir=tmp_path, workers=1)
+    first = mnist1d.transfer_inputs(200, seed=3, store=tmp_path, workers=1)
     [path] = (tmp_path / "mnist1d").glob("transfer-*.npy")
     checksum = Path(f"{path}.sha256")
     assert checksum.read_text().strip() == hashlib.sha256(path.read_bytes()).hexdigest()
@@ -468,13 +481,13 @@ def test_a_damaged_cached_transfer_set_is_detected_and_replaced(tmp_path):
     damaged[-5] ^= 0xFF  # one byte of the last signal: still a valid .npy of the right shape
     path.write_bytes(bytes(damaged))
     assert not np.array_equal(np.load(path), first)
-    again = mnist1d.transfer_inputs(200, seed=3, cache_dir=tmp_path, workers=1)
+    again = mnist1d.transfer_inputs(200, seed=3, store=tmp_path, workers=1)
     assert np.array_equal(again, first)  # regenerated, not read from the damaged file
     assert path.read_bytes() == kept  # and the file replaced
 
     checksum.unlink()  # a file without its checksum (an older version's) is regenerated too
     path.write_bytes(bytes(damaged))
-    assert np.array_equal(mnist1d.transfer_inputs(200, seed=3, cache_dir=tmp_path, workers=1), first)
+    assert np.array_equal(mnist1d.transfer_inputs(200, seed=3, store=tmp_path, workers=1), first)
     assert path.read_bytes() == kept and checksum.is_file()
 
 
@@ -486,7 +499,7 @@ def test_a_damaged_cached_fine_tuned_teacher_is_fine_tuned_again(tmp_path):
     texts = ["the movie was great", "a dull film", "i love this story", "the plot was bad"] * 4
     labels = torch.tensor([1, 0, 1, 0] * 4)
     data = TextDataset(tokenize(tokenizer, texts, 16), labels)
-    config = cfg.Sst2RunConfig(teacher=str(tmp_path / "teacher"), teacher_train=cfg.TrainConfig(epochs=1, batch_size=8))
+    config = Sst2Config(teacher=str(tmp_path / "teacher"), teacher_train=cfg.TrainConfig(epochs=1, batch_size=8))
     cache = tmp_path / "cache"
     _, directory, info = fine_tune_teacher(config, tokenizer, data, data, cache, NULL)
     weights = directory / "model.safetensors"

@@ -10,8 +10,10 @@ from typing import Any
 
 import pytest
 
-from distill.config import ReasoningRunConfig, build
-from distill.recipes import RECIPES
+from distill.config import build
+from distill.recipes import RECIPES, run_recipe
+from distill.recipes.reasoning import ReasoningConfig
+from distill.stages import RunContext
 
 TINY: dict[str, Any] = {
     "problems": 12,
@@ -37,10 +39,10 @@ def lines(path: Path) -> list[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     output = tmp_path_factory.mktemp("reasoning")
-    model, runner = RECIPES["reasoning"]
-    config = build(model, {"recipe": "reasoning", **TINY})
-    assert isinstance(config, ReasoningRunConfig)
-    return output, runner(config, output, resume=False)
+    recipe = RECIPES["reasoning"]
+    config = build(recipe.config, {"recipe": "reasoning", **TINY})
+    assert isinstance(config, ReasoningConfig)
+    return output, run_recipe(recipe, config, RunContext(output))
 
 
 def test_the_recipe_runs_end_to_end_and_writes_its_outputs(first_run: tuple[Path, dict[str, Any]]) -> None:
@@ -95,8 +97,8 @@ def test_the_recipe_runs_end_to_end_and_writes_its_outputs(first_run: tuple[Path
 
 def test_a_resumed_run_reuses_the_traces_and_models(first_run: tuple[Path, dict[str, Any]]) -> None:
     output, metrics = first_run
-    model, runner = RECIPES["reasoning"]
-    again = runner(build(model, {"recipe": "reasoning", **TINY}), output, resume=True)
+    recipe = RECIPES["reasoning"]
+    again = run_recipe(recipe, build(recipe.config, {"recipe": "reasoning", **TINY}), RunContext(output, resume=True))
     n_traces = TINY["problems"] * TINY["samples"]
     assert again["generation"]["skipped"] == n_traces
     assert again["generation"]["written"] == 0 and again["generation"]["requests"] == 0
@@ -125,7 +127,7 @@ def test_the_teacher_is_served_over_http_in_a_thread_until_the_block_ends(
 
 
 def test_a_partial_training_setting_keeps_the_recipes_other_settings() -> None:
-    config = build(ReasoningRunConfig, {"teacher_train": {"epochs": 7}, "student_train": {"lr": 0.001}})
+    config = build(ReasoningConfig, {"teacher_train": {"epochs": 7}, "student_train": {"lr": 0.001}})
     assert config.teacher_train.epochs == 7 and config.teacher_train.batch_size == 16
     assert config.teacher_train.schedule == "cosine"
     assert config.student_train.lr == 0.001 and config.student_train.epochs == 10

@@ -1,40 +1,39 @@
 import numpy as np
 import torch
 
-from distill.config import ClassifyRunConfig, LossConfig
+from distill.classify import problem_settings
 from distill.recipes import digits, mnist1d
-from distill.recipes.classify import resolve_specs
+from distill.recipes.digits import DigitsConfig
+from distill.recipes.mnist1d import Mnist1dConfig
 
 
-def test_loss_settings_merge_one_by_one_with_the_recipe_defaults():
-    config = ClassifyRunConfig.model_validate({"loss": {"alpha": 0.5}, "student_width": 64, "epochs": 3})
-    specs = resolve_specs(
-        config,
-        mnist1d.TEACHER,
-        mnist1d.STUDENT,
-        mnist1d.TEACHER_TRAIN,
-        mnist1d.STUDENT_TRAIN,
-        LossConfig(temperature=4.0, alpha=0.9),
-    )
-    assert specs["loss"].temperature == 4.0 and specs["loss"].alpha == 0.5
-    assert specs["student"].width == 64 and specs["student"].family == "mlp"
-    assert specs["student_train"].epochs == 3 and specs["teacher_train"] == mnist1d.TEACHER_TRAIN
+def test_settings_given_in_part_keep_the_recipe_defaults():
+    """Loss settings merge one by one with the recipe's, and the shortcuts set the nested keys they stand for."""
+    config = Mnist1dConfig.model_validate({"loss": {"alpha": 0.5}, "student_width": 64, "epochs": 3})
+    default = Mnist1dConfig()
+    assert config.loss.temperature == default.loss.temperature == 2.0 and config.loss.alpha == 0.5
+    assert config.student.width == 64 and config.student.family == "mlp" and config.student.depth == 2
+    assert config.student_train.epochs == 3 and config.student_train.lr == default.student_train.lr == 5e-3
+    assert config.teacher_train == default.teacher_train and config.teacher == default.teacher
+    assert DigitsConfig().loss.temperature == 4.0 and DigitsConfig().teacher.family == "cnn2d"
+    settings = problem_settings(config)
+    assert settings["student"] == config.student and settings["loss"] == config.loss and settings["teachers"] == 1
 
 
 def test_mnist1d_transfer_set_is_deterministic_and_cached(tmp_path):
-    first = mnist1d.transfer_inputs(300, seed=1, cache_dir=tmp_path, workers=1)
+    first = mnist1d.transfer_inputs(300, seed=1, store=tmp_path, workers=1)
     assert first.shape == (300, 40) and first.dtype == np.float32
     assert list((tmp_path / "mnist1d").glob("transfer-*.npy"))
-    fresh = mnist1d.transfer_inputs(300, seed=1, cache_dir=None, workers=1)
+    fresh = mnist1d.transfer_inputs(300, seed=1, store=None, workers=1)
     assert np.array_equal(first, fresh)
-    assert not np.array_equal(first, mnist1d.transfer_inputs(300, seed=2, cache_dir=None, workers=1))
+    assert not np.array_equal(first, mnist1d.transfer_inputs(300, seed=2, store=None, workers=1))
     state = np.random.get_state()[1].copy()
-    mnist1d.transfer_inputs(10, seed=3, cache_dir=None, workers=1)
+    mnist1d.transfer_inputs(10, seed=3, store=None, workers=1)
     assert np.array_equal(state, np.random.get_state()[1])  # numpy's global generator is left alone
 
 
 def test_mnist1d_problem_uses_the_standard_split(tmp_path):
-    problem = mnist1d.problem(ClassifyRunConfig(transfer_size=100), tmp_path)
+    problem = mnist1d.problem(Mnist1dConfig(transfer_size=100), tmp_path)
     assert len(problem.train) == 4000 and len(problem.test) == 1000
     assert problem.train.input_shape == (40,) and problem.transfer.labeled == 0
 

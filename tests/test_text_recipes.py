@@ -8,8 +8,13 @@ import pytest
 from conftest import TINY_WORDS, tiny_bert
 from distill import config as cfg
 from distill.errors import DataError
-from distill.recipes import run_sst2_recipe, run_stsb_recipe
+from distill.recipes import RECIPES, run_recipe
+from distill.recipes.sst2 import Sst2Config
+from distill.recipes.stsb import StsbConfig
+from distill.stages import RunContext
 from distill.text_models import BiLSTMClassifier
+
+STSB, SST2 = RECIPES["stsb"], RECIPES["sst2"]
 
 POSITIVE = {"great", "good", "best", "love", "fun", "happy", "funny"}
 
@@ -52,7 +57,7 @@ def data_dir(tmp_path):
 def test_stsb_recipe_trains_derived_students_and_reports_the_ablation(tmp_path, data_dir):
     tiny_bert(tmp_path / "teacher")
     config = cfg.load(
-        cfg.StsbRunConfig,
+        StsbConfig,
         None,
         [
             f"teacher={tmp_path / 'teacher'}",
@@ -63,7 +68,7 @@ def test_stsb_recipe_trains_derived_students_and_reports_the_ablation(tmp_path, 
         ],
     )
     out = tmp_path / "run"
-    metrics = run_stsb_recipe(config, out, cache_dir=tmp_path / "cache", data_dir=data_dir)
+    metrics = run_recipe(STSB, config, RunContext(out, store=tmp_path / "cache", datasets=data_dir))
     names = [s["name"] for s in metrics["students"]]
     assert names == [
         "3-layer",
@@ -86,7 +91,7 @@ def test_stsb_recipe_trains_derived_students_and_reports_the_ablation(tmp_path, 
     md = (out / "report.md").read_text()
     assert "| 3-layer random init |" in md and "Which layers a 3-layer student keeps matters" in md
     assert json.loads((out / "metrics.json").read_text())["recipe"] == "stsb"
-    again = run_stsb_recipe(config, out, cache_dir=tmp_path / "cache", data_dir=data_dir, resume=True)
+    again = run_recipe(STSB, config, RunContext(out, store=tmp_path / "cache", datasets=data_dir, resume=True))
     assert [s["spearman"] for s in again["students"]] == pytest.approx([s["spearman"] for s in metrics["students"]])
 
 
@@ -101,9 +106,9 @@ def test_sst2_recipe_fine_tunes_caches_and_distills(tmp_path, data_dir):
         "bilstm_train.epochs=2",
         "ablation_layers=[4, 5]",
     ]
-    config = cfg.load(cfg.Sst2RunConfig, None, overrides)
+    config = cfg.load(Sst2Config, None, overrides)
     out = tmp_path / "run"
-    metrics = run_sst2_recipe(config, out, cache_dir=tmp_path / "cache", data_dir=data_dir)
+    metrics = run_recipe(SST2, config, RunContext(out, store=tmp_path / "cache", datasets=data_dir))
     students = metrics["students"]
     assert set(students) == {
         "transformer-distilled",
@@ -127,17 +132,17 @@ def test_sst2_recipe_fine_tunes_caches_and_distills(tmp_path, data_dir):
     model, vocab = BiLSTMClassifier.load(out / "students" / "bilstm-distilled")
     assert len(vocab) > 5
     assert "transformer: distilled" in (out / "report.md").read_text()
-    run_sst2_recipe(config, tmp_path / "run2", cache_dir=tmp_path / "cache", data_dir=data_dir)
+    run_recipe(SST2, config, RunContext(tmp_path / "run2", store=tmp_path / "cache", datasets=data_dir))
     assert len(list((tmp_path / "cache" / "sst2-teachers").iterdir())) == 1  # the second run reused the teacher
 
 
 def test_text_recipes_report_missing_files_and_columns(tmp_path, data_dir):
     tiny_bert(tmp_path / "teacher")
     (data_dir / "sst2" / "test.tsv").write_text("text\tlabel\nfine\t1\n")
-    config = cfg.load(cfg.Sst2RunConfig, None, [f"teacher={tmp_path / 'teacher'}", "train_size=10"])
+    config = cfg.load(Sst2Config, None, [f"teacher={tmp_path / 'teacher'}", "train_size=10"])
     with pytest.raises(DataError, match="has no column 'sentence'"):
-        run_sst2_recipe(config, tmp_path / "out", cache_dir=tmp_path / "cache", data_dir=data_dir)
+        run_recipe(SST2, config, RunContext(tmp_path / "out", store=tmp_path / "cache", datasets=data_dir))
     (data_dir / "stsb" / "test.tsv").unlink()
-    config = cfg.load(cfg.StsbRunConfig, None, [f"teacher={tmp_path / 'teacher'}", "sample_size=10"])
+    config = cfg.load(StsbConfig, None, [f"teacher={tmp_path / 'teacher'}", "sample_size=10"])
     with pytest.raises(DataError, match="does not exist"):
-        run_stsb_recipe(config, tmp_path / "out2", cache_dir=tmp_path / "cache", data_dir=data_dir)
+        run_recipe(STSB, config, RunContext(tmp_path / "out2", store=tmp_path / "cache", datasets=data_dir))

@@ -1,13 +1,16 @@
-"""Configuration: pydantic models for every run kind, loaded from YAML plus `key=value` overrides.
+"""Configuration: the bounds every config accepts, the pieces configs share (loss, training, model specs), and
+`resolve`, the one function that turns a partial config into a full one.
 
-The CLI builds these from its options, `distill train --config FILE.yaml` reads them from a file, and the service
-accepts them as job payloads, so a config never names an import path or anything else that would run code.
+Each recipe and job keeps its own config model beside its code (`distill/recipes/<name>.py`, `train_arrays.py`,
+`train_lm.py`); the CLI builds them from its options and files, the service from job payloads, the dashboard from
+its form, all through `resolve`, so a config never names an import path or anything else that would run code.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, get_args
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, get_args
 
 import yaml
 from pydantic import (
@@ -16,8 +19,6 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
-    ValidationInfo,
-    field_validator,
     model_validator,
 )
 
@@ -118,9 +119,19 @@ def check_gpt2_parameters(size: dict[str, int], vocab_size: int) -> None:
 
 class Strict(BaseModel):
     """Base for every config: unknown keys are errors, so a typo never silently falls back to a default; no float
-    takes inf or nan."""
+    takes inf or nan; a section given in part keeps the rest of its default (`student_train: {epochs: 3}` changes
+    the epochs of the model's own student settings, whoever validates it: the CLI, a config file, the service);
+    `SHORTCUTS` name keys that stand for a nested key (`epochs` for `student_train.epochs`)."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
+    SHORTCUTS: ClassVar[dict[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _complete_sections(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        return with_section_defaults(cls, expand_shortcuts(data, cls.SHORTCUTS))
 
 
 class FeatureLoss(Strict):
@@ -189,37 +200,6 @@ class ModelSpec(Strict):
         return self
 
 
-class ClassifyRunConfig(Strict):
-    """`distill run --recipe mnist1d|digits`: teachers, a student alone, a student distilled, the report."""
-
-    recipe: Literal["mnist1d", "digits"] = "mnist1d"
-    teachers: Annotated[int, Field(ge=1, le=32)] = Field(1, description="teachers in the ensemble")
-    ensemble: Literal["mean", "geometric"] = "mean"
-    teacher: ModelSpec | None = Field(None, description="teacher architecture (recipe default if unset)")
-    student: ModelSpec | None = Field(None, description="student architecture (recipe default if unset)")
-    student_width: Width | None = Field(None, description="shortcut: the student's width")
-    epochs: Epochs | None = Field(None, description="shortcut: epochs of the distilled student")
-    teacher_epochs: Epochs | None = Field(None, description="shortcut: epochs of each teacher")
-    transfer_size: Rows | None = Field(None, description="freshly generated inputs labeled by the teacher")
-    loss: LossConfig = Field(default_factory=LossConfig, description="settings given here replace the recipe's")
-    teacher_train: TrainConfig | None = None
-    student_train: TrainConfig | None = None
-    seed: Seed = 0
-    train_size: Annotated[Rows, Field(ge=10)] | None = Field(
-        None, description="labeled training examples (recipe default if unset)"
-    )
-
-    @field_validator("student_width")
-    @classmethod
-    def _bounded_width(cls, width: int | None, info: ValidationInfo) -> int | None:
-        """The width shortcut with the student's depth (1 at least: the recipe's default depth is checked when the
-        recipe applies the shortcut)."""
-        spec = info.data.get("student") or ModelSpec(depth=1, width=1)
-        if width is not None:
-            check_hidden_size(spec.family, width, spec.depth)
-        return width
-
-
 class TextStudentsConfig(Strict):
     """Shared settings of the transformer recipes."""
 
@@ -233,162 +213,6 @@ class TextStudentsConfig(Strict):
     seed: Seed = 0
 
 
-class StsbRunConfig(TextStudentsConfig):
-    """`distill run --recipe stsb`: sentence-embedding students derived from the teacher, scored on STS-B."""
-
-    recipe: Literal["stsb"] = "stsb"
-    sentences: Path | None = Field(None, description="unlabeled sentences, one per line (default: the data sets')")
-    sample_size: Rows = Field(10_000, description="training sentences drawn from them; 0 = all")
-    max_length: Annotated[Length, Field(ge=8, le=512)] = Field(
-        32, description="training tokens per sentence (scoring uses up to 128)"
-    )
-    students: list[Depth] = Field(
-        default_factory=lambda: [3, 1], max_length=64, description="layer counts of the derived students"
-    )
-    ablation: bool = Field(True, description="also train other 3-layer choices and a random initialisation")
-    embedding_weight: Weight = Field(1.0, description="weight of the sentence-embedding cosine term")
-    hidden_weight: Weight = Field(1.0, description="weight of each hidden-state MSE term")
-    train: TrainConfig = Field(
-        default_factory=lambda: TrainConfig(
-            epochs=1, batch_size=64, lr=5e-4, weight_decay=0.01, schedule="cosine", warmup=0.05
-        )
-    )
-
-
-class Sst2RunConfig(TextStudentsConfig):
-    """`distill run --recipe sst2`: a fine-tuned teacher, a derived 2-layer transformer and a BiLSTM student."""
-
-    recipe: Literal["sst2"] = "sst2"
-    train_size: Rows = Field(6_000, description="labeled SST-2 training phrases used; 0 = all 60,614")
-    transfer_size: Rows = Field(15_000, description="augmented sentences (masking, n-grams) labeled by the teacher")
-    unlabeled_size: Rows = Field(
-        30_000, description="more SST-2 training phrases, outside the labeled sample, labeled by the teacher"
-    )
-    student_layers: list[LayerIndex] | None = Field(
-        None, max_length=MAX_DEPTH, description="teacher layers the transformer student keeps"
-    )
-    student_num_layers: Depth = Field(2, description="layers of the transformer student when not listed")
-    ablation_layers: list[LayerIndex] | None = Field(
-        default_factory=lambda: [4, 5],
-        max_length=MAX_DEPTH,
-        description="another choice of layers, distilled the same way; null = none",
-    )
-    bilstm: bool = Field(True, description="also distill into the BiLSTM student of Tang et al. 2019")
-    freeze_embeddings: bool = Field(
-        True,
-        description="keep the pretrained word embeddings fixed (teacher and transformer students): half the CPU time",
-    )
-    loss: LossConfig = Field(default_factory=lambda: LossConfig(temperature=2.0, alpha=0.5))
-    teacher_train: TrainConfig = Field(
-        default_factory=lambda: TrainConfig(epochs=2, batch_size=32, lr=5e-5, schedule="cosine", warmup=0.1)
-    )
-    student_train: TrainConfig = Field(
-        default_factory=lambda: TrainConfig(epochs=2, batch_size=32, lr=1e-4, schedule="cosine", warmup=0.1)
-    )
-    bilstm_train: TrainConfig = Field(
-        default_factory=lambda: TrainConfig(epochs=6, batch_size=64, lr=2e-3, schedule="cosine", warmup=0.05)
-    )
-
-
-class LMJobConfig(Strict):
-    """`distill train-lm --config FILE.yaml`: a causal LM student distilled from a live teacher or a log-prob cache."""
-
-    student: str = Field(
-        max_length=1_000, description="the student: a causal LM folder (save_pretrained) or a hub name"
-    )
-    teacher: str | None = Field(None, max_length=1_000, description="a live teacher (same tokenizer); or give `cache`")
-    cache: Path | None = Field(None, description="a teacher log-prob cache built by `distill cache build`")
-    data: Path = Field(description="training JSONL: prompt/completion, messages, text or question/answer rows")
-    eval_data: Path | None = Field(None, description="held-out JSONL for perplexity, agreement and KL")
-    max_length: Annotated[Length, Field(ge=8)] = Field(512, description="tokens per example (longer ones are cut)")
-    loss: LossConfig = Field(default_factory=lambda: LossConfig(temperature=1.0, alpha=0.5))
-    train: TrainConfig = Field(
-        default_factory=lambda: TrainConfig(epochs=1, batch_size=8, lr=5e-5, schedule="cosine", checkpoint_every=200)
-    )
-
-
-class LMRunConfig(Strict):
-    """`distill run --recipe lm`: a small teacher LM trained on local text, cached, taught to a smaller student."""
-
-    recipe: Literal["lm"] = "lm"
-    data_dir: Path | None = Field(None, description="folder with sst2/, stsb/, agnews/ (default ../shared/data)")
-    corpus: Path | None = Field(None, description="a text file (one text per line) instead of the data sets")
-    sample_size: Rows = Field(30_000, description="texts drawn from the corpus; 0 = all")
-    vocab_size: Vocab = Field(2048, description="BPE vocabulary trained on the corpus")
-    max_length: Annotated[Length, Field(ge=8, le=512)] = 48
-    top_k: TopK = Field(64, description="teacher log-probs kept per token in the cache")
-    teacher: GPT2Size = Field(default_factory=lambda: {"layers": 4, "width": 256, "heads": 4})
-    student: GPT2Size = Field(default_factory=lambda: {"layers": 2, "width": 128, "heads": 2})
-    loss: LossConfig = Field(default_factory=lambda: LossConfig(temperature=1.0, alpha=0.5, chunk_size=2048))
-    teacher_train: TrainConfig = Field(
-        default_factory=lambda: TrainConfig(epochs=3, batch_size=32, lr=1e-3, schedule="cosine", warmup=0.05)
-    )
-    student_train: TrainConfig = Field(
-        default_factory=lambda: TrainConfig(epochs=3, batch_size=32, lr=2e-3, schedule="cosine", warmup=0.05)
-    )
-    seed: Seed = 0
-
-    @field_validator("top_k")
-    @classmethod
-    def _top_k_within_vocabulary(cls, top_k: int, info: ValidationInfo) -> int:
-        vocab_size = info.data.get("vocab_size")
-        if vocab_size is not None and top_k > vocab_size:
-            raise ValueError(f"top_k {top_k:,} is more than the vocabulary's {vocab_size:,} tokens")
-        return top_k
-
-    @field_validator("teacher", "student")
-    @classmethod
-    def _bounded_model(cls, size: dict[str, int], info: ValidationInfo) -> dict[str, int]:
-        check_gpt2_parameters(size, info.data.get("vocab_size", 300))
-        return size
-
-
-class DataSpec(Strict):
-    """A user's arrays: CSV/TSV with a header (features + a label column) or NPZ (features + labels arrays)."""
-
-    train: Path
-    test: Path | None = None
-    transfer: Path | None = Field(None, description="unlabeled inputs for the teacher to label (label column optional)")
-    label_column: str = Field("label", max_length=1_000)
-    features_key: str = Field("x", max_length=1_000)
-    labels_key: str = Field("y", max_length=1_000)
-    num_classes: Classes | None = None
-    test_fraction: Annotated[float, Field(gt=0, lt=1)] = Field(
-        0.2, description="held out from train when no test file is given"
-    )
-    input_shape: list[Length] | None = Field(
-        None, min_length=1, max_length=4, description="reshape flat features, e.g. [8, 8] for a 2-D CNN"
-    )
-
-
-class TrainJobConfig(Strict):
-    """`distill train --config FILE.yaml`: train a built-in student, distilled from a saved teacher if one is given.
-
-    Without `teacher` this trains a plain supervised model (which can then be the teacher of another run).
-    """
-
-    data: DataSpec
-    student: ModelSpec = ModelSpec()
-    teacher: list[Path] = Field(
-        default_factory=list, max_length=32, description="saved model directories; several = ensemble"
-    )
-    ensemble: Literal["mean", "geometric"] = "mean"
-    loss: LossConfig = LossConfig()
-    train: TrainConfig = TrainConfig()
-    compare_alone: bool = Field(True, description="also train the same student without a teacher, for the report")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _teacher_as_list(cls, values: Any) -> Any:
-        if isinstance(values, dict) and "teacher" in values:
-            teacher = values["teacher"]
-            if teacher is None:
-                values = {**values, "teacher": []}
-            elif isinstance(teacher, (str, Path)):
-                values = {**values, "teacher": [teacher]}
-        return values
-
-
 class CacheBuildOptions(Strict):
     """The settings of `distill cache build`: its CLI options and the service's cache-build jobs validate here."""
 
@@ -396,6 +220,40 @@ class CacheBuildOptions(Strict):
     temperature: Temperature = Field(1.0, description="temperature of the stored distribution")
     max_length: Annotated[Length, Field(ge=8, le=32_768)] = Field(512, description="tokens per example")
     batch_size: Annotated[BatchSize, Field(le=1024)] = Field(8, description="sequences scored at once")
+
+
+class GenerateOptions(Strict):
+    """The settings of `distill generate` (a teacher's answers through its API): its CLI options and the service's
+    generate jobs validate here, with these defaults."""
+
+    n: Annotated[int, Field(ge=1, le=128)] = Field(1, description="samples per prompt")
+    temperature: SamplingTemperature = Field(1.0, description="sampling temperature (0 = greedy)")
+    top_p: Annotated[float, Field(gt=0, le=1)] = Field(1.0, description="nucleus sampling mass")
+    max_tokens: Length | None = Field(None, description="tokens per answer at most")
+    stop: list[Annotated[str, Field(min_length=1, max_length=1_000)]] = Field(
+        default_factory=list, max_length=4, description="stop strings (up to 4)"
+    )
+    seed: Seed | None = Field(None, description="seed sent to the server (sample i uses seed + i)")
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = Field(
+        None, description="keep the sampled tokens' log-probs (0) and the top K alternatives (K > 0), when served"
+    )
+    cot: bool = Field(False, description="ask for step-by-step reasoning ending in '#### <answer>'")
+    template: str | None = Field(None, max_length=10_000, description="a prompt template with {question}")
+    endpoint: Literal["chat", "completions"] = Field("chat", description="chat (messages) or completions (raw prompt)")
+    concurrency: Workers = Field(16, description="requests in flight at most")
+    timeout: Annotated[float, Field(gt=0, le=3600)] = Field(
+        120.0, description="seconds a response may take before it is retried"
+    )
+    max_retries: Annotated[int, Field(ge=0, le=20)] = Field(
+        6, description="retries per request (429, 5xx, timeouts, malformed answers)"
+    )
+    price_input: Annotated[float, Field(ge=0, le=1e6)] = Field(
+        0.0, description="price per million prompt tokens, for the cost figure"
+    )
+    price_output: Annotated[float, Field(ge=0, le=1e6)] = Field(
+        0.0, description="price per million completion tokens, for the cost figure"
+    )
+    limit: Annotated[Rows, Field(ge=1)] | None = Field(None, description="only the first N prompts")
 
 
 C = TypeVar("C", bound=BaseModel)
@@ -432,27 +290,70 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return result
 
 
-def format_validation_error(error: ValidationError, source: str) -> str:
-    """One line naming each bad field, e.g. `train.lr: Input should be greater than 0`."""
-    parts = []
+def problems_of(error: ValidationError, given_as: dict[str, str] | None = None) -> list[tuple[str, str]]:
+    """Each problem as (field, message): `train.lr`, `Input should be greater than 0`. A field the config gave
+    through a shortcut is named by the shortcut (`given_as` maps the nested field to it: a `student_width` that
+    makes the student too large is reported as `student_width`)."""
+    problems = []
     for item in error.errors():
-        message = item["msg"].removeprefix("Value error, ")
         where = ".".join(str(p) for p in item["loc"])
-        parts.append(f"{where}: {message}" if where else message)
-    return f"invalid config in {source}: " + "; ".join(parts)
+        for full, short in (given_as or {}).items():
+            if where == full or (full.startswith(where + ".") and item["type"] == "value_error"):
+                where = short
+        problems.append((where, item["msg"].removeprefix("Value error, ")))
+    return problems
+
+
+class ConfigError(DistillError):
+    """A config that does not validate: one line for people (`str`), and each problem as (field, message)."""
+
+    def __init__(self, problems: list[tuple[str, str]], source: str) -> None:
+        lines = "; ".join(f"{where}: {message}" if where else message for where, message in problems)
+        super().__init__(f"invalid config in {source}: {lines}")
+        self.problems = problems
+
+
+def resolve(
+    model: type[C], data: dict[str, Any] | None = None, overrides: Sequence[str] = (), source: str = "config"
+) -> C:
+    """THE way a partial config becomes a full one, for the CLI, the service and the dashboard alike: the model's
+    defaults (its recipe's), then `data` (a file's or a job's), then `key.sub=value` overrides; sections given in
+    part keep the rest of their defaults. A ConfigError naming every bad field otherwise."""
+    merged = apply_overrides(data or {}, list(overrides))
+    try:
+        return model.model_validate(merged)
+    except ValidationError as error:
+        shortcuts = getattr(model, "SHORTCUTS", {})
+        given_as = {full: short for short, full in shortcuts.items() if short in merged}
+        raise ConfigError(problems_of(error, given_as), source) from None
 
 
 def build(model: type[C], data: dict[str, Any], source: str = "config") -> C:
-    """Validate `data` as `model`, turning pydantic's report into one DistillError line."""
-    try:
-        return model.model_validate(with_section_defaults(model, data))
-    except ValidationError as error:
-        raise DistillError(format_validation_error(error, source)) from None
+    """`resolve` without overrides."""
+    return resolve(model, data, (), source)
+
+
+def expand_shortcuts(data: dict[str, Any], shortcuts: dict[str, str]) -> dict[str, Any]:
+    """Each shortcut key moved to the nested key it stands for (`{"epochs": 3}` -> `{"student_train": {"epochs":
+    3}}`); the nested key, when also given, wins."""
+    out = dict(data)
+    for short, full in shortcuts.items():
+        if short not in out:
+            continue
+        value = out.pop(short)
+        *parents, last = full.split(".")
+        node = out
+        for part in parents:
+            child = node.get(part)
+            child = child.model_dump() if isinstance(child, BaseModel) else child
+            node[part] = dict(child) if isinstance(child, dict) else {}
+            node = node[part]
+        node.setdefault(last, value)
+    return out
 
 
 def with_section_defaults(model: type[BaseModel], data: dict[str, Any]) -> dict[str, Any]:
-    """A section given in part keeps the rest of its default: `--set student_train.epochs=3` changes the epochs of
-    the recipe's own student settings, not of a fresh TrainConfig with generic defaults."""
+    """Every section of `data` given in part (a dict) merged into the field's default (a config model or a dict)."""
     out = dict(data)
     for name, field in model.model_fields.items():
         given = out.get(name)
@@ -490,14 +391,11 @@ def load_mapping(path: Path) -> dict[str, Any]:
     return loaded
 
 
-def load(model: type[C], path: Path | None, overrides: list[str] | None = None) -> C:
-    """Load a YAML file (or nothing) into `model`, after applying `key=value` overrides."""
-    data: dict[str, Any] = {}
-    source = "overrides"
-    if path is not None:
-        source = str(path)
-        data = _resolve_paths(model, load_mapping(path), path.parent)
-    return build(model, apply_overrides(data, overrides or []), source)
+def load(model: type[C], path: Path | None, overrides: Sequence[str] = ()) -> C:
+    """`resolve` of a YAML file (or nothing) and `key=value` overrides; the file's relative paths are relative to it."""
+    if path is None:
+        return resolve(model, {}, overrides, "overrides")
+    return resolve(model, _resolve_paths(model, load_mapping(path), path.parent), overrides, str(path))
 
 
 MODEL_NAMES = ("teacher", "student")  # may be a folder or a hub name: made absolute only when the folder exists
@@ -537,84 +435,3 @@ def _relative(value: Any, base: Path) -> Any:
 def dump(config: BaseModel) -> str:
     """The resolved config as YAML (paths as strings), for a run's `config.yaml`."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
-
-
-_TRAIN = {"batch_size": 16, "lr": 3e-3, "schedule": "cosine", "warmup": 0.05, "checkpoint_every": 200}
-REASONING_TRAIN: dict[str, dict[str, Any]] = {
-    "teacher_train": {"epochs": 4, **_TRAIN},
-    "student_train": {"epochs": 10, **_TRAIN},
-}
-"""The reasoning recipe's training settings (the keys a config gives replace these, the others stay)."""
-
-
-class ReasoningRunConfig(Strict):
-    """`distill run --recipe reasoning`: chain-of-thought distillation on CPU, end to end.
-
-    A teacher GPT-2 learns generated word problems from worked solutions, is served over the OpenAI-compatible API
-    and samples `samples` traces per training question; traces whose final answer verifies teach a smaller student,
-    compared on held-out problems with the same student trained on final answers only (and, with `token_kd`, with
-    the same student also taught the teacher's top log-probs at every trace token).
-    """
-
-    recipe: Literal["reasoning"] = "reasoning"
-    problems: Annotated[Rows, Field(ge=1)] = Field(
-        5000,
-        description="training problems: the teacher learns their worked solutions, the students their questions",
-    )
-    questions: Rows = Field(0, description="training questions the teacher answers with traces (the first); 0 = all")
-    held_out: Annotated[Rows, Field(ge=1)] = Field(
-        300, description="problems held out for evaluation (no question seen in training)"
-    )
-    steps: list[Annotated[int, Field(ge=1, le=6)]] = Field(
-        default_factory=lambda: [2], min_length=1, max_length=6, description="calculations per problem (1..6)"
-    )
-    vocab_size: Vocab = Field(1000, description="byte-level BPE vocabulary (every number up to 200 is one token)")
-    max_length: Annotated[Length, Field(ge=32, le=1024)] = Field(160, description="tokens of question + solution")
-    teacher: GPT2Size = Field(default_factory=lambda: {"layers": 4, "width": 128, "heads": 4})
-    student: GPT2Size = Field(default_factory=lambda: {"layers": 2, "width": 64, "heads": 2})
-    teacher_train: TrainConfig = Field(default_factory=lambda: TrainConfig(**REASONING_TRAIN["teacher_train"]))
-    student_train: TrainConfig = Field(
-        default_factory=lambda: TrainConfig(**REASONING_TRAIN["student_train"]),
-        description="both students; the answers-only one runs as many epochs as it needs to match the other's steps",
-    )
-    samples: Annotated[int, Field(ge=1, le=64)] = Field(2, description="traces sampled per question (n)")
-    temperature: SamplingTemperature = Field(0.7, description="sampling temperature of the traces")
-    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    max_new_tokens: Annotated[Length, Field(ge=8)] = Field(96, description="longest trace, in tokens")
-    concurrency: Workers = Field(16, description="requests in flight to the teacher's server")
-    server_batch: BatchSize = Field(64, description="rows the server generates together")
-    dedupe: bool = Field(False, description="keep one copy of identical verified traces of a question")
-    token_kd: Annotated[int, Field(ge=0, le=20)] = Field(
-        5,
-        description="top log-probs the API returns per trace token; > 0 adds a third student trained on the "
-        "verified traces with sparse token-level KD from them (0 = two students)",
-    )
-    token_kd_alpha: Share = Field(0.5, description="weight of the token-level KD term (CE: 1 - alpha)")
-    baseline: Literal["all", "verified"] = Field(
-        "all",
-        description="the answers-only student learns the gold answers of all traced questions (all) or only of "
-        "those with a verified trace (verified)",
-    )
-    input_price: Weight = Field(0.15, description="nominal price per million prompt tokens (the report's cost)")
-    output_price: Weight = Field(0.6, description="nominal price per million completion tokens")
-    threads: Workers | None = Field(
-        1, description="torch CPU threads during the run (restored after); null leaves torch's setting"
-    )
-    seed: Seed = 0
-
-    @model_validator(mode="before")
-    @classmethod
-    def _partial_train_settings(cls, values: Any) -> Any:
-        """A partial teacher_train / student_train (e.g. `--set teacher_train.epochs=6`) changes only the keys it
-        names; the others keep this recipe's settings (REASONING_TRAIN), not TrainConfig's generic defaults."""
-        if isinstance(values, dict):
-            for key, default in REASONING_TRAIN.items():
-                if isinstance(values.get(key), dict):
-                    values = {**values, key: {**default, **values[key]}}
-        return values
-
-    @field_validator("teacher", "student")
-    @classmethod
-    def _bounded_model(cls, size: dict[str, int], info: ValidationInfo) -> dict[str, int]:
-        check_gpt2_parameters(size, info.data.get("vocab_size", 300))
-        return size

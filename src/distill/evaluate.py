@@ -8,6 +8,7 @@ side (interleaved rounds on the same machine at the same time), giving speed-up 
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -20,6 +21,7 @@ from torch import Tensor, nn
 
 from distill.data import Dataset
 from distill.errors import DistillError
+from distill.lm_data import LMDataset
 from distill.teachers import Teacher
 from distill.teachers.local import logits_of, run_model, to_device
 
@@ -179,3 +181,31 @@ def spearman(predicted: Tensor, gold: Tensor) -> float:
     from scipy.stats import spearmanr
 
     return float(spearmanr(predicted.double().numpy(), gold.double().numpy()).statistic)
+
+
+@torch.no_grad()
+def lm_scores(
+    model: nn.Module, data: LMDataset, teacher: nn.Module | None = None, batch_size: int = 32
+) -> dict[str, float]:
+    """Over the scored tokens of `data`: perplexity = exp(mean CE); with a teacher, the mean KL(teacher || model)
+    and the share of tokens where both rank the same token first."""
+    model.eval()
+    totals = {"ce": 0.0, "kl": 0.0, "agree": 0.0, "tokens": 0.0}
+    for index in torch.arange(len(data)).split(batch_size):
+        batch = data.batch(index)
+        mask = batch["kd_mask"]  # (B, T)
+        logits = model(**batch["inputs"]).logits.float()[mask]  # (N, V)
+        labels = batch["labels"][mask]  # (N,)
+        totals["ce"] += float(F.cross_entropy(logits, labels, reduction="sum"))
+        totals["tokens"] += float(mask.sum())
+        if teacher is not None:
+            teacher.eval()
+            teacher_logits = teacher(**batch["inputs"]).logits.float()[mask]  # (N, V)
+            log_p, log_q = F.log_softmax(teacher_logits, -1), F.log_softmax(logits, -1)
+            totals["kl"] += float((log_p.exp() * (log_p - log_q)).sum())
+            totals["agree"] += float((teacher_logits.argmax(-1) == logits.argmax(-1)).sum())
+    n = max(totals["tokens"], 1.0)
+    scores = {"perplexity": math.exp(totals["ce"] / n), "tokens": int(totals["tokens"])}
+    if teacher is not None:
+        scores.update(kl_to_teacher=totals["kl"] / n, agreement=totals["agree"] / n)
+    return scores

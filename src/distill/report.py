@@ -72,6 +72,12 @@ def seconds(value: float | None) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def learning_curves(histories: dict[str, list[dict[str, float]]], metric: str) -> dict[str, bytes]:
+    """The report's learning-curve plot of the runs that have a history (none when no run has one)."""
+    usable = {name: history for name, history in histories.items() if history}
+    return {"learning_curves.png": plots.learning_curves(usable, metric)} if usable else {}
+
+
 def classification_table(metrics: dict[str, Any]) -> Table:
     """Teacher vs student alone vs student distilled (and, with an ensemble, the student from one teacher)."""
     teacher, alone, student = metrics["teacher"], metrics["student_alone"], metrics["student_distilled"]

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from distill.config import GenerateOptions
 from distill.data import json_lines, read_text
 from distill.errors import DataError, DistillError
 from distill.progress import NULL, Cancelled, Reporter
@@ -460,3 +461,36 @@ def generate(
     except ImportError:
         return asyncio.run(run())
     return uvloop.run(run())
+
+
+def generate_with(
+    options: GenerateOptions,
+    prompts: Sequence[PromptRecord | str],
+    base_url: str,
+    model: str,
+    api_key: str | None,
+    out_path: Path,
+    reporter: Reporter = NULL,
+) -> GenerateSummary:
+    """`generate` with the settings of `distill generate` (its options, or a service's generate job): the client,
+    the sampling parameters and the prompt template (`--cot`'s unless a template is given) all from `options`."""
+    from distill.generate.cot import DEFAULT_COT_TEMPLATE
+    from distill.teachers.api import Prices
+
+    client = ApiTeacher(
+        base_url,
+        model,
+        api_key=api_key,
+        concurrency=options.concurrency,
+        timeout=options.timeout,
+        max_retries=options.max_retries,
+        prices=Prices(input_per_million=options.price_input, output_per_million=options.price_output),
+    )
+    params = SamplingParams(
+        temperature=options.temperature, top_p=options.top_p, max_tokens=options.max_tokens,
+        stop=tuple(options.stop), seed=options.seed, top_logprobs=options.top_logprobs,
+    )  # fmt: skip
+    template = options.template or (DEFAULT_COT_TEMPLATE if options.cot else None)
+    return generate(
+        prompts, client, out_path, options.n, params, reporter, template=template, endpoint=options.endpoint
+    )

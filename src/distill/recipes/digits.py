@@ -8,22 +8,19 @@ fixed 500 images.
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 
-from distill.config import ClassifyRunConfig, LossConfig, ModelSpec, TrainConfig
+from distill import report
+from distill.classify import FLAGS, ClassifyConfig, Problem, problem_settings, run_classification
+from distill.config import LossConfig, ModelSpec, Rows, TrainConfig
 from distill.data import IGNORE, ArrayDataset
 from distill.errors import DistillError
-from distill.recipes.classify import Problem, resolve_specs
+from distill.recipes.recipe import Recipe
+from distill.stages import RunContext
 
-TEACHER = ModelSpec(family="cnn2d", width=32, depth=3, head=128, dropout=0.2)
-STUDENT = ModelSpec(family="mlp", width=32, depth=1)
-TEACHER_TRAIN = TrainConfig(epochs=20, batch_size=128, lr=3e-3, weight_decay=0.05)
-STUDENT_TRAIN = TrainConfig(epochs=30, batch_size=128, lr=3e-3, weight_decay=0.01)
-LOSS = LossConfig(temperature=4.0, alpha=0.9)
-ALONE_BATCH = 32
-TRANSFER_SIZE = 10_000
 NOISE = 0.1
 TEST_ROWS = 500
 
@@ -46,13 +43,30 @@ def noisy_copies(images: torch.Tensor, count: int, generator: torch.Generator, s
     return source + sigma * torch.randn(source.shape, generator=generator)
 
 
-def problem(config: ClassifyRunConfig, cache_dir: Path | None = None) -> Problem:
-    """The digits problem for a run config (`cache_dir` is unused: the data ship with scikit-learn)."""
+class DigitsConfig(ClassifyConfig):
+    """`distill run --recipe digits`: a 2-D CNN teacher, an MLP student, 10,000 noisy copies as transfer set."""
+
+    recipe: Literal["digits"] = "digits"
+    teacher: ModelSpec = Field(
+        default_factory=lambda: ModelSpec(family="cnn2d", width=32, depth=3, head=128, dropout=0.2)
+    )
+    student: ModelSpec = Field(default_factory=lambda: ModelSpec(family="mlp", width=32, depth=1))
+    transfer_size: Rows = Field(10_000, description="noisy copies of the training images labeled by the teacher")
+    loss: LossConfig = Field(default_factory=lambda: LossConfig(temperature=4.0, alpha=0.9))
+    teacher_train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(epochs=20, batch_size=128, lr=3e-3, weight_decay=0.05)
+    )
+    student_train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(epochs=30, batch_size=128, lr=3e-3, weight_decay=0.01)
+    )
+
+
+def problem(config: DigitsConfig) -> Problem:
+    """The digits problem of a run config (the data ship with scikit-learn)."""
     try:
         from sklearn.datasets import load_digits
     except ImportError:
         raise DistillError("the digits recipe needs scikit-learn: pip install scikit-learn") from None
-    specs = resolve_specs(config, TEACHER, STUDENT, TEACHER_TRAIN, STUDENT_TRAIN, LOSS)  # checked before any data
     bunch = load_digits()
     images = torch.tensor(bunch.images, dtype=torch.float32) / 16.0  # (1797, 8, 8) in [0, 1]
     labels = torch.tensor(bunch.target, dtype=torch.long)
@@ -63,7 +77,7 @@ def problem(config: ClassifyRunConfig, cache_dir: Path | None = None) -> Problem
         if config.train_size > len(train_x):
             raise DistillError(f"train_size {config.train_size} is more than the {len(train_x)} labeled digits")
         train_x, train_y = train_x[: config.train_size], train_y[: config.train_size]
-    size = TRANSFER_SIZE if config.transfer_size is None else config.transfer_size
+    size = config.transfer_size
     transfer = noisy_copies(train_x, size, torch.Generator().manual_seed(10_000 + config.seed))
     return Problem(
         name="digits",
@@ -76,6 +90,22 @@ def problem(config: ClassifyRunConfig, cache_dir: Path | None = None) -> Problem
         transfer=ArrayDataset(transfer, torch.full((size,), IGNORE)),
         teacher_data=ArrayDataset(shifted(train_x), train_y.repeat(9)),
         num_classes=10,
-        alone_batch_size=ALONE_BATCH,
-        **specs,
+        **problem_settings(config),
     )
+
+
+def run(config: DigitsConfig, context: RunContext) -> dict[str, Any]:
+    context.reporter.stage("data", total=None)
+    task = problem(config)
+    context.reporter.end()
+    return run_classification(task, context)
+
+
+RECIPE = Recipe(
+    name="digits",
+    summary="scikit-learn's 8x8 digits: a 2-D CNN teacher distilled into a small MLP with noisy copies as transfer set",
+    config=DigitsConfig,
+    run=run,
+    report=report.classification_report,
+    flags=FLAGS,
+)

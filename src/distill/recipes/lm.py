@@ -1,153 +1,85 @@
-"""Language-model distillation: a user's job (`distill train-lm`) and the built-in CPU recipe (`distill run --recipe lm`).
+"""The built-in language-model recipe (`distill run --recipe lm`): distillation through a log-prob cache on a CPU.
 
-The recipe trains a byte-level BPE tokenizer and a small GPT-2 teacher on local text, scores the training texts once
-into a top-k log-prob cache, then trains a smaller GPT-2 student from the cache (sparse token-level KD plus the
-hard-label loss) and, separately, the same student alone on the same texts for as many steps. Everything is scored
-on held-out texts: perplexity, KL to the teacher, next-token agreement with the teacher, tokens per second (timed
-side by side) and size.
+It trains a byte-level BPE tokenizer and a small GPT-2 teacher on local text, scores the training texts once into a
+top-k log-prob cache, then trains a smaller GPT-2 student from the cache (sparse token-level KD plus the hard-label
+loss) and, separately, the same student alone on the same texts for as many steps. Everything is scored on held-out
+texts: perplexity, KL to the teacher, next-token agreement with the teacher, tokens per second (timed side by side)
+and size. Every model folder holds its tokenizer, so each loads (and serves) on its own.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import random
-import time
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-import torch
-import torch.nn.functional as F
+from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
-from distill import evaluate as ev
-from distill.config import LMJobConfig, LMRunConfig
-from distill.data import read_json, read_lines, read_table
-from distill.errors import DataError, DistillError
-from distill.lm_data import Example, LMDataset, read_examples, tokenize_examples
+from distill import evaluate, plots
+from distill.config import (
+    GPT2Size,
+    Length,
+    LossConfig,
+    Rows,
+    Seed,
+    Strict,
+    TopK,
+    TrainConfig,
+    Vocab,
+    check_gpt2_parameters,
+)
+from distill.data import read_lines, read_table
+from distill.errors import DataError
+from distill.lm_data import Example, LMDataset, tokenize_examples
+from distill.lm_models import gpt2, speed_inputs, train_tokenizer, weights_bytes
 from distill.models import count_parameters
-from distill.progress import NULL, Reporter
+from distill.recipes.recipe import Recipe
+from distill.report import Report, Table, count, num, pct, ratio, seconds, size
+from distill.stages import RunContext, train_or_resume
 from distill.teachers import hf
-from distill.teachers.local import LocalTeacher
 from distill.teachers.token_cache import TokenCache, build_token_cache, causal_lm_logits, verify_token_cache
 from distill.train import train
 
 
-@torch.no_grad()
-def lm_scores(
-    model: nn.Module, data: LMDataset, teacher: nn.Module | None = None, batch_size: int = 32
-) -> dict[str, float]:
-    """Over the scored tokens of `data`: perplexity = exp(mean CE); with a teacher, the mean KL(teacher || model)
-    and the share of tokens where both rank the same token first."""
-    model.eval()
-    totals = {"ce": 0.0, "kl": 0.0, "agree": 0.0, "tokens": 0.0}
-    for index in torch.arange(len(data)).split(batch_size):
-        batch = data.batch(index)
-        mask = batch["kd_mask"]  # (B, T)
-        logits = model(**batch["inputs"]).logits.float()[mask]  # (N, V)
-        labels = batch["labels"][mask]  # (N,)
-        totals["ce"] += float(F.cross_entropy(logits, labels, reduction="sum"))
-        totals["tokens"] += float(mask.sum())
-        if teacher is not None:
-            teacher.eval()
-            teacher_logits = teacher(**batch["inputs"]).logits.float()[mask]  # (N, V)
-            log_p, log_q = F.log_softmax(teacher_logits, -1), F.log_softmax(logits, -1)
-            totals["kl"] += float((log_p.exp() * (log_p - log_q)).sum())
-            totals["agree"] += float((teacher_logits.argmax(-1) == logits.argmax(-1)).sum())
-    n = max(totals["tokens"], 1.0)
-    scores = {"perplexity": math.exp(totals["ce"] / n), "tokens": int(totals["tokens"])}
-    if teacher is not None:
-        scores.update(kl_to_teacher=totals["kl"] / n, agreement=totals["agree"] / n)
-    return scores
+class LMConfig(Strict):
+    """`distill run --recipe lm`: a small teacher LM trained on local text, cached, taught to a smaller student."""
 
-
-def _speed_inputs(data: LMDataset, rows: int = 16) -> tuple[dict[str, Any], dict[str, Any]]:
-    index = torch.arange(min(rows, len(data)))
-    return data.batch(index[:1])["inputs"], data.batch(index)["inputs"]
-
-
-def weights_size(directory: Path) -> int:
-    return sum(p.stat().st_size for p in Path(directory).glob("*.safetensors"))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# A user's job
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def run_lm_job(
-    config: LMJobConfig, output: Path, *, cache_dir: Path, resume: bool = False, reporter: Reporter = NULL
-) -> dict[str, Any]:
-    """Distill a causal LM from a live teacher or a cache (or fine-tune it alone when neither is given)."""
-    started = time.perf_counter()
-    output.mkdir(parents=True, exist_ok=True)
-    tokenizer = hf.load_tokenizer(config.student, cache_dir)
-    student = hf.load_causal_lm(config.student, cache_dir)
-    data = tokenize_examples(tokenizer, read_examples(config.data, tokenizer), config.max_length)
-    teacher_model: Any = None
-    source: Any = None
-    if config.teacher is not None and config.cache is not None:
-        raise DistillError("give either a live teacher or a cache, not both")
-    if config.teacher is not None:
-        hf.check_same_vocabulary(hf.load_tokenizer(config.teacher, cache_dir), tokenizer)
-        teacher_model = hf.load_causal_lm(config.teacher, cache_dir)
-        source = LocalTeacher(teacher_model, int(teacher_model.config.vocab_size))
-    elif config.cache is not None:
-        source = TokenCache(
-            config.cache, expect={"tokenizer_hash": hf.tokenizer_fingerprint(tokenizer), "data_id": data.fingerprint()}
-        )
-        if not math.isclose(source.temperature, config.loss.temperature):
-            raise DistillError(
-                f"the cache was built at temperature {source.temperature} but loss.temperature is "
-                f"{config.loss.temperature}; set them equal (the tail of a top-k cache cannot be re-tempered)"
-            )
-    result = train(
-        student,
-        data,
-        config.train,
-        teacher=source,
-        loss=config.loss,
-        checkpoint_dir=output / "checkpoints",
-        resume=resume,
-        reporter=reporter,
-        name="student",
+    recipe: Literal["lm"] = "lm"
+    data_dir: Path | None = Field(None, description="folder with sst2/, stsb/, agnews/ (default ../shared/data)")
+    corpus: Path | None = Field(None, description="a text file (one text per line) instead of the data sets")
+    sample_size: Rows = Field(30_000, description="texts drawn from the corpus; 0 = all")
+    vocab_size: Vocab = Field(2048, description="BPE vocabulary trained on the corpus")
+    max_length: Annotated[Length, Field(ge=8, le=512)] = 48
+    top_k: TopK = Field(64, description="teacher log-probs kept per token in the cache")
+    teacher: GPT2Size = Field(default_factory=lambda: {"layers": 4, "width": 256, "heads": 4})
+    student: GPT2Size = Field(default_factory=lambda: {"layers": 2, "width": 128, "heads": 2})
+    loss: LossConfig = Field(default_factory=lambda: LossConfig(temperature=1.0, alpha=0.5, chunk_size=2048))
+    teacher_train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(epochs=3, batch_size=32, lr=1e-3, schedule="cosine", warmup=0.05)
     )
-    directory = output / "student"
-    if _rank() != 0:  # one process writes; under FSDP `state_dict` holds the gathered weights
-        return {"recipe": "train-lm", "history": result.history}
-    whole: Any = result.model
-    if result.state_dict is not None:  # trained sharded (FSDP): the gathered weights into an unsharded copy
-        whole = hf.load_causal_lm(config.student, cache_dir)
-        whole.load_state_dict(result.state_dict)
-    whole.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    metrics: dict[str, Any] = {
-        "recipe": "train-lm",
-        "history": result.history,
-        "student": str(directory),
-        "params": count_parameters(result.model),
-        "size_bytes": weights_size(directory),
-    }
-    if config.eval_data is not None:
-        held_out = tokenize_examples(tokenizer, read_examples(config.eval_data, tokenizer), config.max_length)
-        saved = hf.load_causal_lm(directory)  # the exported student, whole even when training sharded it
-        metrics["eval"] = lm_scores(saved, held_out, teacher_model)
-    metrics["seconds"] = time.perf_counter() - started
-    (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return metrics
+    student_train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(epochs=3, batch_size=32, lr=2e-3, schedule="cosine", warmup=0.05)
+    )
+    seed: Seed = 0
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k_within_vocabulary(cls, top_k: int, info: ValidationInfo) -> int:
+        vocab_size = info.data.get("vocab_size")
+        if vocab_size is not None and top_k > vocab_size:
+            raise ValueError(f"top_k {top_k:,} is more than the vocabulary's {vocab_size:,} tokens")
+        return top_k
+
+    @field_validator("teacher", "student")
+    @classmethod
+    def _bounded_model(cls, size: dict[str, int], info: ValidationInfo) -> dict[str, int]:
+        check_gpt2_parameters(size, info.data.get("vocab_size", 300))
+        return size
 
 
-def _rank() -> int:
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    return torch.distributed.get_rank() if distributed else 0
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The built-in recipe
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def corpus(config: LMRunConfig, data_dir: Path | None) -> list[str]:
+def corpus(config: LMConfig, data_dir: Path | None) -> list[str]:
     """Texts: the given file, or the sentences of SST-2 train, AG News dev and STS-B train (never a test split)."""
     if config.corpus is not None:
         texts = read_lines(config.corpus)
@@ -170,163 +102,93 @@ def corpus(config: LMRunConfig, data_dir: Path | None) -> list[str]:
     return unique[: config.sample_size] if config.sample_size else unique
 
 
-def train_tokenizer(texts: list[str], vocab_size: int, directory: Path) -> Any:
-    """A byte-level BPE tokenizer trained on `texts` (the `tokenizers` library), saved in `directory`."""
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=["<|endoftext|>", "<pad>"])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe._tokenizer,
-        eos_token="<|endoftext|>",
-        bos_token="<|endoftext|>",
-        pad_token="<pad>",
-        unk_token="<|endoftext|>",
-    )
-    tokenizer.save_pretrained(directory)
-    return tokenizer
-
-
-def gpt2(tokenizer: Any, size: dict[str, int], max_length: int, seed: int) -> nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    config = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_positions=max_length + 8,
-        n_embd=size["width"],
-        n_layer=size["layers"],
-        n_head=size["heads"],
-        bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    return GPT2LMHeadModel(config)
-
-
-def _fit(
-    name: str,
-    config: LMRunConfig,
-    size: dict[str, int],
-    tokenizer: Any,
-    data: LMDataset,
-    output: Path,
-    *,
-    teacher: Any,
-    train_config: Any,
-    seed: int,
-    resume: bool,
-    reporter: Reporter,
-) -> tuple[nn.Module, dict[str, Any]]:
-    """Train a fresh GPT-2 of `size` (or load it when a resumed run saved it already) into output/models/name."""
+def _fit(name: str, config: LMConfig, size: dict[str, int], tokenizer: Any, data: LMDataset, context: RunContext,
+         *, teacher: Any, train_config: TrainConfig, seed: int) -> tuple[nn.Module, dict[str, Any]]:  # fmt: skip
+    """A fresh GPT-2 of `size` trained (or loaded when a resumed run finished it) into output/models/name, with
+    the tokenizer beside it."""
     from transformers import GPT2LMHeadModel
 
-    directory = output / "models" / name
-    done = directory / "history.json"
-    if resume and done.is_file():
-        return GPT2LMHeadModel.from_pretrained(directory).eval(), read_json(done, ("history", "seconds", "steps"))
-    result = train(
-        gpt2(tokenizer, size, config.max_length, seed),
-        data,
-        train_config,
-        teacher=teacher,
-        loss=config.loss,
-        checkpoint_dir=output / "checkpoints" / name,
-        resume=resume,
-        reporter=reporter,
-        name=name,
-    )
-    result.model.save_pretrained(directory)  # type: ignore[operator]
-    tokenizer.save_pretrained(directory)  # each model folder loads (and serves) on its own
-    info = {"history": result.history, "seconds": result.seconds, "steps": result.steps}
-    done.write_text(json.dumps(info))
-    return result.model.eval(), info
+    def fit() -> tuple[nn.Module, dict[str, Any]]:
+        result = train(gpt2(tokenizer, size, config.max_length, seed), data, train_config, teacher=teacher,
+                       loss=config.loss, checkpoint_dir=context.output / "checkpoints" / name, resume=context.resume,
+                       reporter=context.reporter, name=name)  # fmt: skip
+        return result.model, {"history": result.history, "seconds": result.seconds, "steps": result.steps}
+
+    def save(model: nn.Module, directory: Path) -> None:
+        model.save_pretrained(directory)  # type: ignore[operator]
+        tokenizer.save_pretrained(directory)
+
+    model, record = train_or_resume(context.output / "models" / name, resume=context.resume, train=fit, save=save,
+                                    load=GPT2LMHeadModel.from_pretrained, keys=("history", "seconds", "steps"))  # fmt: skip
+    return model.eval(), record
 
 
-def run_lm(
-    config: LMRunConfig,
-    output: Path,
-    *,
-    data_dir: Path | None,
-    cache_dir: Path,
-    resume: bool = False,
-    reporter: Reporter = NULL,
-) -> dict[str, Any]:
-    started = time.perf_counter()
-    output.mkdir(parents=True, exist_ok=True)
-    reporter.stage("data", total=None)
-    texts = corpus(config, data_dir)
-    held_out_count = max(200, len(texts) // 20)
-    train_texts, held_out_texts = texts[held_out_count:], texts[:held_out_count]
-    tokenizer_dir = output / "tokenizer"
-    if resume and (tokenizer_dir / "tokenizer.json").is_file():
+def _tokenizer(config: LMConfig, texts: list[str], context: RunContext) -> Any:
+    """The BPE tokenizer trained on the training texts (loaded when a resumed run trained it already)."""
+    folder = context.output / "tokenizer"
+    if context.resume and (folder / "tokenizer.json").is_file():
         from transformers import PreTrainedTokenizerFast  # the folder holds the tokenizer alone (no model config)
 
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
-    else:
-        tokenizer = train_tokenizer(train_texts, config.vocab_size, tokenizer_dir)
-    data = tokenize_examples(tokenizer, [Example("", t) for t in train_texts], config.max_length)
-    held_out = tokenize_examples(tokenizer, [Example("", t) for t in held_out_texts], config.max_length)
-    reporter.end()
+        return PreTrainedTokenizerFast.from_pretrained(folder)
+    return train_tokenizer(texts, config.vocab_size, folder)
 
-    common: dict[str, Any] = {"resume": resume, "reporter": reporter}
-    teacher, teacher_info = _fit(
-        "teacher",
-        config,
-        config.teacher,
-        tokenizer,
-        data,
-        output,
-        teacher=None,
-        train_config=config.teacher_train,
-        seed=config.seed,
-        **common,
-    )
-    cache_path = output / "cache"
+
+def _cache(teacher: nn.Module, data: LMDataset, tokenizer: Any, config: LMConfig, context: RunContext) -> Path:
+    """The teacher's top-k log-probs over the training texts, scored once (a killed build resumes)."""
+    path = context.output / "cache"
     build_token_cache(
-        causal_lm_logits(teacher), [s.numpy() for s in data.sequences], cache_path,
+        causal_lm_logits(teacher), [s.numpy() for s in data.sequences], path,
         scored=[data.scored(i).numpy() for i in range(len(data))], top_k=config.top_k,
         temperature=config.loss.temperature, teacher_name="lm-recipe-teacher", teacher_revision="trained-by-recipe",
         tokenizer_hash=hf.tokenizer_fingerprint(tokenizer),
-        vocab_size=len(tokenizer), data_id=data.fingerprint(), batch_size=32, reporter=reporter,
+        vocab_size=len(tokenizer), data_id=data.fingerprint(), batch_size=32, reporter=context.reporter,
     )  # fmt: skip
-    cache = TokenCache(cache_path)
-    students = {}
-    for name, source in (("student-distilled", cache), ("student-alone", None)):
-        students[name] = _fit(
-            name,
-            config,
-            config.student,
-            tokenizer,
-            data,
-            output,
-            teacher=source,
-            train_config=config.student_train,
-            seed=config.seed + 1,
-            **common,
-        )
+    return path
 
-    reporter.stage("evaluate", total=None)
-    single, batch = _speed_inputs(held_out)
-    speed = ev.measure_speed(
-        {"teacher": teacher, **{n: m for n, (m, _) in students.items()}}, single, batch, rounds=5, min_seconds=0.2
-    )
+
+def _scores(
+    trained: dict[str, tuple[nn.Module, dict[str, Any]]], held_out: LMDataset, context: RunContext
+) -> dict[str, Any]:
+    """Every model on the held-out texts (against the teacher), timed side by side."""
+    single, batch = speed_inputs(held_out)
+    models = {name: model for name, (model, _) in trained.items()}
+    speed = evaluate.measure_speed(models, single, batch, rounds=5, min_seconds=0.2)
     tokens_per_batch = int(batch["attention_mask"].sum())
+    teacher = models["teacher"]
     rows: dict[str, Any] = {}
-    for name, model in [("teacher", teacher)] + [(n, m) for n, (m, _) in students.items()]:
-        scores = lm_scores(model, held_out, None if name == "teacher" else teacher)
-        info = teacher_info if name == "teacher" else students[name][1]
+    for name, (model, record) in trained.items():
         rows[name] = {
-            **scores,
+            **evaluate.lm_scores(model, held_out, None if name == "teacher" else teacher),
             "params": count_parameters(model),
-            "size_bytes": weights_size(output / "models" / name),
+            "size_bytes": weights_bytes(context.output / "models" / name),
             "tokens_per_second": speed[name].throughput * tokens_per_batch / len(batch["input_ids"]),
             "latency_ms": speed[name].latency_ms,
-            "history": info["history"],
-            "train_seconds": info["seconds"],
+            "history": record["history"],
+            "train_seconds": record["seconds"],
         }
-    reporter.end()
+    return rows
+
+
+def run(config: LMConfig, context: RunContext) -> dict[str, Any]:
+    """Tokenizer, teacher, cache, students, scores; the metrics."""
+    context.reporter.stage("data", total=None)
+    texts = corpus(config, config.data_dir or context.datasets)
+    held_out_count = max(200, len(texts) // 20)
+    train_texts, held_out_texts = texts[held_out_count:], texts[:held_out_count]
+    tokenizer = _tokenizer(config, train_texts, context)
+    data = tokenize_examples(tokenizer, [Example("", t) for t in train_texts], config.max_length)
+    held_out = tokenize_examples(tokenizer, [Example("", t) for t in held_out_texts], config.max_length)
+    context.reporter.end()
+    trained = {"teacher": _fit("teacher", config, config.teacher, tokenizer, data, context, teacher=None,
+                               train_config=config.teacher_train, seed=config.seed)}  # fmt: skip
+    cache_path = _cache(trained["teacher"][0], data, tokenizer, config, context)
+    for name, source in (("student-distilled", TokenCache(cache_path)), ("student-alone", None)):
+        trained[name] = _fit(name, config, config.student, tokenizer, data, context, teacher=source,
+                             train_config=config.student_train, seed=config.seed + 1)  # fmt: skip
+    context.reporter.stage("evaluate", total=None)
+    rows = _scores(trained, held_out, context)
+    context.reporter.end()
+    shutil.copytree(context.output / "models" / "student-distilled", context.output / "student", dirs_exist_ok=True)
     return {
         "recipe": "lm",
         "description": (
@@ -337,5 +199,81 @@ def run_lm(
         "models": rows,
         "cache": verify_token_cache(cache_path),
         "loss": config.loss.model_dump(),
-        "seconds": time.perf_counter() - started,
     }
+
+
+def report(metrics: dict[str, Any]) -> Report:
+    """The LM report: held-out perplexity, KL and agreement of the teacher and the students, speed, the cache."""
+    rows_in = metrics["models"]
+    header = [
+        "model",
+        "held-out perplexity",
+        "KL to teacher",
+        "next-token agreement",
+        "parameters",
+        "size",
+        "tokens/s (batch 16)",
+        "train time",
+    ]
+    rows = []
+    for name, m in rows_in.items():
+        rows.append(
+            [
+                name,
+                num(m["perplexity"], 2),
+                num(m.get("kl_to_teacher"), 3),
+                pct(m.get("agreement")),
+                count(m["params"]),
+                size(m.get("size_bytes")),
+                count(round(m["tokens_per_second"])),
+                seconds(m.get("train_seconds")),
+            ]
+        )
+    distilled, alone, teacher = rows_in["student-distilled"], rows_in["student-alone"], rows_in["teacher"]
+    summary = [
+        f"Distilled from the teacher's cached top-{metrics['cache']['top_k']} log-probs, the student reaches "
+        f"perplexity **{num(distilled['perplexity'], 2)}** against {num(alone['perplexity'], 2)} trained alone on "
+        f"the same texts (teacher {num(teacher['perplexity'], 2)}), and agrees with the teacher's next token "
+        f"**{pct(distilled['agreement'])}** of the time against {pct(alone['agreement'])}.",
+        f"The student has {ratio(teacher['params'] / distilled['params'])} fewer parameters and processes "
+        f"{ratio(distilled['tokens_per_second'] / teacher['tokens_per_second'])} as many tokens per second.",
+        f"The cache holds {count(metrics['cache']['positions'])} positions at "
+        f"{num(metrics['cache']['bytes_per_position'], 1)} bytes each.",
+    ]
+    loss = metrics["loss"]
+    notes = [
+        f"Loss of the distilled student: {loss['alpha']} * T^2 * {loss['divergence']}(teacher || student) on the "
+        f"cache's top-k plus a tail bucket + {1 - loss['alpha']:.2f} * CE(next token), T = {loss['temperature']}, "
+        f"computed in chunks of {loss['chunk_size']} tokens; the student alone trains on CE for as many steps.",
+        "Tokens per second: teacher and students timed side by side on the same held-out batch.",
+        f"Whole run: {seconds(metrics.get('seconds'))}.",
+    ]
+    histories = {name: m["history"] for name, m in rows_in.items()}
+    return Report(
+        title="distill report: lm",
+        description=metrics["description"],
+        summary=summary,
+        tables=[Table("Teacher vs students (held-out texts)", header, rows)],
+        notes=notes,
+        images={"learning_curves.png": plots.learning_curves(histories, "loss")},
+    )
+
+
+RECIPE = Recipe(
+    name="lm",
+    summary="a small GPT-2 teacher trained on local text, cached (top-k log-probs), distilled into a smaller GPT-2",
+    config=LMConfig,
+    run=run,
+    report=report,
+    flags={
+        "sample_size": "sample_size",
+        "data_dir": "data_dir",
+        "epochs": "student_train.epochs",
+        "teacher_epochs": "teacher_train.epochs",
+        "seed": "seed",
+        "temperature": "loss.temperature",
+        "alpha": "loss.alpha",
+        "divergence": "loss.divergence",
+    },
+    needs_datasets=lambda config: config.corpus is None,
+)

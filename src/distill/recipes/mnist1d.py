@@ -11,22 +11,20 @@ from __future__ import annotations
 import hashlib
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 
-from distill.config import ClassifyRunConfig, LossConfig, ModelSpec, TrainConfig
+from distill import report
+from distill.classify import FLAGS, ClassifyConfig, Problem, problem_settings, run_classification
+from distill.config import LossConfig, ModelSpec, Rows, TrainConfig
 from distill.data import ArrayDataset, load_checked_array, save_checked_array
 from distill.errors import DistillError
-from distill.recipes.classify import Problem, resolve_specs
+from distill.recipes.recipe import Recipe
+from distill.stages import RunContext
 
-TEACHER = ModelSpec(family="cnn1d", width=64, depth=4, head=256, dropout=0.3)
-STUDENT = ModelSpec(family="mlp", width=256, depth=2)
-TEACHER_TRAIN = TrainConfig(epochs=30, batch_size=128, lr=3e-3, weight_decay=0.05)
-STUDENT_TRAIN = TrainConfig(epochs=30, batch_size=512, lr=5e-3, weight_decay=0.01)
-ALONE_BATCH = 32  # the student alone: small batches over its small data set (it plateaus near 70 %)
-LOSS = LossConfig(temperature=2.0, alpha=0.9)
-TRANSFER_SIZE = 40_000
 SPLIT_SEED = 42  # the data set's standard split
 CHUNK = 5_000  # signals generated per worker task
 
@@ -63,17 +61,17 @@ def _standard_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     )
 
 
-def transfer_inputs(size: int, seed: int, cache_dir: Path | None, workers: int = 2) -> np.ndarray:
+def transfer_inputs(size: int, seed: int, store: Path | None, workers: int = 2) -> np.ndarray:
     """`size` fresh MNIST-1D signals (labels discarded), generated in chunks by `workers` processes.
 
     Chunk i uses generator seed (10_000 + 1_000 * seed + i) mod 2^32, never the split's seed. Generation is
-    deterministic, so the result is kept in `cache_dir` (when given) with its sha256 beside it and reused by later
+    deterministic, so the result is kept in `store` (when given) with its sha256 beside it and reused by later
     runs with the same seed and size; a kept file that fails its checksum is generated again and replaced.
     """
     if size == 0:
         return np.zeros((0, 40), np.float32)
     key = hashlib.sha256(f"mnist1d-transfer-v1-{size}-{seed}-{CHUNK}".encode()).hexdigest()[:16]
-    path = cache_dir / "mnist1d" / f"transfer-{key}.npy" if cache_dir is not None else None
+    path = store / "mnist1d" / f"transfer-{key}.npy" if store is not None else None
     if path is not None:
         cached = load_checked_array(path)
         if cached is not None and cached.shape == (size, 40) and cached.dtype == np.float32:
@@ -91,20 +89,36 @@ def transfer_inputs(size: int, seed: int, cache_dir: Path | None, workers: int =
     return inputs
 
 
-def problem(config: ClassifyRunConfig, cache_dir: Path | None = None) -> Problem:
-    """The MNIST-1D problem for a run config (unset fields take the defaults above)."""
+class Mnist1dConfig(ClassifyConfig):
+    """`distill run` (the default recipe): a 1-D CNN teacher, an MLP student, 40,000 generated transfer signals."""
+
+    recipe: Literal["mnist1d"] = "mnist1d"
+    teacher: ModelSpec = Field(
+        default_factory=lambda: ModelSpec(family="cnn1d", width=64, depth=4, head=256, dropout=0.3)
+    )
+    student: ModelSpec = Field(default_factory=lambda: ModelSpec(family="mlp", width=256, depth=2))
+    transfer_size: Rows = Field(40_000, description="freshly generated signals labeled by the teacher")
+    loss: LossConfig = Field(default_factory=lambda: LossConfig(temperature=2.0, alpha=0.9))
+    teacher_train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(epochs=30, batch_size=128, lr=3e-3, weight_decay=0.05)
+    )
+    student_train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(epochs=30, batch_size=512, lr=5e-3, weight_decay=0.01)
+    )
+
+
+def problem(config: Mnist1dConfig, store: Path | None = None) -> Problem:
+    """The MNIST-1D problem of a run config; generated transfer signals are kept in `store` when given."""
     try:
         import mnist1d  # noqa: F401
     except ImportError:
         raise DistillError("the mnist1d recipe needs the package mnist1d: pip install mnist1d") from None
-    specs = resolve_specs(config, TEACHER, STUDENT, TEACHER_TRAIN, STUDENT_TRAIN, LOSS)  # checked before any data
     x, y, x_test, y_test = _standard_split()
     if config.train_size is not None:
         if config.train_size > len(x):
             raise DistillError(f"train_size {config.train_size} is more than the {len(x)} labeled MNIST-1D signals")
         x, y = x[: config.train_size], y[: config.train_size]
-    size = TRANSFER_SIZE if config.transfer_size is None else config.transfer_size
-    transfer = transfer_inputs(size, config.seed, cache_dir)
+    transfer = transfer_inputs(config.transfer_size, config.seed, store)
     return Problem(
         name="mnist1d",
         description=(
@@ -115,6 +129,22 @@ def problem(config: ClassifyRunConfig, cache_dir: Path | None = None) -> Problem
         test=ArrayDataset(torch.from_numpy(x_test), torch.from_numpy(y_test)),
         transfer=ArrayDataset(torch.from_numpy(transfer), torch.full((len(transfer),), -100)),
         num_classes=10,
-        **specs,
-        alone_batch_size=ALONE_BATCH,
+        **problem_settings(config),
     )
+
+
+def run(config: Mnist1dConfig, context: RunContext) -> dict[str, Any]:
+    context.reporter.stage("data", total=None)
+    task = problem(config, context.store)
+    context.reporter.end()
+    return run_classification(task, context)
+
+
+RECIPE = Recipe(
+    name="mnist1d",
+    summary="MNIST-1D (generated offline): a 1-D CNN teacher distilled into a small MLP with generated transfer signals",
+    config=Mnist1dConfig,
+    run=run,
+    report=report.classification_report,
+    flags=FLAGS,
+)

@@ -21,34 +21,51 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import shutil
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
-from distill import evaluate as ev
-from distill.config import LossConfig, ReasoningRunConfig, TrainConfig
+from distill import evaluate
+from distill.config import (
+    BatchSize,
+    GPT2Size,
+    Length,
+    LossConfig,
+    Rows,
+    SamplingTemperature,
+    Seed,
+    Share,
+    Strict,
+    TrainConfig,
+    Vocab,
+    Weight,
+    Workers,
+    check_gpt2_parameters,
+)
 from distill.data import read_json
 from distill.errors import DistillError
 from distill.generate.cot import QUESTION_ONLY_TEMPLATE, build_prompt, read_traces, split_traces, write_split
 from distill.generate.problems import answer_only, make_problems, split_problems
 from distill.generate.sample import Endpoint, PromptRecord, SamplingParams, apply_template, generate, sample_id
-from distill.generate.verify import Problem, extract_answer, verify
+from distill.generate.solve import solve
+from distill.generate.verify import Problem
 from distill.lm_data import Example, LMDataset, tokenize_examples
+from distill.lm_models import gpt2, train_tokenizer, weights_bytes
 from distill.models import count_parameters
-from distill.progress import NULL, Reporter
-from distill.recipes.lm import gpt2, train_tokenizer, weights_size
-from distill.sampling import Engine, context_length
-from distill.sampling import SamplingParams as EngineParams
-from distill.sampling import Sequence as Row
+from distill.progress import Reporter
+from distill.recipes.reasoning_report import report
+from distill.recipes.recipe import Recipe
+from distill.sampling import context_length
 from distill.serve import serve_in_thread
+from distill.stages import RunContext, train_or_resume
 from distill.teachers.api import ApiTeacher, Prices
 from distill.teachers.api_logprobs import cache_from_generated
 from distill.teachers.token_cache import TokenCache
@@ -60,16 +77,74 @@ TRACES = "student-traces"
 ANSWERS = "student-answers"
 TRACES_KD = "student-traces-kd"
 ENDPOINT: Endpoint = "completions"  # the raw prompt, exactly as the teacher was trained (no chat wrapping)
-CALCULATION = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
-OPERATIONS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a / b}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Data and models
-# ----------------------------------------------------------------------------------------------------------------
+_TRAIN: dict[str, Any] = {"batch_size": 16, "lr": 3e-3, "schedule": "cosine", "warmup": 0.05, "checkpoint_every": 200}
 
 
-def problem_sets(config: ReasoningRunConfig) -> tuple[list[Problem], list[Problem]]:
+class ReasoningConfig(Strict):
+    """`distill run --recipe reasoning`: chain-of-thought distillation on CPU, end to end.
+
+    A teacher GPT-2 learns generated word problems from worked solutions, is served over the OpenAI-compatible API
+    and samples `samples` traces per training question; traces whose final answer verifies teach a smaller student,
+    compared on held-out problems with the same student trained on final answers only (and, with `token_kd`, with
+    the same student also taught the teacher's top log-probs at every trace token).
+    """
+
+    recipe: Literal["reasoning"] = "reasoning"
+    problems: Annotated[Rows, Field(ge=1)] = Field(
+        5000,
+        description="training problems: the teacher learns their worked solutions, the students their questions",
+    )
+    questions: Rows = Field(0, description="training questions the teacher answers with traces (the first); 0 = all")
+    held_out: Annotated[Rows, Field(ge=1)] = Field(
+        300, description="problems held out for evaluation (no question seen in training)"
+    )
+    steps: list[Annotated[int, Field(ge=1, le=6)]] = Field(
+        default_factory=lambda: [2], min_length=1, max_length=6, description="calculations per problem (1..6)"
+    )
+    vocab_size: Vocab = Field(1000, description="byte-level BPE vocabulary (every number up to 200 is one token)")
+    max_length: Annotated[Length, Field(ge=32, le=1024)] = Field(160, description="tokens of question + solution")
+    teacher: GPT2Size = Field(default_factory=lambda: {"layers": 4, "width": 128, "heads": 4})
+    student: GPT2Size = Field(default_factory=lambda: {"layers": 2, "width": 64, "heads": 2})
+    teacher_train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=4, **_TRAIN))
+    student_train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(epochs=10, **_TRAIN),
+        description="both students; the answers-only one runs as many epochs as it needs to match the other's steps",
+    )
+    samples: Annotated[int, Field(ge=1, le=64)] = Field(2, description="traces sampled per question (n)")
+    temperature: SamplingTemperature = Field(0.7, description="sampling temperature of the traces")
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    max_new_tokens: Annotated[Length, Field(ge=8)] = Field(96, description="longest trace, in tokens")
+    concurrency: Workers = Field(16, description="requests in flight to the teacher's server")
+    server_batch: BatchSize = Field(64, description="rows the server generates together")
+    dedupe: bool = Field(False, description="keep one copy of identical verified traces of a question")
+    token_kd: Annotated[int, Field(ge=0, le=20)] = Field(
+        5,
+        description="top log-probs the API returns per trace token; > 0 adds a third student trained on the "
+        "verified traces with sparse token-level KD from them (0 = two students)",
+    )
+    token_kd_alpha: Share = Field(0.5, description="weight of the token-level KD term (CE: 1 - alpha)")
+    baseline: Literal["all", "verified"] = Field(
+        "all",
+        description="the answers-only student learns the gold answers of all traced questions (all) or only of "
+        "those with a verified trace (verified)",
+    )
+    input_price: Weight = Field(0.15, description="nominal price per million prompt tokens (the report's cost)")
+    output_price: Weight = Field(0.6, description="nominal price per million completion tokens")
+    threads: Workers | None = Field(
+        1, description="torch CPU threads during the run (restored after); null leaves torch's setting"
+    )
+    seed: Seed = 0
+
+    @field_validator("teacher", "student")
+    @classmethod
+    def _bounded_model(cls, size: dict[str, int], info: ValidationInfo) -> dict[str, int]:
+        check_gpt2_parameters(size, info.data.get("vocab_size", 300))
+        return size
+
+
+def problem_sets(config: ReasoningConfig) -> tuple[list[Problem], list[Problem]]:
     """(training, held-out) problems, disjoint by question text, fixed by the seed."""
     problems = make_problems(config.problems + config.held_out, seed=config.seed, steps=config.steps)
     return split_problems(problems, config.held_out, seed=config.seed)
@@ -92,7 +167,7 @@ def torch_threads(threads: int | None) -> Iterator[None]:
 
 
 def fresh_gpt2(tokenizer: Any, size: dict[str, int], max_length: int, seed: int) -> nn.Module:
-    """`recipes.lm.gpt2` without dropout: these runs are a few epochs long and memorise arithmetic facts, which
+    """`lm_models.gpt2` without dropout: these runs are a few epochs long and memorise arithmetic facts, which
     dropout only slows down."""
     model = gpt2(tokenizer, size, max_length, seed)
     for module in model.modules():
@@ -108,53 +183,40 @@ def fit(
     size: dict[str, int],
     tokenizer: Any,
     data: LMDataset,
-    output: Path,
     train_config: TrainConfig,
+    context: RunContext,
     *,
     max_length: int,
     seed: int,
-    resume: bool,
-    reporter: Reporter,
     teacher: TokenCache | None = None,
     loss: LossConfig | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Train a fresh GPT-2 of `size` into output/models/name (model and tokenizer, servable as is), or load it when
+    """A fresh GPT-2 of `size` trained into output/models/name (model and tokenizer, servable as is), or loaded when
     a resumed run finished it already; with `teacher` (a token cache over `data`) distilled under `loss`."""
     from transformers import GPT2LMHeadModel
     from transformers.utils import logging
 
     logging.disable_progress_bar()  # library code reports through the reporter only
-    directory = output / "models" / name
-    done = directory / "history.json"
-    if resume and done.is_file():
-        return GPT2LMHeadModel.from_pretrained(directory).eval(), read_json(
-            done, ("history", "seconds", "steps", "rows")
-        )
-    result = train(
-        fresh_gpt2(tokenizer, size, max_length, seed),
-        data,
-        train_config,
-        teacher=teacher,
-        loss=loss or LossConfig(),
-        checkpoint_dir=output / "checkpoints" / name,
-        resume=resume,
-        reporter=reporter,
-        name=name,
-    )
-    result.model.save_pretrained(directory)  # type: ignore[operator]
-    tokenizer.save_pretrained(directory)
-    info = {"history": result.history, "seconds": result.seconds, "steps": result.steps, "rows": len(data)}
-    done.write_text(json.dumps(info))
-    return result.model.eval(), info
 
+    def train_it() -> tuple[nn.Module, dict[str, Any]]:
+        result = train(fresh_gpt2(tokenizer, size, max_length, seed), data, train_config, teacher=teacher,
+                       loss=loss or LossConfig(), checkpoint_dir=context.output / "checkpoints" / name,
+                       resume=context.resume, reporter=context.reporter, name=name)  # fmt: skip
+        return result.model, {"history": result.history, "seconds": result.seconds, "steps": result.steps,
+                              "rows": len(data)}  # fmt: skip
 
-# ----------------------------------------------------------------------------------------------------------------
-# Traces through the teacher's API
-# ----------------------------------------------------------------------------------------------------------------
+    def save(model: nn.Module, directory: Path) -> None:
+        model.save_pretrained(directory)  # type: ignore[operator]
+        tokenizer.save_pretrained(directory)
+
+    model, record = train_or_resume(context.output / "models" / name, resume=context.resume, train=train_it,
+                                    save=save, load=GPT2LMHeadModel.from_pretrained,
+                                    keys=("history", "seconds", "steps", "rows"))  # fmt: skip
+    return model.eval(), record
 
 
 def sample_traces(
-    config: ReasoningRunConfig,
+    config: ReasoningConfig,
     teacher_dir: Path,
     questions: Sequence[Problem],
     path: Path,
@@ -191,54 +253,11 @@ def sample_traces(
     return traces, {key: value for key, value in asdict(summary).items() if key != "path"}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Evaluation
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def solve(
-    model: nn.Module, tokenizer: Any, problems: Sequence[Problem], max_tokens: int, batch_size: int = 64
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Greedy answers to `problems` (batched generation with the serving engine): the accuracy of their final answers
-    and one prediction row per problem."""
-    engine = Engine(model, tokenizer)
-    rows: list[dict[str, Any]] = []
-    generated = 0
-    started = time.perf_counter()
-    for start in range(0, len(problems), batch_size):
-        chunk = problems[start : start + batch_size]
-        sequences = [
-            Row(engine.encode(prompt_of(p)), EngineParams(max_tokens=max_tokens, temperature=0.0)) for p in chunk
-        ]
-        engine.generate(sequences)
-        for problem, sequence in zip(chunk, sequences):
-            predicted, generated = extract_answer(sequence.text), generated + sequence.generated
-            ok = verify(predicted, problem.answer).ok
-            rows.append({"id": problem.id, "question": problem.question, "gold": problem.answer,
-                         "completion": sequence.text, "predicted": predicted, "correct": ok})  # fmt: skip
-    seconds = time.perf_counter() - started
-    correct = sum(row["correct"] for row in rows)
-    scores = {"accuracy": correct / max(len(rows), 1), "correct": correct, "problems": len(rows),
-              "calculations": calculations([row["completion"] for row in rows]), "generated_tokens": generated,
-              "eval_seconds": seconds}  # fmt: skip
-    return scores, rows
-
-
-def calculations(texts: Sequence[str]) -> dict[str, dict[str, int]]:
-    """Per operation (+ - * /), how many of the calculations "a op b = c" written in `texts` are right."""
-    tally = {op: {"right": 0, "written": 0} for op in OPERATIONS}
-    for text in texts:
-        for a, op, b, result in CALCULATION.findall(text):
-            tally[op]["written"] += 1
-            tally[op]["right"] += int(OPERATIONS[op](int(a), int(b)) == int(result))
-    return tally
-
-
 def _speed(models: dict[str, nn.Module], data: LMDataset, rows: int = 16) -> dict[str, dict[str, float]]:
     """Forward-pass tokens/s at batch `rows` and latency at batch 1, every model timed side by side."""
     index = torch.arange(min(rows, len(data)))
     single, batch = data.batch(index[:1])["inputs"], data.batch(index)["inputs"]
-    speed = ev.measure_speed(models, single, batch, rounds=5, min_seconds=0.2)
+    speed = evaluate.measure_speed(models, single, batch, rounds=5, min_seconds=0.2)
     tokens = int(batch["attention_mask"].sum())
     return {
         name: {"tokens_per_second": s.throughput * tokens / len(index), "latency_ms": s.latency_ms}
@@ -247,12 +266,11 @@ def _speed(models: dict[str, nn.Module], data: LMDataset, rows: int = 16) -> dic
 
 
 def train_students(
-    config: ReasoningRunConfig,
+    config: ReasoningConfig,
     tokenizer: Any,
     verified: list[dict[str, Any]],
     questions: Sequence[Problem],
-    output: Path,
-    common: dict[str, Any],
+    context: RunContext,
 ) -> dict[str, tuple[nn.Module, dict[str, Any]]]:
     """The student on the verified traces, and from the same initialisation the student on final answers only (the
     gold answers of every traced question, or with baseline "verified" of the solved ones), trained for at least
@@ -274,15 +292,14 @@ def train_students(
         (ANSWERS, answer_data, answer_epochs),
     ):
         train_config = config.student_train.model_copy(update={"epochs": epochs})
-        students[name] = fit(
-            name, config.student, tokenizer, data, output, train_config, seed=config.seed + 1, **common
-        )
+        students[name] = fit(name, config.student, tokenizer, data, train_config, context, max_length=config.max_length,
+                             seed=config.seed + 1)  # fmt: skip
     if config.token_kd:
-        cache, coverage = api_cache(tokenizer, output, trace_data, config.max_length, common["resume"])
+        cache, coverage = api_cache(tokenizer, context.output, trace_data, config.max_length, context.resume)
         loss = LossConfig(temperature=1.0, alpha=config.token_kd_alpha)
         students[TRACES_KD] = fit(
-            TRACES_KD, config.student, tokenizer, trace_data, output, config.student_train, seed=config.seed + 1,
-            teacher=cache, loss=loss, **common,
+            TRACES_KD, config.student, tokenizer, trace_data, config.student_train, context,
+            max_length=config.max_length, seed=config.seed + 1, teacher=cache, loss=loss,
         )  # fmt: skip
         students[TRACES_KD][1]["token_cache"] = coverage
     return students
@@ -321,14 +338,14 @@ def evaluate_models(
     rows: dict[str, dict[str, Any]] = {}
     (output / "predictions").mkdir(exist_ok=True)
     for name, (model, info) in models.items():
-        scores, predictions = solve(model, tokenizer, held_out, max_tokens)
+        scores, predictions = solve(model, tokenizer, held_out, prompt_of, max_tokens)
         with (output / "predictions" / f"{name}.jsonl").open("w", encoding="utf-8") as handle:
             handle.writelines(json.dumps(row) + "\n" for row in predictions)
         rows[name] = {
             **scores,
             **speed[name],
             "params": count_parameters(model),
-            "size_bytes": weights_size(output / "models" / name),
+            "size_bytes": weights_bytes(output / "models" / name),
             "train_rows": info["rows"],
             "train_steps": info["steps"],
             "train_seconds": info["seconds"],
@@ -339,89 +356,84 @@ def evaluate_models(
     return rows
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The recipe
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def run_reasoning(
-    config: ReasoningRunConfig,
-    output: Path,
-    *,
-    cache_dir: Path | None = None,
-    resume: bool = False,
-    reporter: Reporter = NULL,
-) -> dict[str, Any]:
-    """Teacher, verified traces through its API, a student on the traces and one on answers only; returns metrics.
-
-    With `resume`, what a previous run in `output` finished is reused: the tokenizer, each trained model, and every
-    trace already in traces.jsonl (the teacher is asked only for the missing ones). `cache_dir` is unused (nothing
-    is downloaded); it is accepted like every recipe's.
-    """
-    with torch_threads(config.threads):
-        return _run(config, output, resume, reporter)
-
-
-def _run(config: ReasoningRunConfig, output: Path, resume: bool, reporter: Reporter) -> dict[str, Any]:
-    started = time.perf_counter()
-    output.mkdir(parents=True, exist_ok=True)
-    seconds: dict[str, float] = {}
-    reporter.stage("data", total=None)
-    train_problems, held_out = problem_sets(config)
-    questions = train_problems[: config.questions] if config.questions else train_problems
-    tokenizer_dir = output / "tokenizer"
-    if resume and (tokenizer_dir / "tokenizer.json").is_file():
+def _tokenizer(config: ReasoningConfig, problems: list[Problem], context: RunContext) -> Any:
+    """The BPE tokenizer trained on the training problems' texts (loaded when a resumed run trained it already)."""
+    folder = context.output / "tokenizer"
+    if context.resume and (folder / "tokenizer.json").is_file():
         from transformers import PreTrainedTokenizerFast
 
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
-    else:
-        texts = [prompt_of(p) + p.solution for p in train_problems]
-        tokenizer = train_tokenizer(texts, config.vocab_size, tokenizer_dir)
-    worked = tokenize_examples(
-        tokenizer, [Example(prompt_of(p), p.solution) for p in train_problems], config.max_length
-    )
-    reporter.end()
-    common: dict[str, Any] = {"max_length": config.max_length, "resume": resume, "reporter": reporter}
+        return PreTrainedTokenizerFast.from_pretrained(folder)
+    return train_tokenizer([prompt_of(p) + p.solution for p in problems], config.vocab_size, folder)
 
-    clock = time.perf_counter()
-    teacher, teacher_info = fit(
-        TEACHER, config.teacher, tokenizer, worked, output, config.teacher_train, seed=config.seed, **common
-    )
-    seconds["teacher"] = time.perf_counter() - clock
 
-    clock = time.perf_counter()
+def _room(teacher: nn.Module, tokenizer: Any, problems: list[Problem], wanted: int) -> int:
+    """Tokens a solution may take: `wanted`, or less when the longest question leaves less of the context."""
     context = context_length(teacher.config, tokenizer)
-    longest = max(len(tokenizer(prompt_of(p), add_special_tokens=False)["input_ids"]) for p in questions + held_out)
-    max_tokens = min(config.max_new_tokens, context - longest)
-    if max_tokens < 8:
+    longest = max(len(tokenizer(prompt_of(p), add_special_tokens=False)["input_ids"]) for p in problems)
+    room = min(wanted, context - longest)
+    if room < 8:
         raise DistillError(
             f"the longest question takes {longest} of the model's {context} positions, leaving no room for a "
             "solution; raise max_length"
         )
-    traces_path = output / "traces.jsonl"
-    if not resume:
-        traces_path.unlink(missing_ok=True)  # a fresh run must not keep traces of an earlier teacher
-    records, generation = sample_traces(
-        config, output / "models" / TEACHER, questions, traces_path, max_tokens, reporter
-    )
-    verified, rejected, trace_summary = split_traces(records, "numeric", dedupe=config.dedupe, student_template=PROMPT)
-    write_split(verified, rejected, output / "traces", trace_summary)
-    seconds["traces"] = time.perf_counter() - clock
+    return room
+
+
+def _traces(
+    config: ReasoningConfig, questions: list[Problem], max_tokens: int, context: RunContext
+) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
+    """The teacher's traces through its API, split into verified and rejected (written to output/traces/):
+    (the verified rows, the split's summary, what the generation did)."""
+    path = context.output / "traces.jsonl"
+    if not context.resume:
+        path.unlink(missing_ok=True)  # a fresh run must not keep traces of an earlier teacher
+    teacher_dir = context.output / "models" / TEACHER
+    records, generation = sample_traces(config, teacher_dir, questions, path, max_tokens, context.reporter)
+    verified, rejected, summary = split_traces(records, "numeric", dedupe=config.dedupe, student_template=PROMPT)
+    write_split(verified, rejected, context.output / "traces", summary)
     if not verified:
         raise DistillError(
             f"none of the teacher's {len(records)} traces has the right final answer; train the teacher longer "
             "(teacher_train.epochs) or on more problems"
         )
+    return verified, summary, generation
 
-    clock = time.perf_counter()
-    students = train_students(config, tokenizer, verified, questions, output, common)
-    seconds["students"] = time.perf_counter() - clock
 
-    clock = time.perf_counter()
-    models = {TEACHER: (teacher, teacher_info), **students}
-    rows = evaluate_models(models, tokenizer, held_out, output, max_length=config.max_length, max_tokens=max_tokens,
-                           reporter=reporter)  # fmt: skip
-    seconds["evaluate"] = time.perf_counter() - clock
+def run(config: ReasoningConfig, context: RunContext) -> dict[str, Any]:
+    """Teacher, verified traces through its API, a student on the traces and one on answers only; the metrics.
+
+    With `context.resume`, what a previous run finished is reused: the tokenizer, each trained model, and every
+    trace already in traces.jsonl (the teacher is asked only for the missing ones)."""
+    with torch_threads(config.threads):
+        return _run(config, context)
+
+
+def _run(config: ReasoningConfig, context: RunContext) -> dict[str, Any]:
+    clock, seconds = time.perf_counter(), {}
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        seconds[name], clock = time.perf_counter() - clock, time.perf_counter()
+
+    context.reporter.stage("data", total=None)
+    train_problems, held_out = problem_sets(config)
+    questions = train_problems[: config.questions] if config.questions else train_problems
+    tokenizer = _tokenizer(config, train_problems, context)
+    worked = tokenize_examples(
+        tokenizer, [Example(prompt_of(p), p.solution) for p in train_problems], config.max_length
+    )
+    context.reporter.end()
+    teacher = fit(TEACHER, config.teacher, tokenizer, worked, config.teacher_train, context,
+                  max_length=config.max_length, seed=config.seed)  # fmt: skip
+    lap("teacher")
+    max_tokens = _room(teacher[0], tokenizer, questions + held_out, config.max_new_tokens)
+    verified, trace_summary, generation = _traces(config, questions, max_tokens, context)
+    lap("traces")
+    students = train_students(config, tokenizer, verified, questions, context)
+    lap("students")
+    rows = evaluate_models({TEACHER: teacher, **students}, tokenizer, held_out, context.output,
+                           max_length=config.max_length, max_tokens=max_tokens, reporter=context.reporter)  # fmt: skip
+    lap("evaluate")
     return {
         "recipe": "reasoning",
         "description": (
@@ -437,5 +449,19 @@ def _run(config: ReasoningRunConfig, output: Path, resume: bool, reporter: Repor
         "sampling": {"temperature": config.temperature, "top_p": config.top_p, "max_tokens": max_tokens},
         "prices": {"input_per_million": config.input_price, "output_per_million": config.output_price},
         "stage_seconds": seconds,
-        "seconds": time.perf_counter() - started,
     }
+
+
+RECIPE = Recipe(
+    name="reasoning",
+    summary="chain-of-thought distillation: verified traces sampled from a served teacher teach a smaller student",
+    config=ReasoningConfig,
+    run=run,
+    report=report,
+    flags={
+        "sample_size": "problems",
+        "epochs": "student_train.epochs",
+        "teacher_epochs": "teacher_train.epochs",
+        "seed": "seed",
+    },
+)

@@ -13,25 +13,65 @@ import hashlib
 import json
 import random
 import shutil
-import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
-from distill import evaluate as ev
+from distill import evaluate, plots
 from distill.augment import augment
-from distill.config import LossConfig, Sst2RunConfig, TrainConfig
+from distill.config import MAX_DEPTH, Depth, LayerIndex, LossConfig, Rows, TextStudentsConfig, TrainConfig
 from distill.data import IGNORE, TextDataset, concat_text, read_json, read_table, sha256_file, tokenize
 from distill.errors import DataError
 from distill.models import count_parameters
-from distill.progress import NULL, Reporter
+from distill.progress import Reporter
+from distill.recipes.recipe import Recipe, datasets_folder
+from distill.report import Report, Table, count, learning_curves, num, pct, ratio, seconds
+from distill.stages import RunContext, train_or_resume
 from distill.students import derive
 from distill.teachers import CachedTeacher, build_cache, hf
 from distill.teachers.local import LocalTeacher
 from distill.text_models import BiLSTMClassifier, WordVocab
 from distill.train import train
+
+
+class Sst2Config(TextStudentsConfig):
+    """`distill run --recipe sst2`: a fine-tuned teacher, a derived 2-layer transformer and a BiLSTM student."""
+
+    recipe: Literal["sst2"] = "sst2"
+    train_size: Rows = Field(6_000, description="labeled SST-2 training phrases used; 0 = all 60,614")
+    transfer_size: Rows = Field(15_000, description="augmented sentences (masking, n-grams) labeled by the teacher")
+    unlabeled_size: Rows = Field(
+        30_000, description="more SST-2 training phrases, outside the labeled sample, labeled by the teacher"
+    )
+    student_layers: list[LayerIndex] | None = Field(
+        None, max_length=MAX_DEPTH, description="teacher layers the transformer student keeps"
+    )
+    student_num_layers: Depth = Field(2, description="layers of the transformer student when not listed")
+    ablation_layers: list[LayerIndex] | None = Field(
+        default_factory=lambda: [4, 5],
+        max_length=MAX_DEPTH,
+        description="another choice of layers, distilled the same way; null = none",
+    )
+    bilstm: bool = Field(True, description="also distill into the BiLSTM student of Tang et al. 2019")
+    freeze_embeddings: bool = Field(
+        True,
+        description="keep the pretrained word embeddings fixed (teacher and transformer students): half the CPU time",
+    )
+    loss: LossConfig = Field(default_factory=lambda: LossConfig(temperature=2.0, alpha=0.5))
+    teacher_train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(epochs=2, batch_size=32, lr=5e-5, schedule="cosine", warmup=0.1)
+    )
+    student_train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(epochs=2, batch_size=32, lr=1e-4, schedule="cosine", warmup=0.1)
+    )
+    bilstm_train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(epochs=6, batch_size=64, lr=2e-3, schedule="cosine", warmup=0.05)
+    )
 
 
 def load_sst2(
@@ -67,18 +107,18 @@ def freeze_word_embeddings(model: nn.Module) -> nn.Module:
 
 
 def _evaluator(test: TextDataset) -> Any:
-    return lambda m: {"test_accuracy": ev.accuracy(ev.predict(m, test, 256), test.labels)}
+    return lambda m: {"test_accuracy": evaluate.accuracy(evaluate.predict(m, test, 256), test.labels)}
 
 
 def fine_tune_teacher(
-    config: Sst2RunConfig,
+    config: Sst2Config,
     tokenizer: Any,
     train_set: TextDataset,
     test: TextDataset,
-    cache_dir: Path,
+    store: Path,
     reporter: Reporter,
 ) -> tuple[nn.Module, Path, dict[str, Any]]:
-    """The fine-tuned teacher, trained once per (teacher, data sample, settings) and kept in the cache directory
+    """The fine-tuned teacher, trained once per (teacher, data sample, settings) and kept in the store
     with the sha256 of each of its files; a kept teacher whose files fail the check is fine-tuned again (the
     fine-tuning is deterministic: nothing is lost)."""
     key = hashlib.sha256(
@@ -93,7 +133,7 @@ def fine_tune_teacher(
             ]
         ).encode()
     ).hexdigest()[:16]
-    directory = cache_dir / "sst2-teachers" / key
+    directory = store / "sst2-teachers" / key
     done = directory / "fine_tune.json"
     if done.is_file():
         try:
@@ -104,7 +144,7 @@ def fine_tune_teacher(
             return hf.load_classifier(directory, 2), directory, kept
         shutil.rmtree(directory)
     torch.manual_seed(config.seed)  # the new classification head: the same teacher for the same key, every time
-    model = hf.load_classifier(config.teacher, 2, cache_dir)
+    model = hf.load_classifier(config.teacher, 2, store)
     result = train(
         model,
         train_set,
@@ -130,218 +170,324 @@ def _checksums(directory: Path) -> dict[str, str]:
     return {p.name: sha256_file(p) for p in sorted(directory.iterdir()) if p.is_file() and p.name not in skip}
 
 
-def _train_student(
+@dataclass
+class Sst2Data:
+    """The run's texts, and their tokens for the teacher and the transformer students."""
+
+    texts: list[str]  # labeled training phrases
+    labels: torch.Tensor
+    transfer_texts: list[str]  # augmented sentences, then other training phrases without their labels
+    unlabeled: int  # how many of the transfer texts are training phrases (the rest are augmented)
+    test_texts: list[str]
+    test_labels: torch.Tensor
+    labeled: TextDataset
+    test: TextDataset
+    kd_data: TextDataset  # labeled + transfer
+
+
+def _data(config: Sst2Config, tokenizer: Any, datasets: Path) -> Sst2Data:
+    texts, labels, test_texts, test_labels, unlabeled = load_sst2(
+        datasets, config.train_size, config.seed, config.unlabeled_size
+    )
+    transfer_texts = augment(texts, config.transfer_size, seed=config.seed) + unlabeled
+    pad = tokenizer.pad_token_id or 0
+
+    def tokens(rows: list[str], row_labels: torch.Tensor | None) -> TextDataset:
+        return TextDataset(tokenize(tokenizer, rows, config.max_length), row_labels, pad_id=pad, token_types=True)
+
+    labeled = tokens(texts, labels)
+    transfer = tokens(transfer_texts, torch.full((len(transfer_texts),), IGNORE))
+    return Sst2Data(texts, labels, transfer_texts, len(unlabeled), test_texts, test_labels, labeled,
+                    tokens(test_texts, test_labels), concat_text(labeled, transfer))  # fmt: skip
+
+
+def _student(
     name: str,
     model: nn.Module,
     data: TextDataset,
     config: TrainConfig,
-    output: Path,
+    context: RunContext,
     *,
     teacher: CachedTeacher | None,
     loss: LossConfig,
     test: TextDataset,
-    resume: bool,
-    reporter: Reporter,
-    save: Any,
-    load: Any,
-) -> tuple[nn.Module, list[dict[str, float]], float]:
-    directory = output / "students" / name
-    done = directory / "history.json"
-    if resume and done.is_file():
-        saved = read_json(done, ("history", "seconds"))
-        return load(directory), saved["history"], saved["seconds"]
-    result = train(
-        model,
-        data,
-        config,
-        teacher=teacher,
-        loss=loss,
-        evaluate=_evaluator(test),
-        checkpoint_dir=output / "checkpoints" / name,
-        resume=resume,
-        reporter=reporter,
-        name=name,
-    )
-    save(result.model, directory)
-    done.write_text(json.dumps({"history": result.history, "seconds": result.seconds}))
-    return result.model, result.history, result.seconds
+    save: Callable[[nn.Module, Path], None],
+    load: Callable[[Path], nn.Module],
+) -> tuple[nn.Module, dict[str, Any]]:
+    """One student trained (alone, or on the teacher's soft targets), or loaded when a resumed run finished it."""
+
+    def fit() -> tuple[nn.Module, dict[str, Any]]:
+        result = train(model, data, config, teacher=teacher, loss=loss, evaluate=_evaluator(test),
+                       checkpoint_dir=context.output / "checkpoints" / name, resume=context.resume,
+                       reporter=context.reporter, name=name)  # fmt: skip
+        return result.model, {"history": result.history, "seconds": result.seconds}
+
+    return train_or_resume(context.output / "students" / name, resume=context.resume, train=fit, save=save, load=load)
 
 
 def _scores(model: nn.Module, test: TextDataset, teacher_logits: torch.Tensor) -> dict[str, float]:
-    logits = ev.predict(model, test, 256)
+    logits = evaluate.predict(model, test, 256)
     return {
-        "accuracy": ev.accuracy(logits, test.labels),
-        "agreement": ev.agreement(logits, teacher_logits),
-        "kl_to_teacher": ev.kl_to_teacher(logits, teacher_logits),
-        "ece": ev.calibration(logits, test.labels).ece,
+        "accuracy": evaluate.accuracy(logits, test.labels),
+        "agreement": evaluate.agreement(logits, teacher_logits),
+        "kl_to_teacher": evaluate.kl_to_teacher(logits, teacher_logits),
+        "ece": evaluate.calibration(logits, test.labels).ece,
     }
 
 
-def run_sst2(
-    config: Sst2RunConfig,
-    output: Path,
-    *,
-    data_dir: Path,
-    cache_dir: Path,
-    resume: bool = False,
-    reporter: Reporter = NULL,
-) -> dict[str, Any]:
-    started = time.perf_counter()
-    output.mkdir(parents=True, exist_ok=True)
-    reporter.stage("data", total=None)
-    texts, labels, test_texts, test_labels, unlabeled = load_sst2(
-        data_dir, config.train_size, config.seed, config.unlabeled_size
-    )
-    transfer_texts = augment(texts, config.transfer_size, seed=config.seed) + unlabeled
-    tokenizer = hf.load_tokenizer(config.teacher, cache_dir)
-    pad = tokenizer.pad_token_id or 0
+@dataclass
+class Teaching:
+    """The fine-tuned teacher's soft targets over the transfer set, and its outputs on the test sentences."""
 
-    def bert_data(rows: list[str], row_labels: torch.Tensor | None) -> TextDataset:
-        return TextDataset(tokenize(tokenizer, rows, config.max_length), row_labels, pad_id=pad, token_types=True)
+    soft: CachedTeacher
+    teacher_logits: torch.Tensor
 
-    labeled = bert_data(texts, labels)
-    transfer = bert_data(transfer_texts, torch.full((len(transfer_texts),), IGNORE))
-    test = bert_data(test_texts, test_labels)
-    kd_data = concat_text(labeled, transfer)
-    reporter.end()
 
-    teacher, teacher_dir, teacher_info = fine_tune_teacher(config, tokenizer, labeled, test, cache_dir, reporter)
-    live = LocalTeacher(teacher, 2)
-    cache = build_cache(
-        live,
-        kd_data,
-        output / "cache" / "teacher",
-        teacher_id=teacher_dir.name,
-        data_id=kd_data.fingerprint(),
-        batch_size=128,
-        reporter=reporter,
-    )
-    soft = cache.at_temperature(config.loss.temperature)
-    teacher_logits = ev.teacher_logprobs(live, test, 256)
-    students: dict[str, dict[str, Any]] = {}
-    models: dict[str, nn.Module] = {}
+def _transformers(
+    config: Sst2Config, data: Sst2Data, teaching: Teaching, tokenizer: Any, context: RunContext
+) -> dict[str, tuple[nn.Module, dict[str, Any]]]:
+    """The transformer students derived from the *pretrained* teacher (never the fine-tuned one): distilled and
+    alone, and the ablation's other choice of layers distilled."""
 
-    def transformer_save(model: nn.Module, directory: Path) -> None:
+    def save(model: nn.Module, directory: Path) -> None:
         model.save_pretrained(directory)  # type: ignore[operator]
         tokenizer.save_pretrained(directory)
 
-    def transformer_load(directory: Path) -> nn.Module:
-        return hf.load_classifier(directory, 2)
-
-    pretrained = hf.load_classifier(config.teacher, 2, cache_dir)  # the pretrained MiniLM, never the fine-tuned one
+    pretrained = hf.load_classifier(config.teacher, 2, context.store)
     choices = [("transformer", config.student_layers)]
     if config.ablation_layers:
         choices.append(("transformer-ablation", config.ablation_layers))
+    students = {}
     for kind, layers in choices:
-        num = None if layers else config.student_num_layers
-        runs = [("distilled", kd_data, soft)] + ([("alone", labeled, None)] if kind == "transformer" else [])
-        for mode, data, source in runs:
-            name = f"{kind}-{mode}"
-            base, derivation = derive(pretrained, layers=layers, num_layers=num)  # the same weights for both runs
+        runs = [("distilled", data.kd_data, teaching.soft)] + (
+            [("alone", data.labeled, None)] if kind == "transformer" else []
+        )
+        for mode, rows, source in runs:
+            base, derivation = derive(
+                pretrained, layers=layers, num_layers=None if layers else config.student_num_layers
+            )
             if config.freeze_embeddings:
                 freeze_word_embeddings(base)
-            model, history, seconds = _train_student(
-                name,
-                base,
-                data,
-                config.student_train.model_copy(update={"seed": config.seed}),
-                output,
-                teacher=source,
-                loss=config.loss,
-                test=test,
-                resume=resume,
-                reporter=reporter,
-                save=transformer_save,
-                load=transformer_load,
-            )
-            models[name] = model
-            students[name] = {
-                "kind": "transformer",
-                "layers": derivation.layers,
-                "params": derivation.student_params,
-                "history": history,
-                "train_seconds": seconds,
-                **_scores(model, test, teacher_logits),
-            }
-
-    if config.bilstm:
-        vocab = WordVocab.build(texts + transfer_texts)
-        word_kd = TextDataset(vocab.encode(texts + transfer_texts, config.max_length), kd_data.labels)
-        word_labeled = TextDataset(vocab.encode(texts, config.max_length), labels)
-        word_test = TextDataset(vocab.encode(test_texts, config.max_length), test_labels)
-        for mode, data, source in (("distilled", word_kd, soft), ("alone", word_labeled, None)):
-            torch.manual_seed(config.seed + 11)
-            model = BiLSTMClassifier(len(vocab), 2)
-            name = f"bilstm-{mode}"
-            model, history, seconds = _train_student(
-                name,
+            train_config = config.student_train.model_copy(update={"seed": config.seed})
+            model, record = _student(f"{kind}-{mode}", base, rows, train_config, context, teacher=source, loss=config.loss,
+                                     test=data.test, save=save, load=lambda d: hf.load_classifier(d, 2))  # fmt: skip
+            entry = {"kind": "transformer", "layers": derivation.layers, "params": derivation.student_params}
+            students[f"{kind}-{mode}"] = (
                 model,
-                data,
-                config.bilstm_train.model_copy(update={"seed": config.seed}),
-                output,
-                teacher=source,
-                loss=config.loss,
-                test=word_test,
-                resume=resume,
-                reporter=reporter,
-                save=lambda m, d: m.save(d, vocab),
-                load=lambda d: BiLSTMClassifier.load(d)[0],
+                entry | _entry(record, _scores(model, data.test, teaching.teacher_logits)),
             )
-            models[name] = model
-            students[name] = {
-                "kind": "bilstm",
-                "params": count_parameters(model),
-                "history": history,
-                "train_seconds": seconds,
-                **_scores(model, word_test, teacher_logits),
-            }
+    return students
 
-    reporter.stage("speed", total=None)
-    rows = torch.arange(min(128, len(test)))
-    speed_models = {"teacher": teacher, "transformer-distilled": models["transformer-distilled"]}
-    other_inputs = {}
-    if config.bilstm:
-        speed_models["bilstm-distilled"] = models["bilstm-distilled"]
-        other_inputs["bilstm-distilled"] = (word_test.batch(rows[:1])["inputs"], word_test.batch(rows)["inputs"])
-    speed = ev.measure_speed(
-        speed_models,
-        test.batch(rows[:1])["inputs"],
-        test.batch(rows)["inputs"],
-        rounds=5,
-        min_seconds=0.2,
-        inputs=other_inputs,
-    )
-    reporter.end()
-    teacher_speed = speed.pop("teacher")
-    for name, timed in speed.items():
-        students[name].update(
-            latency_ms=timed.latency_ms,
-            throughput=timed.throughput,
-            speedup=timed.throughput / teacher_speed.throughput,
-            latency_speedup=teacher_speed.latency_ms / timed.latency_ms,
+
+def _entry(record: dict[str, Any], scores: dict[str, float]) -> dict[str, Any]:
+    return {"history": record["history"], "train_seconds": record["seconds"], **scores}
+
+
+def _bilstms(
+    config: Sst2Config, data: Sst2Data, teaching: Teaching, context: RunContext
+) -> tuple[dict[str, tuple[nn.Module, dict[str, Any]]], TextDataset]:
+    """The BiLSTM of Tang et al. 2019 over words, distilled and alone; and its tokens of the test sentences."""
+    vocab = WordVocab.build(data.texts + data.transfer_texts)
+    word_kd = TextDataset(vocab.encode(data.texts + data.transfer_texts, config.max_length), data.kd_data.labels)
+    word_labeled = TextDataset(vocab.encode(data.texts, config.max_length), data.labels)
+    word_test = TextDataset(vocab.encode(data.test_texts, config.max_length), data.test_labels)
+    students = {}
+    for mode, rows, source in (("distilled", word_kd, teaching.soft), ("alone", word_labeled, None)):
+        torch.manual_seed(config.seed + 11)
+        train_config = config.bilstm_train.model_copy(update={"seed": config.seed})
+        model, record = _student(f"bilstm-{mode}", BiLSTMClassifier(len(vocab), 2), rows, train_config, context,
+                                 teacher=source, loss=config.loss, test=word_test,
+                                 save=lambda m, d: m.save(d, vocab),  # type: ignore[operator]
+                                 load=lambda d: BiLSTMClassifier.load(d)[0])  # fmt: skip
+        scores = _scores(model, word_test, teaching.teacher_logits)
+        students[f"bilstm-{mode}"] = (
+            model,
+            {"kind": "bilstm", "params": count_parameters(model)} | _entry(record, scores),
         )
-    teacher_accuracy = ev.accuracy(teacher_logits, test_labels)
-    for entry in students.values():
-        entry["retention"] = entry["accuracy"] / teacher_accuracy
+    return students, word_test
+
+
+def _speed(
+    teacher: nn.Module, students: dict[str, Any], test: TextDataset, word_test: TextDataset | None
+) -> dict[str, Any]:
+    """The teacher and the distilled students timed side by side on the same test sentences (each on its own
+    tokens); each student's figures get its speed-ups over the teacher."""
+    rows = torch.arange(min(128, len(test)))
+    timed = {"teacher": teacher, "transformer-distilled": students["transformer-distilled"][0]}
+    other = {}
+    if word_test is not None:
+        timed["bilstm-distilled"] = students["bilstm-distilled"][0]
+        other["bilstm-distilled"] = (word_test.batch(rows[:1])["inputs"], word_test.batch(rows)["inputs"])
+    speed = evaluate.measure_speed(timed, test.batch(rows[:1])["inputs"], test.batch(rows)["inputs"], rounds=5,
+                                   min_seconds=0.2, inputs=other)  # fmt: skip
+    teacher_speed = speed.pop("teacher")
+    for name, measured in speed.items():
+        students[name][1].update(
+            latency_ms=measured.latency_ms, throughput=measured.throughput,
+            speedup=measured.throughput / teacher_speed.throughput,
+            latency_speedup=teacher_speed.latency_ms / measured.latency_ms,
+        )  # fmt: skip
+    return {"latency_ms": teacher_speed.latency_ms, "throughput": teacher_speed.throughput}
+
+
+def _teaching(
+    config: Sst2Config, data: Sst2Data, tokenizer: Any, context: RunContext
+) -> tuple[nn.Module, Path, dict[str, Any], Teaching]:
+    """The fine-tuned teacher (from the store, or fine-tuned now), its soft targets cached over labeled + transfer
+    data, and its outputs on the test sentences."""
+    store = context.store if context.store is not None else context.output / "store"
+    teacher, folder, info = fine_tune_teacher(config, tokenizer, data.labeled, data.test, store, context.reporter)
+    live = LocalTeacher(teacher, 2)
+    cache = build_cache(live, data.kd_data, context.output / "cache" / "teacher", teacher_id=folder.name,
+                        data_id=data.kd_data.fingerprint(), batch_size=128, reporter=context.reporter)  # fmt: skip
+    logits = evaluate.teacher_logprobs(live, data.test, 256)
+    return teacher, folder, info, Teaching(cache.at_temperature(config.loss.temperature), logits)
+
+
+def run(config: Sst2Config, context: RunContext) -> dict[str, Any]:
+    """The teacher fine-tuned, every student trained and scored, everything timed; the metrics."""
+    context.reporter.stage("data", total=None)
+    tokenizer = hf.load_tokenizer(config.teacher, context.store)
+    data = _data(config, tokenizer, datasets_folder(config, context, "sst2"))
+    context.reporter.end()
+    teacher, folder, info, teaching = _teaching(config, data, tokenizer, context)
+    students = _transformers(config, data, teaching, tokenizer, context)
+    word_test = None
+    if config.bilstm:
+        bilstms, word_test = _bilstms(config, data, teaching, context)
+        students |= bilstms
+    context.reporter.stage("speed", total=None)
+    teacher_speed = _speed(teacher, students, data.test, word_test)
+    context.reporter.end()
+    accuracy = evaluate.accuracy(teaching.teacher_logits, data.test_labels)
+    for _, entry in students.values():
+        entry["retention"] = entry["accuracy"] / accuracy
     return {
         "recipe": "sst2",
         "description": (
-            f"SST-2: {len(labeled)} labeled training phrases; a transfer set labeled by the teacher of "
-            f"{len(transfer) - len(unlabeled)} augmented sentences and {len(unlabeled)} other training phrases "
-            f"without their labels; {len(test)} test sentences; teacher {config.teacher} fine-tuned by the recipe"
+            f"SST-2: {len(data.labeled)} labeled training phrases; a transfer set labeled by the teacher of "
+            f"{len(data.transfer_texts) - data.unlabeled} augmented sentences and {data.unlabeled} other training "
+            f"phrases without their labels; {len(data.test)} test sentences; teacher {config.teacher} fine-tuned by "
+            "the recipe"
         ),
         "teacher": {
             "name": config.teacher,
-            "accuracy": teacher_accuracy,
+            "accuracy": accuracy,
             "params": count_parameters(teacher),
-            "ece": ev.calibration(teacher_logits, test_labels).ece,
-            "latency_ms": teacher_speed.latency_ms,
-            "throughput": teacher_speed.throughput,
-            "fine_tune_seconds": teacher_info.get("seconds"),
-            "history": teacher_info.get("history"),
-            "path": str(teacher_dir),
-        },
-        "students": students,
+            "ece": evaluate.calibration(teaching.teacher_logits, data.test_labels).ece,
+            **teacher_speed,
+            "fine_tune_seconds": info.get("seconds"),
+            "history": info.get("history"),
+            "path": str(folder),
+        },  # fmt: skip
+        "students": {name: entry for name, (_, entry) in students.items()},
         "loss": config.loss.model_dump(),
-        "seconds": time.perf_counter() - started,
     }
+
+
+HEADER = ["model", "teacher layers kept", "test accuracy", "retention", "agreement", "parameters", "compression",
+          "latency ms (batch 1)", "sentences/s (batch 128)", "ECE"]  # fmt: skip
+
+
+def _rows(teacher: dict[str, Any], students: dict[str, Any]) -> list[list[str]]:
+    rows = [
+        [
+            "teacher (fine-tuned)",
+            "all",
+            pct(teacher["accuracy"]),
+            "100.0 %",
+            "–",
+            count(teacher["params"]),
+            "1.0x",
+            num(teacher["latency_ms"], 1),
+            count(round(teacher["throughput"])),
+            pct(teacher["ece"]),
+        ]
+    ]
+    for name, s in students.items():
+        rows.append(
+            [
+                name,
+                ", ".join(map(str, s.get("layers", []))) or "–",
+                pct(s["accuracy"]),
+                pct(s["retention"]),
+                pct(s["agreement"]),
+                count(s["params"]),
+                ratio(teacher["params"] / s["params"]),
+                num(s.get("latency_ms"), 1) if s.get("latency_ms") else "–",
+                count(round(s["throughput"])) if s.get("throughput") else "–",
+                pct(s["ece"]),
+            ]
+        )
+    return rows
+
+
+def _summary(students: dict[str, Any]) -> list[str]:
+    summary = []
+    for kind in ("transformer", "bilstm"):
+        distilled, alone = students.get(f"{kind}-distilled"), students.get(f"{kind}-alone")
+        if distilled and alone:
+            diff = distilled["accuracy"] - alone["accuracy"]
+            summary.append(
+                f"{kind}: distilled **{pct(distilled['accuracy'])}** ({pct(distilled['retention'])} of the teacher) "
+                f"against {pct(alone['accuracy'])} trained alone ({'+' if diff >= 0 else ''}{100 * diff:.1f} points), "
+                f"{ratio(distilled.get('latency_speedup'))} lower latency, {ratio(distilled.get('speedup'))} throughput."
+            )
+    ablation = students.get("transformer-ablation-distilled")
+    if ablation and "transformer-distilled" in students:
+        main = students["transformer-distilled"]
+        summary.append(
+            f"Kept layers matter: layers {', '.join(map(str, main['layers']))} give {pct(main['accuracy'])}, layers "
+            f"{', '.join(map(str, ablation['layers']))} {pct(ablation['accuracy'])} (same data, same training)."
+        )
+    return summary
+
+
+def report(metrics: dict[str, Any]) -> Report:
+    """The SST-2 report: teacher vs students, distilled vs alone, kept layers, speed."""
+    teacher, students, loss = metrics["teacher"], metrics["students"], metrics["loss"]
+    notes = [
+        f"Loss of the distilled students: {loss['alpha']} * T^2 * {loss['divergence']}(teacher_T || student_T) + "
+        f"{1 - loss['alpha']:.2f} * CE(labels) on labeled rows, T = {loss['temperature']}; the transfer set has no labels.",
+        "The transformer students start from the pretrained teacher's layers (never the fine-tuned ones); the "
+        "distilled and alone runs of a student start from the same weights.",
+        "Speed: teacher and students timed side by side on the same test sentences (interleaved rounds, median).",
+        f"Whole run: {seconds(metrics.get('seconds'))}.",
+    ]
+    histories = {"teacher": teacher.get("history") or [], **{n: s["history"] for n, s in students.items()}}
+    return Report(
+        title="distill report: sst2",
+        description=metrics["description"],
+        summary=_summary(students),
+        tables=[Table("Teacher vs students (SST-2, 872 test sentences)", HEADER, _rows(teacher, students))],
+        notes=notes,
+        images={
+            **learning_curves(histories, "test_accuracy"),
+            "accuracy_vs_params.png": plots.accuracy_vs_size(
+                [{"name": "teacher", "params": teacher["params"], "accuracy": teacher["accuracy"]}]
+                + [{"name": n, "params": s["params"], "accuracy": s["accuracy"]} for n, s in students.items()]
+            ),
+        },
+    )
+
+
+RECIPE = Recipe(
+    name="sst2",
+    summary="SST-2 sentiment: a fine-tuned MiniLM teacher distilled into a 2-layer transformer and a BiLSTM",
+    config=Sst2Config,
+    run=run,
+    report=report,
+    flags={
+        "teacher": "teacher",
+        "sample_size": "train_size",
+        "transfer_size": "transfer_size",
+        "data_dir": "data_dir",
+        "epochs": "student_train.epochs",
+        "teacher_epochs": "teacher_train.epochs",
+        "seed": "seed",
+        "temperature": "loss.temperature",
+        "alpha": "loss.alpha",
+        "divergence": "loss.divergence",
+    },
+    needs_datasets=lambda config: True,
+)

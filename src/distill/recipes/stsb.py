@@ -10,22 +10,24 @@ correlation between the cosine similarity of its embeddings and the gold scores 
 
 from __future__ import annotations
 
-import json
 import random
-import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
-from distill import evaluate as ev
-from distill.config import FeatureLoss, LossConfig, StsbRunConfig
-from distill.data import TextDataset, read_json, read_lines, read_table, tokenize
+from distill import evaluate, plots
+from distill.config import Depth, FeatureLoss, Length, LossConfig, Rows, TextStudentsConfig, TrainConfig, Weight
+from distill.data import TextDataset, read_lines, read_table, tokenize
 from distill.errors import DataError
 from distill.features import FeatureDistiller, hook_names
 from distill.models import count_parameters
-from distill.progress import NULL, Reporter
+from distill.recipes.recipe import Recipe, datasets_folder
+from distill.report import Report, Table, count, learning_curves, num, pct, ratio, seconds
+from distill.stages import RunContext, train_or_resume
 from distill.students import derive, uniform_layers
 from distill.teachers import hf
 from distill.teachers.cached import FeatureTable
@@ -34,7 +36,29 @@ from distill.text_models import SentenceEncoder
 from distill.train import train
 
 
-def training_sentences(config: StsbRunConfig, data_dir: Path) -> list[str]:
+class StsbConfig(TextStudentsConfig):
+    """`distill run --recipe stsb`: sentence-embedding students derived from the teacher, scored on STS-B."""
+
+    recipe: Literal["stsb"] = "stsb"
+    sentences: Path | None = Field(None, description="unlabeled sentences, one per line (default: the data sets')")
+    sample_size: Rows = Field(10_000, description="training sentences drawn from them; 0 = all")
+    max_length: Annotated[Length, Field(ge=8, le=512)] = Field(
+        32, description="training tokens per sentence (scoring uses up to 128)"
+    )
+    students: list[Depth] = Field(
+        default_factory=lambda: [3, 1], max_length=64, description="layer counts of the derived students"
+    )
+    ablation: bool = Field(True, description="also train other 3-layer choices and a random initialisation")
+    embedding_weight: Weight = Field(1.0, description="weight of the sentence-embedding cosine term")
+    hidden_weight: Weight = Field(1.0, description="weight of each hidden-state MSE term")
+    train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(
+            epochs=1, batch_size=64, lr=5e-4, weight_decay=0.01, schedule="cosine", warmup=0.05
+        )
+    )
+
+
+def training_sentences(config: StsbConfig, data_dir: Path) -> list[str]:
     """Unlabeled sentences: the given file, or the sentences of STS-B train, AG News dev and SST-2 train (never a test
     split), de-duplicated, `sample_size` of them drawn with the run's seed."""
     if config.sentences is not None:
@@ -81,15 +105,15 @@ def stsb_pairs(data_dir: Path) -> tuple[list[str], list[str], torch.Tensor]:
 
 @torch.no_grad()
 def encode(model: nn.Module, data: TextDataset, batch_size: int = 128) -> torch.Tensor:
-    return ev.predict(model, data, batch_size)  # (N, D): a sentence encoder's output are its embeddings
+    return evaluate.predict(model, data, batch_size)  # (N, D): a sentence encoder's output are its embeddings
 
 
 def spearman_on(model: nn.Module, first: TextDataset, second: TextDataset, gold: torch.Tensor) -> float:
     a, b = encode(model, first), encode(model, second)  # (N, D) each
-    return ev.spearman(torch.nn.functional.cosine_similarity(a, b, dim=-1), gold)
+    return evaluate.spearman(torch.nn.functional.cosine_similarity(a, b, dim=-1), gold)
 
 
-def feature_pairs(layers: list[int], teacher_layers: int, config: StsbRunConfig) -> list[FeatureLoss]:
+def feature_pairs(layers: list[int], teacher_layers: int, config: StsbConfig) -> list[FeatureLoss]:
     pairs = [FeatureLoss(kind="cosine", student="pool", teacher="pool", weight=config.embedding_weight)]
     if config.hidden_weight > 0:
         n = len(layers)
@@ -106,7 +130,7 @@ def feature_pairs(layers: list[int], teacher_layers: int, config: StsbRunConfig)
     return pairs
 
 
-def student_plan(config: StsbRunConfig, total: int) -> list[dict[str, Any]]:
+def student_plan(config: StsbConfig, total: int) -> list[dict[str, Any]]:
     """The students to train: the requested layer counts (layers spread from first to last), then the ablation of
     other 3-layer choices and of a random initialisation."""
     plan = [
@@ -123,113 +147,227 @@ def student_plan(config: StsbRunConfig, total: int) -> list[dict[str, Any]]:
     return plan
 
 
-def run_stsb(
-    config: StsbRunConfig,
-    output: Path,
-    *,
-    data_dir: Path,
-    cache_dir: Path,
-    resume: bool = False,
-    reporter: Reporter = NULL,
-) -> dict[str, Any]:
-    started = time.perf_counter()
-    output.mkdir(parents=True, exist_ok=True)
-    reporter.stage("data", total=None)
-    tokenizer = hf.load_tokenizer(config.teacher, cache_dir)
-    teacher = SentenceEncoder(hf.load_encoder(config.teacher, cache_dir)).eval()
-    sentences = training_sentences(config, data_dir)
-    first, second, gold = stsb_pairs(data_dir)
-    data = TextDataset(tokenize(tokenizer, sentences, config.max_length), pad_id=tokenizer.pad_token_id or 0)
-    # Scored without truncation (up to 128 tokens), whatever length the students trained on.
-    test_a = TextDataset(tokenize(tokenizer, first, 128), pad_id=tokenizer.pad_token_id or 0)
-    test_b = TextDataset(tokenize(tokenizer, second, 128), pad_id=tokenizer.pad_token_id or 0)
-    reporter.end()
+@dataclass
+class Setting:
+    """What every student of a run shares: the teacher, its tokenizer, the training sentences, the teacher's
+    features over them (computed once, on first use) and the STS-B test pairs (up to 128 tokens each, whatever
+    length the students trained on)."""
 
-    reporter.stage("teacher on STS-B", total=None)
-    teacher_score = spearman_on(teacher, test_a, test_b, gold)
-    reporter.end()
-    total_layers = int(teacher.config.num_hidden_layers)
-    example = data.batch(torch.arange(min(4, len(data))))["inputs"]
-    plan = student_plan(config, total_layers)
-    # The teacher runs once over the training sentences; every student reads its features from the table.
-    every_pair = [p for entry in plan for p in feature_pairs(entry["layers"], total_layers, config)]
-    teacher_hooks = hook_names(teacher, every_pair, "teacher")
+    teacher: SentenceEncoder
+    tokenizer: Any
+    data: TextDataset
+    first: TextDataset
+    second: TextDataset
+    gold: torch.Tensor
+    hooks: list[str]
     table: FeatureTable | None = None
-    results: list[dict[str, Any]] = []
-    trained: dict[str, nn.Module] = {}
-    for entry in plan:
-        directory = output / "students" / entry["name"].replace(" ", "-")
-        done = directory / "history.json"
-        transformer, derivation = derive(teacher.transformer, layers=entry["layers"], init=entry["init"])
-        student = SentenceEncoder(transformer)
-        if resume and done.exists():
-            student = SentenceEncoder(hf.load_encoder(directory))
-            history = read_json(done)
-        else:
-            pairs = feature_pairs(derivation.layers, total_layers, config)
-            features = FeatureDistiller.build(pairs, student, teacher, example)
-            if table is None:
-                live = LocalTeacher(teacher, 0, capture=teacher_hooks, has_logits=False)
-                table = FeatureTable(live, data, batch_size=128, reporter=reporter)
-            result = train(
-                student,
-                data,
-                config.train.model_copy(update={"seed": config.seed}),
-                teacher=table,
-                loss=LossConfig(logits=False, features=pairs),
-                features=features,
-                checkpoint_dir=output / "checkpoints" / directory.name,
-                resume=resume,
-                reporter=reporter,
-                name=entry["name"],
-            )
-            history = result.history
-            student.save(directory, tokenizer)
-            done.write_text(json.dumps(history))
-        score = spearman_on(student, test_a, test_b, gold)
-        trained[entry["name"]] = student.eval()
-        results.append(
-            {
-                "name": entry["name"],
-                "layers": derivation.layers,
-                "init": entry["init"],
-                "main": entry["main"],
-                "spearman": score,
-                "retention": score / teacher_score,
-                "params": derivation.student_params,
-                "compression": derivation.compression,
-                "path": str(directory),
-                "history": history,
-            }
-        )
 
-    reporter.stage("speed", total=None)
-    batch_rows = test_a.batch(torch.arange(min(128, len(test_a))))["inputs"]
-    single = test_a.batch(torch.arange(1))["inputs"]
-    speed_models = {"teacher": teacher, **{r["name"]: trained[r["name"]] for r in results if r["main"]}}
-    speed = ev.measure_speed(speed_models, single, batch_rows, rounds=5, min_seconds=0.2)
-    reporter.end()
+    def features(self, context: RunContext) -> FeatureTable:
+        if self.table is None:
+            live = LocalTeacher(self.teacher, 0, capture=self.hooks, has_logits=False)
+            self.table = FeatureTable(live, self.data, batch_size=128, reporter=context.reporter)
+        return self.table
+
+    def spearman(self, model: nn.Module) -> float:
+        return spearman_on(model, self.first, self.second, self.gold)
+
+
+def _setting(config: StsbConfig, context: RunContext) -> Setting:
+    datasets = datasets_folder(config, context, "stsb")
+    tokenizer = hf.load_tokenizer(config.teacher, context.store)
+    teacher = SentenceEncoder(hf.load_encoder(config.teacher, context.store)).eval()
+    pad = tokenizer.pad_token_id or 0
+    first, second, gold = stsb_pairs(datasets)
+    data = TextDataset(tokenize(tokenizer, training_sentences(config, datasets), config.max_length), pad_id=pad)
+    total = int(teacher.config.num_hidden_layers)
+    every_pair = [p for entry in student_plan(config, total) for p in feature_pairs(entry["layers"], total, config)]
+    return Setting(
+        teacher, tokenizer, data, TextDataset(tokenize(tokenizer, first, 128), pad_id=pad),
+        TextDataset(tokenize(tokenizer, second, 128), pad_id=pad), gold, hook_names(teacher, every_pair, "teacher"),
+    )  # fmt: skip
+
+
+def _student(entry: dict[str, Any], setting: Setting, config: StsbConfig, context: RunContext) -> dict[str, Any]:
+    """One derived student trained on the teacher's features (or loaded when a resumed run finished it), scored."""
+    directory = context.output / "students" / entry["name"].replace(" ", "-")
+    total = int(setting.teacher.config.num_hidden_layers)
+    transformer, derivation = derive(setting.teacher.transformer, layers=entry["layers"], init=entry["init"])
+
+    def fit() -> tuple[nn.Module, dict[str, Any]]:
+        student = SentenceEncoder(transformer)
+        pairs = feature_pairs(derivation.layers, total, config)
+        example = setting.data.batch(torch.arange(min(4, len(setting.data))))["inputs"]
+        result = train(
+            student,
+            setting.data,
+            config.train.model_copy(update={"seed": config.seed}),
+            teacher=setting.features(context),
+            loss=LossConfig(logits=False, features=pairs),
+            features=FeatureDistiller.build(pairs, student, setting.teacher, example),
+            checkpoint_dir=context.output / "checkpoints" / directory.name,
+            resume=context.resume,
+            reporter=context.reporter,
+            name=entry["name"],
+        )
+        return student, {"history": result.history, "seconds": result.seconds}
+
+    student, record = train_or_resume(
+        directory, resume=context.resume, train=fit, save=lambda m, d: m.save(d, setting.tokenizer),  # type: ignore[operator]
+        load=lambda d: SentenceEncoder(hf.load_encoder(d)),
+    )  # fmt: skip
+    score = setting.spearman(student.eval())
+    return {
+        "name": entry["name"], "layers": derivation.layers, "init": entry["init"], "main": entry["main"],
+        "spearman": score, "params": derivation.student_params, "compression": derivation.compression,
+        "path": str(directory), "history": record["history"], "model": student,
+    }  # fmt: skip
+
+
+def _timed(setting: Setting, results: list[dict[str, Any]], context: RunContext) -> dict[str, Any]:
+    """The teacher and the main students encoding the same sentences, side by side; their speed figures."""
+    context.reporter.stage("speed", total=None)
+    batch = setting.first.batch(torch.arange(min(128, len(setting.first))))["inputs"]
+    single = setting.first.batch(torch.arange(1))["inputs"]
+    timed = {"teacher": setting.teacher, **{r["name"]: r["model"] for r in results if r["main"]}}
+    speed = evaluate.measure_speed(timed, single, batch, rounds=5, min_seconds=0.2)
+    context.reporter.end()
     for r in results:
         if r["name"] in speed:
-            r["latency_ms"] = speed[r["name"]].latency_ms
-            r["throughput"] = speed[r["name"]].throughput
+            r.update(latency_ms=speed[r["name"]].latency_ms, throughput=speed[r["name"]].throughput)
             r["speedup"] = speed[r["name"]].throughput / speed["teacher"].throughput
-    metrics = {
+    return speed
+
+
+def run(config: StsbConfig, context: RunContext) -> dict[str, Any]:
+    """Every student of the plan trained and scored against the teacher; the metrics."""
+    context.reporter.stage("data", total=None)
+    setting = _setting(config, context)
+    context.reporter.end()
+    context.reporter.stage("teacher on STS-B", total=None)
+    teacher_score = setting.spearman(setting.teacher)
+    context.reporter.end()
+    total = int(setting.teacher.config.num_hidden_layers)
+    results = [_student(entry, setting, config, context) for entry in student_plan(config, total)]
+    speed = _timed(setting, results, context)
+    for r in results:
+        r["retention"] = r["spearman"] / teacher_score
+        del r["model"]
+    teacher = {"name": config.teacher, "spearman": teacher_score, "params": count_parameters(setting.teacher),
+               "layers": total, "latency_ms": speed["teacher"].latency_ms, "throughput": speed["teacher"].throughput}  # fmt: skip
+    return {
         "recipe": "stsb",
         "description": (
-            f"STS-B test ({len(gold)} pairs, Spearman of cosine similarity); students trained on "
-            f"{len(data)} unlabeled sentences; teacher {config.teacher}"
+            f"STS-B test ({len(setting.gold)} pairs, Spearman of cosine similarity); students trained on "
+            f"{len(setting.data)} unlabeled sentences; teacher {config.teacher}"
         ),
-        "teacher": {
-            "name": config.teacher,
-            "spearman": teacher_score,
-            "params": count_parameters(teacher),
-            "layers": total_layers,
-            "latency_ms": speed["teacher"].latency_ms,
-            "throughput": speed["teacher"].throughput,
-        },
+        "teacher": teacher,
         "students": results,
-        "train_sentences": len(data),
-        "seconds": time.perf_counter() - started,
+        "train_sentences": len(setting.data),
+        "embedding_weight": config.embedding_weight,
+        "hidden_weight": config.hidden_weight,
     }
-    return metrics
+
+
+HEADER = ["model", "teacher layers kept", "init", "STS-B Spearman", "retention", "parameters", "compression",
+          "sentences/s (batch 128)", "latency ms (batch 1)"]  # fmt: skip
+
+
+def _rows(teacher: dict[str, Any], students: list[dict[str, Any]]) -> list[list[str]]:
+    rows = [
+        [
+            "teacher",
+            f"all {teacher['layers']}",
+            "pretrained",
+            num(teacher["spearman"], 4),
+            "100.0 %",
+            count(teacher["params"]),
+            "1.0x",
+            count(round(teacher["throughput"])),
+            num(teacher["latency_ms"], 1),
+        ]
+    ]
+    for s in students:
+        rows.append(
+            [
+                s["name"],
+                ", ".join(map(str, s["layers"])),
+                s["init"],
+                num(s["spearman"], 4),
+                pct(s["retention"]),
+                count(s["params"]),
+                ratio(s["compression"]),
+                count(round(s["throughput"])) if s.get("throughput") else "–",
+                num(s.get("latency_ms"), 1) if s.get("latency_ms") else "–",
+            ]
+        )
+    return rows
+
+
+def _summary(teacher: dict[str, Any], students: list[dict[str, Any]]) -> list[str]:
+    main = [s for s in students if s["main"]]
+    summary = [
+        f"The {s['name']} student keeps **{pct(s['retention'])}** of the teacher's Spearman "
+        f"({num(s['spearman'], 4)} vs {num(teacher['spearman'], 4)}) and encodes **{ratio(s.get('speedup'))}** as many "
+        "sentences per second on this CPU."
+        for s in main
+    ]
+    three = [s for s in students if len(s["layers"]) == 3 and s["init"] == "teacher"]
+    if len(three) > 1:
+        best = max(three, key=lambda s: s["spearman"])
+        worst = min(three, key=lambda s: s["spearman"])
+        summary.append(
+            f"Which layers a 3-layer student keeps matters: layers {', '.join(map(str, best['layers']))} reach "
+            f"{pct(best['retention'])} retention, layers {', '.join(map(str, worst['layers']))} "
+            f"{pct(worst['retention'])}, from the same teacher with the same training."
+        )
+    for s in students:
+        if s["init"] == "random":
+            summary.append(
+                f"Without the teacher's weights (random initialisation, same training) a {len(s['layers'])}-layer "
+                f"student reaches {pct(s['retention'])}: the DistilBERT initialisation does much of the work."
+            )
+    return summary
+
+
+def report(metrics: dict[str, Any]) -> Report:
+    """The STS-B report: teacher vs students, what the kept layers and the initialisation do, the speed."""
+    teacher, students = metrics["teacher"], metrics["students"]
+    notes = [
+        "Loss per student: cosine distance between student and teacher sentence embeddings (weight "
+        f"{metrics.get('embedding_weight', 1.0)}) plus, per student layer i, MSE to teacher layer (i + 1) L / n - 1 "
+        f"(weight {metrics.get('hidden_weight', 1.0)}); terms per epoch are in metrics.json.",
+        "Speed: teacher and students timed side by side on the same STS-B sentences (interleaved rounds, median).",
+        f"Whole run: {seconds(metrics.get('seconds'))}.",
+    ]
+    return Report(
+        title="distill report: stsb",
+        description=metrics["description"],
+        summary=_summary(teacher, students),
+        tables=[Table("Teacher vs students (STS-B test)", HEADER, _rows(teacher, students))],
+        notes=notes,
+        images={
+            **learning_curves({s["name"]: s["history"] for s in students}, "loss"),
+            "accuracy_vs_params.png": plots.accuracy_vs_size(
+                [{"name": "teacher", "params": teacher["params"], "accuracy": teacher["spearman"]}]
+                + [{"name": s["name"], "params": s["params"], "accuracy": s["spearman"]} for s in students],
+                ylabel="STS-B Spearman x 100",
+            ),
+        },
+    )
+
+
+RECIPE = Recipe(
+    name="stsb",
+    summary="sentence embeddings: all-MiniLM-L6-v2 distilled into students derived from its layers, scored on STS-B",
+    config=StsbConfig,
+    run=run,
+    report=report,
+    flags={
+        "teacher": "teacher",
+        "sample_size": "sample_size",
+        "data_dir": "data_dir",
+        "epochs": "train.epochs",
+        "seed": "seed",
+    },  # fmt: skip
+    needs_datasets=lambda config: True,
+)

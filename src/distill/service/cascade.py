@@ -142,7 +142,7 @@ def validation_inputs(
     if job["kind"] == "recipe" and job["config"].get("recipe", "mnist1d") == "mnist1d":
         from distill.recipes.mnist1d import transfer_inputs
 
-        signals = transfer_inputs(size, VALIDATION_SEED, settings.cache_dir)
+        signals = transfer_inputs(size, VALIDATION_SEED, settings.store_dir)
         return torch.from_numpy(signals), f"{size} generated MNIST-1D signals"
     raise ServiceError(422, "validation: give an uploaded file of inputs (file-...) for this job", param="validation")
 

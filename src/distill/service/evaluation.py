@@ -11,12 +11,29 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
 from distill import evaluate as ev
 from distill import models, report
+from distill.config import Strict
 from distill.data import dataset_from_file
 from distill.errors import ShapeMismatchError
 from distill.progress import Reporter
-from distill.service.kinds import EvaluateJobConfig
+
+
+class EvaluateJobConfig(Strict):
+    """Score a saved MLP/CNN (and optionally its teacher) on a labeled CSV/TSV/NPZ file."""
+
+    student: str = Field(
+        max_length=1_000, description="the model to score: a finished job's model (job-... or job-.../NAME)"
+    )
+    teacher: str | None = Field(
+        None, max_length=1_000, description="a teacher to compare with (agreement, KL), same refs"
+    )
+    data: Path = Field(description="labeled rows: CSV/TSV with a label column or NPZ (file-...)")
+    label_column: str = Field("label", max_length=1_000)
+    features_key: str = Field("x", max_length=1_000)
+    labels_key: str = Field("y", max_length=1_000)
 
 
 def evaluate_saved(config: EvaluateJobConfig, output: Path, reporter: Reporter) -> dict[str, Any]:

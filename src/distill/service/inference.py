@@ -116,11 +116,14 @@ class LoadedModels:
                 ).one()
             job.update(kind=row.kind, config=json.loads(row.config))
             teachers = cascade.teacher_folders(self.settings, self.engine, job)
+            mode = cascade.ensemble_mode(job)  # the teacher the student was distilled from: its ensemble's combine
             return Served(
                 model_id,
                 int(deployment.created_at),
                 student=self._cached(str(found[0]), lambda: cascade.Classifier.load([found[0]])),
-                teacher=self._cached("|".join(map(str, teachers)), lambda: cascade.Classifier.load(teachers)),
+                teacher=self._cached(
+                    mode + "|" + "|".join(map(str, teachers)), lambda: cascade.Classifier.load(teachers, mode)
+                ),
                 threshold=deployment.threshold,
             )
         found = self.folder(model_id)

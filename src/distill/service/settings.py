@@ -5,7 +5,7 @@ The data directory holds everything a restart must find again:
     <data_dir>/distill.db        the SQLite store (unless a PostgreSQL URL is given)
     <data_dir>/files/<id><ext>   uploaded files
     <data_dir>/jobs/<id>/        each job's output folder (checkpoints, models, report, metrics)
-    <data_dir>/cache/            generated data sets and extracted models, shared by the jobs
+    <data_dir>/store/            generated data sets and extracted or fine-tuned models, shared by the jobs
 """
 
 from __future__ import annotations
@@ -88,8 +88,8 @@ class Settings:
         return self.data_dir / "jobs"
 
     @property
-    def cache_dir(self) -> Path:
-        return self.data_dir / "cache"
+    def store_dir(self) -> Path:
+        return self.data_dir / "store"
 
     @property
     def url(self) -> str:
@@ -100,12 +100,12 @@ class Settings:
 
     def redact(self, message: str) -> str:
         """`message` without the server's paths: an uploaded file's path becomes its id (`file-...`), a job's output
-        folder its id (`job-.../student/...`), the cache and the data directory a name in angle brackets."""
+        folder its id (`job-.../student/...`), the store and the data directory a name in angle brackets."""
         for base in {str(self.data_dir), str(self.data_dir.resolve())}:
             files, jobs = re.escape(str(Path(base) / "files")), re.escape(str(Path(base) / "jobs"))
             message = re.sub(files + r"/(file-[0-9a-f]{24})\.[a-z]+", r"\1", message)
             message = re.sub(jobs + r"/(job-[0-9a-f]{24})(?:/output)?", r"\1", message)
-            message = message.replace(str(Path(base) / "cache"), "<cache>").replace(base, "<data directory>")
+            message = message.replace(str(Path(base) / "store"), "<store>").replace(base, "<data directory>")
         if self.datasets_dir is not None:
             for base in {str(self.datasets_dir), str(self.datasets_dir.resolve())}:
                 message = message.replace(base, "<datasets>")
@@ -113,7 +113,7 @@ class Settings:
 
     def prepare(self) -> Settings:
         """Create the data directory's folders; return self."""
-        for folder in (self.data_dir, self.files_dir, self.jobs_dir, self.cache_dir):
+        for folder in (self.data_dir, self.files_dir, self.jobs_dir, self.store_dir):
             folder.mkdir(parents=True, exist_ok=True)
         return self
 

@@ -37,6 +37,7 @@ from distill.service.errors import ServiceError
 from distill.service.refs import Resolver, job_output
 from distill.service.reporter import JobReporter, LeaseState
 from distill.service.settings import Settings
+from distill.stages import RunContext
 
 log = logging.getLogger("distill.worker")
 INTERNAL = ("checkpoints", "cache")  # output folders that are a run's working state, not its results
@@ -154,7 +155,8 @@ class Worker:
             if resume:
                 reporter.event("resumed", attempt=claim.attempt, message="continuing from the last checkpoints")
             output.mkdir(parents=True, exist_ok=True)
-            metrics = kinds.run(claim.kind, config, kinds.Run(output, settings, resume, reporter))
+            context = RunContext(output, resume, reporter, settings.store_dir, settings.datasets_dir)
+            metrics = kinds.run(claim.kind, config, context, settings)
         except Cancelled:
             reporter.flush()
             if state.lost:

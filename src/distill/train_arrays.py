@@ -1,7 +1,7 @@
 """`distill train --config FILE.yaml`: a user's own arrays (CSV/TSV/NPZ) with the built-in model families.
 
-With one or more saved teachers it runs the same pipeline as the built-in recipes (student alone, student distilled,
-report); without a teacher it trains a plain supervised model, which can then teach another run.
+With one or more saved teachers it runs the classification pipeline of the built-in recipes (student alone, student
+distilled, report); without a teacher it trains a plain supervised model, which can then teach another run.
 """
 
 from __future__ import annotations
@@ -9,22 +9,68 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import Field, model_validator
 
-from distill import evaluate as ev
-from distill import models, report
-from distill.config import TrainJobConfig, dump
+from distill import evaluate, models, report
+from distill.classify import Problem, run_classification
+from distill.config import Classes, Length, LossConfig, ModelSpec, Strict, TrainConfig, dump
 from distill.data import ArrayDataset, check_labels, dataset_from_file, infer_num_classes
 from distill.errors import DataError, ShapeMismatchError
-from distill.progress import NULL, Reporter
-from distill.recipes.classify import Problem, finish, run_classification
+from distill.stages import RunContext
 from distill.train import train
 
 
+class DataSpec(Strict):
+    """A user's arrays: CSV/TSV with a header (features + a label column) or NPZ (features + labels arrays)."""
+
+    train: Path
+    test: Path | None = None
+    transfer: Path | None = Field(None, description="unlabeled inputs for the teacher to label (label column optional)")
+    label_column: str = Field("label", max_length=1_000)
+    features_key: str = Field("x", max_length=1_000)
+    labels_key: str = Field("y", max_length=1_000)
+    num_classes: Classes | None = None
+    test_fraction: Annotated[float, Field(gt=0, lt=1)] = Field(
+        0.2, description="held out from train when no test file is given"
+    )
+    input_shape: list[Length] | None = Field(
+        None, min_length=1, max_length=4, description="reshape flat features, e.g. [8, 8] for a 2-D CNN"
+    )
+
+
+class ArraysJobConfig(Strict):
+    """`distill train --config FILE.yaml`: train a built-in student, distilled from a saved teacher if one is given.
+
+    Without `teacher` this trains a plain supervised model (which can then be the teacher of another run).
+    """
+
+    data: DataSpec
+    student: ModelSpec = ModelSpec()
+    teacher: list[Path] = Field(
+        default_factory=list, max_length=32, description="saved model directories; several = ensemble"
+    )
+    ensemble: Literal["mean", "geometric"] = "mean"
+    loss: LossConfig = LossConfig()
+    train: TrainConfig = TrainConfig()
+    compare_alone: bool = Field(True, description="also train the same student without a teacher, for the report")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _teacher_as_list(cls, values: Any) -> Any:
+        if isinstance(values, dict) and "teacher" in values:
+            teacher = values["teacher"]
+            if teacher is None:
+                values = {**values, "teacher": []}
+            elif isinstance(teacher, (str, Path)):
+                values = {**values, "teacher": [teacher]}
+        return values
+
+
 def _load_data(
-    config: TrainJobConfig, num_classes: int | None
+    config: ArraysJobConfig, num_classes: int | None
 ) -> tuple[ArrayDataset, ArrayDataset, ArrayDataset | None, int]:
     spec = config.data
     shape = tuple(spec.input_shape) if spec.input_shape else None
@@ -76,11 +122,10 @@ def _split(data: ArrayDataset, fraction: float, seed: int, path: Path) -> tuple[
     return test_set, train_set
 
 
-def run_train_job(
-    config: TrainJobConfig, output: Path, *, resume: bool = False, reporter: Reporter = NULL
-) -> dict[str, Any]:
-    """Run the job and write its outputs into `output`; return the metrics."""
+def run_train_arrays(config: ArraysJobConfig, context: RunContext) -> dict[str, Any]:
+    """Run the job into `context.output` (metrics.json, the report, the model or the student); return the metrics."""
     started = time.perf_counter()
+    output = context.output
     output.mkdir(parents=True, exist_ok=True)
     teacher_classes = None
     teacher_shape = None
@@ -96,7 +141,7 @@ def run_train_job(
             "set data.input_shape"
         )
     if not config.teacher:
-        metrics = _supervised(config, train_set, test_set, classes, output, resume, reporter)
+        metrics = _supervised(config, train_set, test_set, classes, context)
     else:
         problem = Problem(
             name="train",
@@ -112,90 +157,72 @@ def run_train_job(
             student=config.student,
             teacher_train=config.train,
             student_train=config.train,
-            alone_batch_size=config.train.batch_size,
             loss=config.loss,
-            pretrained=list(config.teacher),
-        )
-        metrics = run_classification(
-            problem,
+            alone_batch_size=config.train.batch_size,
             teachers=len(config.teacher),
             ensemble=config.ensemble,
             seed=config.train.seed,
-            output=output,
-            resume=resume,
-            reporter=reporter,
+            pretrained=list(config.teacher),
         )
-        metrics["seconds"] = time.perf_counter() - started
-        finish(metrics, output, dump(config))
+        metrics = run_classification(problem, context)
+    metrics["seconds"] = time.perf_counter() - started
+    report.write(report_of(metrics), output, metrics)
+    (output / "config.yaml").write_text(dump(config))
     return metrics
 
 
 def _supervised(
-    config: TrainJobConfig,
-    train_set: ArrayDataset,
-    test_set: ArrayDataset,
-    classes: int,
-    output: Path,
-    resume: bool,
-    reporter: Reporter,
+    config: ArraysJobConfig, train_set: ArrayDataset, test_set: ArrayDataset, classes: int, context: RunContext
 ) -> dict[str, Any]:
-    started = time.perf_counter()
+    """A plain model trained on the labels alone (no teacher), saved to `output/model`, scored and reported."""
+    output = context.output
     torch.manual_seed(config.train.seed)
     model = models.build(config.student, train_set.input_shape, classes)
     result = train(
         model,
         train_set,
         config.train,
-        evaluate=lambda m: {"test_accuracy": ev.accuracy(ev.predict(m, test_set.inputs), test_set.labels)},
+        evaluate=lambda m: {"test_accuracy": evaluate.accuracy(evaluate.predict(m, test_set.inputs), test_set.labels)},
         checkpoint_dir=output / "checkpoints" / "model",
-        resume=resume,
-        reporter=reporter,
+        resume=context.resume,
+        reporter=context.reporter,
         name="model",
     )
     weights = models.save(result.model, output / "model", config.student, train_set.input_shape, classes)
-    logits = ev.predict(result.model, test_set.inputs)
-    speed = ev.measure_speed({"model": result.model}, *ev.example_inputs(test_set.inputs[0]))["model"]
-    reliability = ev.calibration(logits, test_set.labels)
+    logits = evaluate.predict(result.model, test_set.inputs)
+    speed = evaluate.measure_speed({"model": result.model}, *evaluate.example_inputs(test_set.inputs[0]))["model"]
     metrics: dict[str, Any] = {
         "recipe": "train",
         "description": f"{config.data.train.name}: {len(train_set)} training rows, {len(test_set)} test rows",
         "model": {
-            "accuracy": ev.accuracy(logits, test_set.labels),
+            "accuracy": evaluate.accuracy(logits, test_set.labels),
             "params": models.count_parameters(result.model),
             "size_bytes": weights.stat().st_size,
             "latency_ms": speed.latency_ms,
             "throughput": speed.throughput,
-            "ece": reliability.ece,
+            "ece": evaluate.calibration(logits, test_set.labels).ece,
             "train_seconds": result.seconds,
             "path": str(output / "model"),
+            "family": config.student.family,
         },
         "history": {"model": result.history},
-        "seconds": time.perf_counter() - started,
     }
-    m = metrics["model"]
-    table = report.Table(
-        "Model",
-        ["model", "test accuracy", "parameters", "size", "latency ms (batch 1)", "rows/s (batch 256)", "ECE"],
-        [
-            [
-                config.student.family,
-                report.pct(m["accuracy"]),
-                report.count(m["params"]),
-                report.size(m["size_bytes"]),
-                report.num(m["latency_ms"]),
-                report.count(round(m["throughput"])),
-                report.pct(m["ece"]),
-            ]
-        ],
-    )
-    rendered = report.Report(
-        title="distill report: supervised training",
-        description=metrics["description"],
-        summary=[f"Saved to {output / 'model'}; use it as a teacher with `teacher: {output / 'model'}`."],
-        tables=[table],
-        images={"learning_curves.png": report.plots.learning_curves(metrics["history"])},
-    )
-    report.write(rendered, output, metrics)
-    (output / "config.yaml").write_text(dump(config))
     (output / "history.json").write_text(json.dumps(result.history))
     return metrics
+
+
+def report_of(metrics: dict[str, Any]) -> report.Report:
+    """The report of a `distill train` run: the classification report with a teacher, else the trained model's."""
+    if "model" not in metrics:
+        return report.classification_report(metrics)
+    m, saved = metrics["model"], metrics["model"]["path"]
+    header = ["model", "test accuracy", "parameters", "size", "latency ms (batch 1)", "rows/s (batch 256)", "ECE"]
+    row = [m.get("family", "model"), report.pct(m["accuracy"]), report.count(m["params"]), report.size(m["size_bytes"]),
+           report.num(m["latency_ms"]), report.count(round(m["throughput"])), report.pct(m["ece"])]  # fmt: skip
+    return report.Report(
+        title="distill report: supervised training",
+        description=metrics["description"],
+        summary=[f"Saved to {saved}; use it as a teacher with `teacher: {saved}`."],
+        tables=[report.Table("Model", header, [row])],
+        images={"learning_curves.png": report.plots.learning_curves(metrics["history"])},
+    )

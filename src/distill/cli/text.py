@@ -1,6 +1,6 @@
 """`distill serve`, `distill generate` and `distill traces`: the black-box side of the command line.
 
-Registered on the main app by `distill.cli`; like every command, each one parses its options and makes one library
+like every command, each one parses its options and makes one library
 call. The teacher API key is read here, from the environment variable named by `--api-key-env`, never from a file.
 Every number an option takes is bounded (and a float must be finite), with the bounds of `distill.config` where it
 has one: a value out of range ends the command with one line `error: Invalid value for '--option': ...` and exit
@@ -20,8 +20,11 @@ from typing import Optional
 import typer
 
 from distill import config as cfg
-from distill.cli import RichReporter, app, err, out
+from distill.cli.app import RichReporter, app, checked_options, err, given, option_help, out
 from distill.errors import DistillError
+
+GEN = cfg.GenerateOptions
+
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 MiB = 1024 * 1024
@@ -100,70 +103,43 @@ def generate(
     base_url: str = typer.Option("http://127.0.0.1:8000/v1", help="The teacher's OpenAI-compatible endpoint."),
     model: str = typer.Option(..., help="The teacher model's id at that endpoint."),
     api_key_env: str = typer.Option("OPENAI_API_KEY", help="Environment variable holding the API key (if any)."),
-    n: int = typer.Option(1, min=1, max=128, help="Samples per prompt."),
-    temperature: float = typer.Option(1.0, callback=between(0, 2), help="Sampling temperature (0 = greedy)."),
-    top_p: float = typer.Option(1.0, callback=between(0, 1, above=True), help="Nucleus sampling mass."),
-    max_tokens: Optional[int] = typer.Option(None, min=1, max=cfg.MAX_LENGTH, help="Tokens per answer at most."),
-    stop: list[str] = typer.Option([], help="Stop string (repeatable)."),
-    seed: Optional[int] = typer.Option(
-        None, min=0, max=cfg.MAX_SEED, help="Seed sent to the server (sample i uses seed + i)."
+    n: Optional[int] = typer.Option(None, help=option_help(GEN, "n")),
+    temperature: Optional[float] = typer.Option(None, help=option_help(GEN, "temperature")),
+    top_p: Optional[float] = typer.Option(None, help=option_help(GEN, "top_p")),
+    max_tokens: Optional[int] = typer.Option(None, help=option_help(GEN, "max_tokens")),
+    stop: list[str] = typer.Option([], help=option_help(GEN, "stop", "a stop string (repeatable, up to 4)")),
+    seed: Optional[int] = typer.Option(None, help=option_help(GEN, "seed")),
+    top_logprobs: Optional[int] = typer.Option(None, help=option_help(GEN, "top_logprobs")),
+    cot: bool = typer.Option(False, "--cot", help=option_help(GEN, "cot")),
+    template: Optional[str] = typer.Option(
+        None, help=option_help(GEN, "template", "a prompt template with {question} (overrides --cot's)")
     ),
-    top_logprobs: Optional[int] = typer.Option(
-        None,
-        min=0,
-        max=20,
-        help="Keep the sampled tokens' log-probs (0) and the top K alternatives (K > 0), when served.",
-    ),
-    cot: bool = typer.Option(False, "--cot", help="Ask for step-by-step reasoning ending in '#### <answer>'."),
-    template: Optional[str] = typer.Option(None, help="A prompt template with {question} (overrides --cot's)."),
-    endpoint: str = typer.Option("chat", help="chat (messages) or completions (raw prompt)."),
-    concurrency: int = typer.Option(16, min=1, max=cfg.MAX_WORKERS, help="Requests in flight at most."),
-    timeout: float = typer.Option(
-        120.0, callback=between(0, 3600, above=True), help="Seconds a response may take before it is retried."
-    ),
-    max_retries: int = typer.Option(
-        6, min=0, max=20, help="Retries per request (429, 5xx, timeouts, malformed answers)."
-    ),
-    price_input: float = typer.Option(
-        0.0, callback=between(0, 1e6), help="Price per million prompt tokens, for the cost figure."
-    ),
-    price_output: float = typer.Option(
-        0.0, callback=between(0, 1e6), help="Price per million completion tokens, for the cost figure."
-    ),
-    limit: Optional[int] = typer.Option(None, min=0, max=cfg.MAX_ROWS, help="Only the first N prompts."),
+    endpoint: Optional[str] = typer.Option(None, help=option_help(GEN, "endpoint")),
+    concurrency: Optional[int] = typer.Option(None, help=option_help(GEN, "concurrency")),
+    timeout: Optional[float] = typer.Option(None, help=option_help(GEN, "timeout")),
+    max_retries: Optional[int] = typer.Option(None, help=option_help(GEN, "max_retries")),
+    price_input: Optional[float] = typer.Option(None, help=option_help(GEN, "price_input")),
+    price_output: Optional[float] = typer.Option(None, help=option_help(GEN, "price_output")),
+    limit: Optional[int] = typer.Option(None, help=option_help(GEN, "limit")),
 ) -> None:
     """Ask a teacher behind an OpenAI-compatible API for answers and keep them as training data.
 
     Every answer is appended as soon as it arrives, under an id that hashes the prompt, model, sampling settings
     and sample index: a killed run, run again, asks only for what is missing. With --cot, follow with
-    `distill traces` to keep only the traces whose final answer verifies.
+    `distill traces` to keep only the traces whose final answer verifies. The options' defaults and bounds are
+    those of the service's generate jobs (`distill.config.GenerateOptions`).
     """
-    from distill.generate.cot import DEFAULT_COT_TEMPLATE
-    from distill.generate.sample import SamplingParams, read_prompts
-    from distill.generate.sample import generate as run_generate
-    from distill.teachers.api import ApiTeacher, Prices
+    from distill.generate.sample import generate_with, read_prompts
 
-    if endpoint not in ("chat", "completions"):
-        raise DistillError(f"--endpoint must be chat or completions, got {endpoint!r}")
-    client = ApiTeacher(
-        base_url.rstrip("/"),
-        model,
-        api_key=os.environ.get(api_key_env) or None,
-        concurrency=concurrency,
-        timeout=timeout,
-        max_retries=max_retries,
-        prices=Prices(input_per_million=price_input, output_per_million=price_output),
-    )
-    params = SamplingParams(
-        temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=tuple(stop), seed=seed,
-        top_logprobs=top_logprobs,
-    )  # fmt: skip
-    records = read_prompts(prompts, limit=limit)
+    options = checked_options(GEN, given(
+        n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop, seed=seed,
+        top_logprobs=top_logprobs, cot=cot or None, template=template, endpoint=endpoint, concurrency=concurrency,
+        timeout=timeout, max_retries=max_retries, price_input=price_input, price_output=price_output, limit=limit,
+    ))  # fmt: skip
+    records = read_prompts(prompts, limit=options.limit)
     with RichReporter(err) as reporter:
-        summary = run_generate(
-            records, client, output, n, params, reporter,
-            template=template or (DEFAULT_COT_TEMPLATE if cot else None), endpoint=endpoint,  # type: ignore[arg-type]
-        )  # fmt: skip
+        summary = generate_with(options, records, base_url.rstrip("/"), model, os.environ.get(api_key_env) or None,
+                                output, reporter)  # fmt: skip
     out.print_json(json.dumps({**asdict(summary), "rate": summary.rate}, default=str))
 
 

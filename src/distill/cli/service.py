@@ -1,6 +1,6 @@
 """`distill service` (the REST API), `distill service keys ...` and `distill worker`: distillation as a service.
 
-Registered on the main app by `distill.cli`. These commands read the environment (`DATABASE_URL` for PostgreSQL,
+These commands read the environment (`DATABASE_URL` for PostgreSQL,
 `DISTILL_TEACHERS` for the endpoints `generate` jobs may call) and build the service's `Settings` from it.
 """
 
@@ -14,7 +14,7 @@ from typing import Any, Optional
 import typer
 
 from distill.asgi import ServeLimits
-from distill.cli import app, out
+from distill.cli.app import app, out
 from distill.errors import DistillError
 from distill.service import settings as service_settings
 

@@ -1,0 +1,5 @@
+"""`python -m distill.cli`: the `distill` command."""
+
+from distill.cli import main
+
+main()

@@ -1,0 +1,59 @@
+"""Small language models built from scratch on local text: a byte-level BPE tokenizer trained on the texts and a
+GPT-2 of a given size over it (the CPU recipes' teachers and students), and what their folders weigh."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from distill.lm_data import LMDataset
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, directory: Path) -> Any:
+    """A byte-level BPE tokenizer trained on `texts` (the `tokenizers` library), saved in `directory`."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=["<|endoftext|>", "<pad>"])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer,
+        eos_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+        pad_token="<pad>",
+        unk_token="<|endoftext|>",
+    )
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+def gpt2(tokenizer: Any, size: dict[str, int], max_length: int, seed: int) -> nn.Module:
+    """A fresh GPT-2 of `size` (layers, width, heads) over `tokenizer`'s vocabulary, seeded."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=max_length + 8,
+        n_embd=size["width"],
+        n_layer=size["layers"],
+        n_head=size["heads"],
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(config)
+
+
+def weights_bytes(directory: Path) -> int:
+    """The bytes of a model folder's safetensors weights."""
+    return sum(p.stat().st_size for p in Path(directory).glob("*.safetensors"))
+
+
+def speed_inputs(data: LMDataset, rows: int = 16) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One example and a batch of `rows` examples of `data`, as model inputs (to time a model on)."""
+    index = torch.arange(min(rows, len(data)))
+    return data.batch(index[:1])["inputs"], data.batch(index)["inputs"]
