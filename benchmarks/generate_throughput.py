@@ -8,7 +8,7 @@ JSONL file; the benchmark reports
     ratio = achieved requests/s / (C / delay)        target >= 0.90 (headline: `generate` at client concurrency 2C)
 
 for the whole `generate` call (reading the output file, planning, writing every row included) and, as a reference,
-for bare `ApiTeacher.chat` calls gathered in one event loop. At client concurrency C each request's client-side time
+for bare `TeacherClient.chat` calls gathered in one event loop. At client concurrency C each request's client-side time
 adds to its server slot's cycle; at 2C requests wait at the server, which hides it. Each configuration runs
 `--rounds` times; the figures are medians. Also reported, to say where a gap comes from: the server's own count of
 requests in flight at once (C must be reached and not exceeded), the share of its C slots that were busy (near 1:
@@ -38,7 +38,7 @@ from rich.table import Table
 
 from _procstat import process_cpu
 from distill.generate import PromptRecord, generate
-from distill.teachers.api import ApiTeacher
+from distill.generate.client import TeacherClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from _fake_openai import FakeOpenAI, fake_openai  # noqa: E402
@@ -57,7 +57,7 @@ def event_loop() -> str:
 
 def run_generate(server: FakeOpenAI, prompts: list[PromptRecord], concurrency: int) -> tuple[float, int]:
     """Requests per second of one `generate` call into a fresh file, and the requests it made."""
-    client = ApiTeacher(server.url, "fake", concurrency=concurrency)
+    client = TeacherClient(server.url, "fake", concurrency=concurrency)
     with tempfile.TemporaryDirectory() as folder:
         start = time.perf_counter()
         summary = generate(prompts, client, Path(folder) / "out.jsonl")
@@ -68,8 +68,8 @@ def run_generate(server: FakeOpenAI, prompts: list[PromptRecord], concurrency: i
 
 
 def run_bare(server: FakeOpenAI, prompts: list[PromptRecord], concurrency: int) -> tuple[float, int]:
-    """Requests per second of bare `ApiTeacher.chat` calls, all gathered at once."""
-    client = ApiTeacher(server.url, "fake", concurrency=concurrency)
+    """Requests per second of bare `TeacherClient.chat` calls, all gathered at once."""
+    client = TeacherClient(server.url, "fake", concurrency=concurrency)
 
     async def main() -> int:
         try:

@@ -43,14 +43,14 @@ def main() -> None:
     args = parser.parse_args()
 
     config = Mnist1dConfig(transfer_size=args.transfer_size)
-    problem = mnist1d.problem(config, Path.home() / ".cache" / "distill")
-    transfer_inputs = problem.transfer.inputs if problem.transfer is not None else torch.zeros(0, 40)
-    kd_data = concat(problem.train, ArrayDataset(transfer_inputs, torch.full((len(transfer_inputs),), -100)))
+    task = mnist1d.task(config, Path.home() / ".cache" / "distill")
+    transfer_inputs = task.transfer.inputs if task.transfer is not None else torch.zeros(0, 40)
+    kd_data = concat(task.train, ArrayDataset(transfer_inputs, torch.full((len(transfer_inputs),), -100)))
     # For the plain epoch every row gets a label (the teacher's prediction stands in for the discarded one).
-    shape = problem.train.input_shape
+    shape = task.train.input_shape
     torch.manual_seed(0)
-    teacher_model = models.build(problem.teacher, shape, 10)
-    train(teacher_model, problem.train, problem.teacher_train.model_copy(update={"epochs": args.teacher_epochs}))
+    teacher_model = models.build(task.teacher, shape, 10)
+    train(teacher_model, task.train, task.teacher_train.model_copy(update={"epochs": args.teacher_epochs}))
     live = LocalTeacher(teacher_model, 10)
     with torch.no_grad():
         labels = torch.cat(
@@ -58,14 +58,14 @@ def main() -> None:
         )
     plain_data = ArrayDataset(kd_data.inputs, labels)
     workdir = Path(tempfile.mkdtemp())
-    loss = problem.loss
+    loss = task.loss
     cache = build_cache(live, kd_data, workdir / "cache", teacher_id="bench", data_id=kd_data.fingerprint())
     cached = cache.at_temperature(loss.temperature)  # as the recipes use it
-    epoch = problem.student_train.model_copy(update={"epochs": 1, "checkpoint_every": 0})
+    epoch = task.student_train.model_copy(update={"epochs": 1, "checkpoint_every": 0})
 
     def student() -> torch.nn.Module:
         torch.manual_seed(1)
-        return models.build(problem.student, shape, 10)
+        return models.build(task.student, shape, 10)
 
     def plain() -> float:
         return train(student(), plain_data, epoch).seconds

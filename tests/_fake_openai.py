@@ -1,7 +1,7 @@
 """A fault-injecting OpenAI-compatible server for tests and benchmarks, served by uvicorn in a child process.
 
     with fake_openai(delay=0.05, max_concurrency=16) as server:
-        teacher = ApiTeacher(server.url, "fake")
+        teacher = TeacherClient(server.url, "fake")
         server.configure(faults=["429", "500"])   # the next two completion requests fail, then all succeed
         ...
         server.stats()["requests"]
@@ -270,7 +270,7 @@ def main() -> None:
 
 
 class FakeOpenAI:
-    """A running fake server: `url` ends in /v1, ready for `ApiTeacher(base_url=url, ...)`."""
+    """A running fake server: `url` ends in /v1, ready for `TeacherClient(base_url=url, ...)`."""
 
     def __init__(self, process: subprocess.Popen[bytes], port: int):
         self.process = process

@@ -11,12 +11,12 @@ import torch
 from distill.config import LossConfig, TrainConfig
 from distill.errors import DataError, DistillError
 from distill.generate import PromptRecord, generate
-from distill.generate.sample import SamplingParams
+from distill.generate.answers import RequestParams
+from distill.generate.client import TeacherClient
 from distill.lm import lm_terms
 from distill.lm_data import read_examples, tokenize_examples
 from distill.losses import LOSSES
 from distill.serve import serve_in_thread
-from distill.teachers.api import ApiTeacher
 from distill.teachers.api_logprobs import VocabularyText, cache_from_generated, token_pieces
 from distill.teachers.token_cache import TokenCache, verify_token_cache
 from distill.train import loss_terms
@@ -54,10 +54,10 @@ def generated(tmp_path, model_dir, top_logprobs=5, temperature=0.5):
     with serve_in_thread(model_dir, model_name="tiny") as base_url:
         summary = generate(
             [PromptRecord(prompt=p) for p in PROMPTS],
-            ApiTeacher(base_url, "tiny"),
+            TeacherClient(base_url, "tiny"),
             out,
             n=2,
-            params=SamplingParams(temperature=temperature, max_tokens=10, seed=1, top_logprobs=top_logprobs),
+            params=RequestParams(temperature=temperature, max_tokens=10, seed=1, top_logprobs=top_logprobs),
             endpoint="completions",
         )
     assert summary.written == 2 * len(PROMPTS) and not summary.failed

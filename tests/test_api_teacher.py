@@ -1,4 +1,4 @@
-"""ApiTeacher against a real OpenAI-compatible server on loopback that injects faults (tests/_fake_openai.py)."""
+"""TeacherClient against a real OpenAI-compatible server on loopback that injects faults (tests/_fake_openai.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 
 from _fake_openai import fake_openai
 from distill.errors import DistillError
-from distill.teachers.api import ApiTeacher, Prices, TeacherApiError, _retry_after
+from distill.generate.client import Prices, TeacherClient, TeacherClientError, _retry_after
 
 USER = [{"role": "user", "content": "what is 2 + 3 ?"}]
 
@@ -27,7 +27,7 @@ def run(coroutine):
     return asyncio.run(coroutine)
 
 
-async def chat(teacher: ApiTeacher, **options):
+async def chat(teacher: TeacherClient, **options):
     try:
         return await teacher.chat(USER, **options)
     finally:
@@ -36,7 +36,7 @@ async def chat(teacher: ApiTeacher, **options):
 
 def test_chat_and_complete_return_text_logprobs_usage_and_cost(server):
     server.configure()
-    teacher = ApiTeacher(server.url, "fake", api_key="sk-test", prices=Prices(2.0, 10.0))
+    teacher = TeacherClient(server.url, "fake", api_key="sk-test", prices=Prices(2.0, 10.0))
     first = run(chat(teacher, n=2, top_logprobs=3, seed=7, max_tokens=50))
     assert len(first) == 2 and first[0].text != first[1].text
     assert first[0].text.endswith("#### 5") and first[0].finish_reason == "stop"
@@ -66,7 +66,7 @@ def test_chat_and_complete_return_text_logprobs_usage_and_cost(server):
 
 def test_429_waits_as_long_as_retry_after_says(server):
     server.configure(faults=["429", "429"], retry_after="0.4")
-    teacher = ApiTeacher(server.url, "fake", backoff=5.0)  # without Retry-After the waits would be >= 2.5 s + 5 s
+    teacher = TeacherClient(server.url, "fake", backoff=5.0)  # without Retry-After the waits would be >= 2.5 s + 5 s
     start = time.monotonic()
     assert run(chat(teacher))[0].text.endswith("#### 5")
     elapsed = time.monotonic() - start
@@ -87,14 +87,14 @@ def test_retry_after_forms():
 
 def test_server_errors_then_success(server):
     server.configure(faults=["500", "503", "502"])
-    teacher = ApiTeacher(server.url, "fake", backoff=0.01)
+    teacher = TeacherClient(server.url, "fake", backoff=0.01)
     assert run(chat(teacher))[0].text.endswith("#### 5")
     assert teacher.usage.retries == 3 and teacher.usage.requests == 1 and server.stats()["requests"] == 4
 
 
 def test_timeout_then_success(server):
     server.configure(faults=["hang"], hang=5.0)
-    teacher = ApiTeacher(server.url, "fake", timeout=0.5, backoff=0.01)
+    teacher = TeacherClient(server.url, "fake", timeout=0.5, backoff=0.01)
     start = time.monotonic()
     assert run(chat(teacher))[0].text.endswith("#### 5")
     assert time.monotonic() - start < 4.0
@@ -103,21 +103,21 @@ def test_timeout_then_success(server):
 
 def test_malformed_bodies_are_retried_a_limited_number_of_times(server):
     server.configure(faults=["malformed", "missing"])
-    teacher = ApiTeacher(server.url, "fake", backoff=0.01, max_malformed=2)
+    teacher = TeacherClient(server.url, "fake", backoff=0.01, max_malformed=2)
     assert run(chat(teacher))[0].text.endswith("#### 5")
     assert teacher.usage.retries == 2
 
     server.configure(faults=["malformed", "missing", "malformed", "ok"])
-    teacher = ApiTeacher(server.url, "fake", backoff=0.01, max_malformed=2, max_retries=10)
-    with pytest.raises(TeacherApiError, match="after 3 attempts.*malformed response body"):
+    teacher = TeacherClient(server.url, "fake", backoff=0.01, max_malformed=2, max_retries=10)
+    with pytest.raises(TeacherClientError, match="after 3 attempts.*malformed response body"):
         run(chat(teacher))
     assert server.stats()["requests"] == 3
 
 
 def test_gives_up_after_max_retries_with_a_clear_error(server):
     server.configure(faults=["500"] * 10)
-    teacher = ApiTeacher(server.url, "fake", max_retries=3, backoff=0.01)
-    with pytest.raises(TeacherApiError, match=r"chat/completions failed after 4 attempts; last error: HTTP 500"):
+    teacher = TeacherClient(server.url, "fake", max_retries=3, backoff=0.01)
+    with pytest.raises(TeacherClientError, match=r"chat/completions failed after 4 attempts; last error: HTTP 500"):
         run(chat(teacher))
     assert server.stats()["requests"] == 4
     assert teacher.usage.failures == 1 and teacher.usage.retries == 3 and teacher.usage.requests == 0
@@ -125,8 +125,8 @@ def test_gives_up_after_max_retries_with_a_clear_error(server):
 
 def test_client_errors_are_not_retried(server):
     server.configure(faults=["401"])
-    teacher = ApiTeacher(server.url, "fake", backoff=0.01)
-    with pytest.raises(TeacherApiError, match="HTTP 401 \\(check the API key\\): fake error 401") as caught:
+    teacher = TeacherClient(server.url, "fake", backoff=0.01)
+    with pytest.raises(TeacherClientError, match="HTTP 401 \\(check the API key\\): fake error 401") as caught:
         run(chat(teacher))
     assert not caught.value.retryable and caught.value.status == 401
     assert server.stats()["requests"] == 1
@@ -136,20 +136,20 @@ def test_connection_errors_are_retried_then_reported():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]  # closed again below: nothing listens there
-    teacher = ApiTeacher(f"http://127.0.0.1:{port}/v1", "fake", max_retries=2, backoff=0.01)
-    with pytest.raises(TeacherApiError, match="after 3 attempts; last error: connection error"):
+    teacher = TeacherClient(f"http://127.0.0.1:{port}/v1", "fake", max_retries=2, backoff=0.01)
+    with pytest.raises(TeacherClientError, match="after 3 attempts; last error: connection error"):
         run(chat(teacher))
 
 
 def test_a_server_without_n_is_a_clear_error(server):
     server.configure(n_supported=False)
-    with pytest.raises(TeacherApiError, match="n=2 choices and got 1"):
-        run(chat(ApiTeacher(server.url, "fake"), n=2))
+    with pytest.raises(TeacherClientError, match="n=2 choices and got 1"):
+        run(chat(TeacherClient(server.url, "fake"), n=2))
 
 
 def test_concurrency_limit_is_respected(server):
     server.configure(delay=0.1)
-    teacher = ApiTeacher(server.url, "fake", concurrency=6)  # two connection pools: 4 + 2
+    teacher = TeacherClient(server.url, "fake", concurrency=6)  # two connection pools: 4 + 2
 
     async def many():
         try:
@@ -167,13 +167,13 @@ def test_concurrency_limit_is_respected(server):
 
 def test_a_client_outlives_its_event_loop(server):
     server.configure()
-    teacher = ApiTeacher(server.url, "fake")
+    teacher = TeacherClient(server.url, "fake")
     run(teacher.chat(USER))  # the loop ends without aclose: the next loop gets fresh connections
     assert run(chat(teacher))[0].text.endswith("#### 5")
 
 
 def test_bad_settings_are_refused():
     with pytest.raises(DistillError, match="http:// or https://"):
-        ApiTeacher("localhost:8000/v1", "m")
+        TeacherClient("localhost:8000/v1", "m")
     with pytest.raises(DistillError, match="concurrency"):
-        ApiTeacher("http://localhost:8000/v1", "m", concurrency=0)
+        TeacherClient("http://localhost:8000/v1", "m", concurrency=0)

@@ -16,10 +16,10 @@ import pytest
 
 from _fake_openai import fake_openai
 from distill.errors import DataError, DistillError
-from distill.generate import PromptRecord, SamplingParams, apply_template, generate, read_prompts
-from distill.generate.sample import read_done
+from distill.generate import PromptRecord, RequestParams, apply_template, generate, read_prompts
+from distill.generate.answers import read_done
+from distill.generate.client import Prices, TeacherClient, TeacherClientError
 from distill.progress import RecordingReporter
-from distill.teachers.api import ApiTeacher, Prices, TeacherApiError
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -38,8 +38,8 @@ def rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def teacher(server, **options) -> ApiTeacher:
-    return ApiTeacher(server.url, "fake", backoff=0.001, **options)
+def teacher(server, **options) -> TeacherClient:
+    return TeacherClient(server.url, "fake", backoff=0.001, **options)
 
 
 def test_read_prompts_accepts_prompts_gsm8k_and_conversations(tmp_path):
@@ -73,7 +73,7 @@ def test_writes_n_samples_per_prompt_and_a_rerun_asks_nothing(server, tmp_path):
     out = tmp_path / "out.jsonl"
     client = teacher(server, prices=Prices(1.0, 4.0), concurrency=4)
     reporter = RecordingReporter()
-    summary = generate(questions(20), client, out, n=3, params=SamplingParams(seed=1), reporter=reporter)
+    summary = generate(questions(20), client, out, n=3, params=RequestParams(seed=1), reporter=reporter)
     written = rows(out)
     assert summary.written == 60 and summary.skipped == 0 and summary.failed == 0 and summary.requests == 20
     assert len(written) == 60 and len({r["id"] for r in written}) == 60
@@ -87,12 +87,12 @@ def test_writes_n_samples_per_prompt_and_a_rerun_asks_nothing(server, tmp_path):
     assert summary.rate > 0 and reporter.stages == ["generate"]
 
     server.configure()
-    again = generate(questions(20), teacher(server), out, n=3, params=SamplingParams(seed=1))
+    again = generate(questions(20), teacher(server), out, n=3, params=RequestParams(seed=1))
     assert server.stats()["requests"] == 0
     assert again.written == 0 and again.skipped == 60 and rows(out) == written
 
     server.configure()
-    more = generate(questions(20), teacher(server), out, n=4, params=SamplingParams(seed=1))
+    more = generate(questions(20), teacher(server), out, n=4, params=RequestParams(seed=1))
     assert more.written == 20 and server.stats()["requests"] == 20  # only sample index 3 was missing
     assert {b["n"] for b in server.stats()["bodies"]} == {1} and {b["seed"] for b in server.stats()["bodies"]} == {4}
 
@@ -100,8 +100,8 @@ def test_writes_n_samples_per_prompt_and_a_rerun_asks_nothing(server, tmp_path):
 def test_other_sampling_parameters_make_other_samples(server, tmp_path):
     server.configure()
     out = tmp_path / "out.jsonl"
-    generate(questions(3), teacher(server), out, params=SamplingParams(temperature=0.7))
-    generate(questions(3), teacher(server), out, params=SamplingParams(temperature=0.8))
+    generate(questions(3), teacher(server), out, params=RequestParams(temperature=0.7))
+    generate(questions(3), teacher(server), out, params=RequestParams(temperature=0.8))
     assert len({r["id"] for r in rows(out)}) == 6
     repeated = generate(questions(3) * 2, teacher(server), tmp_path / "twice.jsonl")
     assert repeated.written == 3 and repeated.skipped == 3
@@ -110,7 +110,7 @@ def test_other_sampling_parameters_make_other_samples(server, tmp_path):
 def test_one_sample_per_request_with_seeds(server, tmp_path):
     server.configure()
     out = tmp_path / "out.jsonl"
-    summary = generate(questions(4), teacher(server), out, n=3, params=SamplingParams(seed=10), samples_per_request=1)
+    summary = generate(questions(4), teacher(server), out, n=3, params=RequestParams(seed=10), samples_per_request=1)
     assert summary.requests == 12
     bodies = server.stats()["bodies"]
     assert {b["n"] for b in bodies} == {1} and sorted({b["seed"] for b in bodies}) == [10, 11, 12]
@@ -141,11 +141,11 @@ def test_a_killed_run_resumes_and_completes(server, tmp_path):
         f"""
         import sys
         sys.path.insert(0, {str(SRC)!r})
-        from distill.generate.sample import PromptRecord, SamplingParams, generate
-        from distill.teachers.api import ApiTeacher
+        from distill.generate.answers import PromptRecord, RequestParams, generate
+        from distill.generate.client import TeacherClient
         prompts = [PromptRecord(prompt=f"what is {{i}} + {{2 * i}} ?", gold=str(3 * i)) for i in range(60)]
-        generate(prompts, ApiTeacher({server.url!r}, "fake", concurrency=2), {str(out)!r}, n=2,
-                 params=SamplingParams(seed=1))
+        generate(prompts, TeacherClient({server.url!r}, "fake", concurrency=2), {str(out)!r}, n=2,
+                 params=RequestParams(seed=1))
         """
     )
     child = subprocess.Popen([sys.executable, "-c", script])
@@ -162,7 +162,7 @@ def test_a_killed_run_resumes_and_completes(server, tmp_path):
     assert 20 <= len(before) < 120
 
     server.configure()
-    summary = generate(questions(60), teacher(server), out, n=2, params=SamplingParams(seed=1))
+    summary = generate(questions(60), teacher(server), out, n=2, params=RequestParams(seed=1))
     after = rows(out)
     assert len(after) == 120 and len({r["id"] for r in after}) == 120
     assert summary.skipped == len(before) and summary.written == 120 - len(before)
@@ -197,14 +197,14 @@ def test_requests_that_give_up_are_left_for_a_rerun(server, tmp_path):
     assert rerun.written == 6 and len({r["id"] for r in rows(out)}) == 20
 
     server.configure(faults=["500"] * 5)
-    with pytest.raises(TeacherApiError, match="3 teacher requests failed for good, so generation stopped"):
+    with pytest.raises(TeacherClientError, match="3 teacher requests failed for good, so generation stopped"):
         generate(questions(10), teacher(server, max_retries=0, concurrency=1), tmp_path / "b.jsonl", max_failures=2)
 
 
 def test_a_refused_request_stops_the_run(server, tmp_path):
     server.configure(faults=["403"])
     out = tmp_path / "out.jsonl"
-    with pytest.raises(TeacherApiError, match="HTTP 403"):
+    with pytest.raises(TeacherClientError, match="HTTP 403"):
         generate(questions(10), teacher(server, concurrency=1), out)
     assert server.stats()["requests"] == 1 and out.read_text() == ""
 
@@ -228,7 +228,7 @@ def test_template_and_conversations(server, tmp_path):
 def test_completions_endpoint_keeps_logprobs(server, tmp_path):
     server.configure()
     out = tmp_path / "out.jsonl"
-    params = SamplingParams(top_logprobs=2, max_tokens=4)
+    params = RequestParams(top_logprobs=2, max_tokens=4)
     generate(["tell me a story"], teacher(server), out, n=2, params=params, endpoint="completions")
     written = rows(out)
     assert server.stats()["bodies"][0]["prompt"] == "tell me a story"

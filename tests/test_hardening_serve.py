@@ -22,9 +22,9 @@ from _rss import MB, PeakRss
 from _service import cli_env, free_port
 from distill import serve as serve_module
 from distill.asgi import ServeLimits
-from distill.sampling import Batcher, Engine, SamplingParams, Sequence
+from distill.engine import Batcher, Engine, SamplingParams, Sequence
+from distill.hf import load_causal_lm, load_tokenizer
 from distill.serve import create_app, serve_in_thread
-from distill.teachers.hf import load_causal_lm, load_tokenizer
 from test_cli import assert_one_line_error, distill_cli
 from test_serve import tiny_chat_lm
 

@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from distill.classify import problem_settings
+from distill.classify import task_settings
 from distill.recipes import digits, mnist1d
 from distill.recipes.digits import DigitsConfig
 from distill.recipes.mnist1d import Mnist1dConfig
@@ -16,7 +16,7 @@ def test_settings_given_in_part_keep_the_recipe_defaults():
     assert config.student_train.epochs == 3 and config.student_train.lr == default.student_train.lr == 5e-3
     assert config.teacher_train == default.teacher_train and config.teacher == default.teacher
     assert DigitsConfig().loss.temperature == 4.0 and DigitsConfig().teacher.family == "cnn2d"
-    settings = problem_settings(config)
+    settings = task_settings(config)
     assert settings["student"] == config.student and settings["loss"] == config.loss and settings["teachers"] == 1
 
 
@@ -32,10 +32,10 @@ def test_mnist1d_transfer_set_is_deterministic_and_cached(tmp_path):
     assert np.array_equal(state, np.random.get_state()[1])  # numpy's global generator is left alone
 
 
-def test_mnist1d_problem_uses_the_standard_split(tmp_path):
-    problem = mnist1d.problem(Mnist1dConfig(transfer_size=100), tmp_path)
-    assert len(problem.train) == 4000 and len(problem.test) == 1000
-    assert problem.train.input_shape == (40,) and problem.transfer.labeled == 0
+def test_mnist1d_task_uses_the_standard_split(tmp_path):
+    task = mnist1d.task(Mnist1dConfig(transfer_size=100), tmp_path)
+    assert len(task.train) == 4000 and len(task.test) == 1000
+    assert task.train.input_shape == (40,) and task.transfer.labeled == 0
 
 
 def test_digits_shifts_and_noisy_copies():

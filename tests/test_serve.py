@@ -15,7 +15,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from conftest import TINY_WORDS
-from distill.sampling import Engine
+from distill.engine import Engine
 from distill.serve import Message, chat_prompt, create_app
 
 PROMPT = "the movie was"

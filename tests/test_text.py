@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from conftest import tiny_bert
+from distill import hf
 from distill.augment import MASK_TOKEN, augment, augment_sentence
 from distill.data import TextDataset, concat_text, epoch_order, read_lines, read_table, tokenize
 from distill.errors import DataError
-from distill.teachers import hf
 from distill.text_models import BiLSTMClassifier, SentenceEncoder, WordVocab, words
 
 
@@ -114,7 +114,7 @@ def test_hf_loading_errors(tmp_path):
         hf.load_encoder(tmp_path / "empty")
     with pytest.raises(DistillError, match="does not exist"):
         hf.load_encoder(str(tmp_path / "missing"))
-    with pytest.raises(DistillError, match="needs a cache directory"):
+    with pytest.raises(DistillError, match="needs a store folder"):
         hf.resolve("minilm-l6", None)
 
 

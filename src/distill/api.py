@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from distill import evaluate as ev
+from distill import evaluate
 from distill.config import LossConfig, TrainConfig
 from distill.data import IGNORE, ArrayDataset, concat
 from distill.errors import DataError, ShapeMismatchError
@@ -58,10 +58,10 @@ def _as_teacher(
 
 
 def _accuracy_on(test_set: ArrayDataset) -> Evaluate:
-    def evaluate(model: nn.Module) -> dict[str, float]:
-        return {"test_accuracy": ev.accuracy(ev.predict(model, test_set.inputs), test_set.labels)}
+    def score(model: nn.Module) -> dict[str, float]:
+        return {"test_accuracy": evaluate.accuracy(evaluate.predict(model, test_set.inputs), test_set.labels)}
 
-    return evaluate
+    return score
 
 
 def distill(

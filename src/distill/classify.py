@@ -79,7 +79,7 @@ class ClassifyConfig(Strict):
 
 
 @dataclass
-class Problem:
+class Task:
     """What the pipeline trains on and with: the data and the settings of every model."""
 
     name: str
@@ -101,8 +101,8 @@ class Problem:
     pretrained: list[Path] | None = None  # saved teacher directories; None = train teachers from `teacher`
 
 
-def problem_settings(config: ClassifyConfig) -> dict[str, Any]:
-    """The Problem fields a classification config sets."""
+def task_settings(config: ClassifyConfig) -> dict[str, Any]:
+    """The Task fields a classification config sets."""
     names = ("teacher", "student", "teacher_train", "student_train", "loss", "alone_batch_size", "teachers")
     return {name: getattr(config, name) for name in names} | {"ensemble": config.ensemble, "seed": config.seed}
 
@@ -118,7 +118,7 @@ class Trained:
 def _fit(
     name: str,
     spec: ModelSpec,
-    problem: Problem,
+    task: Task,
     data: ArrayDataset,
     config: TrainConfig,
     run: RunContext,
@@ -131,13 +131,13 @@ def _fit(
 
     def fit() -> tuple[nn.Module, dict[str, Any]]:
         torch.manual_seed(init_seed)
-        test = problem.test
+        test = task.test
         result = train(
-            models.build(spec, problem.train.input_shape, problem.num_classes),
+            models.build(spec, task.train.input_shape, task.num_classes),
             data,
             config,
             teacher=teacher,
-            loss=problem.loss if teacher is not None else None,
+            loss=task.loss if teacher is not None else None,
             evaluate=lambda m: {"test_accuracy": evaluate.accuracy(evaluate.predict(m, test.inputs), test.labels)},
             checkpoint_dir=run.output / "checkpoints" / name,
             resume=run.resume,
@@ -147,7 +147,7 @@ def _fit(
         return result.model, {"history": result.history, "seconds": result.seconds}
 
     def save(model: nn.Module, folder: Path) -> None:
-        models.save(model, folder, spec, problem.train.input_shape, problem.num_classes)
+        models.save(model, folder, spec, task.train.input_shape, task.num_classes)
 
     model, record = train_or_resume(
         directory, resume=run.resume, train=fit, save=save, load=lambda folder: models.load(folder)[0]
@@ -155,22 +155,22 @@ def _fit(
     return Trained(model, record["history"], record["seconds"], directory)
 
 
-def _teachers(problem: Problem, run: RunContext) -> list[Trained]:
+def _teachers(task: Task, run: RunContext) -> list[Trained]:
     """Stage 1: the saved teachers, or each teacher trained with its own seed."""
-    if problem.pretrained:
-        return [Trained(models.load(d)[0], [], 0.0, Path(d)) for d in problem.pretrained]
-    data = problem.teacher_data if problem.teacher_data is not None else problem.train
+    if task.pretrained:
+        return [Trained(models.load(d)[0], [], 0.0, Path(d)) for d in task.pretrained]
+    data = task.teacher_data if task.teacher_data is not None else task.train
     return [
         _fit(
             f"teacher-{i}",
-            problem.teacher,
-            problem,
+            task.teacher,
+            task,
             data,
-            problem.teacher_train.model_copy(update={"seed": problem.seed + 100 * i}),
+            task.teacher_train.model_copy(update={"seed": task.seed + 100 * i}),
             run,
-            init_seed=problem.seed + 100 * i,
+            init_seed=task.seed + 100 * i,
         )
-        for i in range(problem.teachers)
+        for i in range(task.teachers)
     ]
 
 
@@ -188,12 +188,12 @@ class SoftTargets:
     single: CachedTeacher | None  # with an ensemble, the first member's alone
 
 
-def _soft_targets(problem: Problem, members: list[Trained], data: ArrayDataset, run: RunContext) -> SoftTargets:
+def _soft_targets(task: Task, members: list[Trained], data: ArrayDataset, run: RunContext) -> SoftTargets:
     """Stage 2: the teacher's outputs over labeled + transfer data, computed once into a cache."""
-    live = [LocalTeacher(m.model, problem.num_classes) for m in members]
-    teacher: Teacher = live[0] if len(live) == 1 else EnsembleTeacher(live, mode=problem.ensemble)  # type: ignore[arg-type]
+    live = [LocalTeacher(m.model, task.num_classes) for m in members]
+    teacher: Teacher = live[0] if len(live) == 1 else EnsembleTeacher(live, mode=task.ensemble)  # type: ignore[arg-type]
     folder = run.output / "cache"
-    ensemble_id = _ensemble_id([m.model for m in members], problem.ensemble)
+    ensemble_id = _ensemble_id([m.model for m in members], task.ensemble)
     cache = build_cache(teacher, data, folder / "teacher", teacher_id=ensemble_id, data_id=data.fingerprint(),
                         reporter=run.reporter)  # fmt: skip
     single = None
@@ -203,25 +203,25 @@ def _soft_targets(problem: Problem, members: list[Trained], data: ArrayDataset, 
     return SoftTargets(teacher, cache, single)
 
 
-def _students(problem: Problem, data: ArrayDataset, soft: SoftTargets, run: RunContext) -> dict[str, Trained]:
+def _students(task: Task, data: ArrayDataset, soft: SoftTargets, run: RunContext) -> dict[str, Trained]:
     """Stages 3 and 4: the student alone and distilled, from the same initialisation. Alone it gets at least as
     many optimizer steps as the distilled student (more epochs over its smaller data), so the baseline is not
     starved."""
-    seed, init = problem.seed, problem.seed + 7
-    steps = problem.student_train.epochs * math.ceil(len(data) / problem.student_train.batch_size)
-    alone_epochs = math.ceil(steps / math.ceil(len(problem.train) / problem.alone_batch_size))
-    alone = problem.student_train.model_copy(
-        update={"seed": seed, "batch_size": problem.alone_batch_size, "epochs": max(alone_epochs, 1)}
+    seed, init = task.seed, task.seed + 7
+    steps = task.student_train.epochs * math.ceil(len(data) / task.student_train.batch_size)
+    alone_epochs = math.ceil(steps / math.ceil(len(task.train) / task.alone_batch_size))
+    alone = task.student_train.model_copy(
+        update={"seed": seed, "batch_size": task.alone_batch_size, "epochs": max(alone_epochs, 1)}
     )
-    distilled = problem.student_train.model_copy(update={"seed": seed})
-    temperature = problem.loss.temperature
+    distilled = task.student_train.model_copy(update={"seed": seed})
+    temperature = task.loss.temperature
     students = {
-        "student-alone": _fit("student-alone", problem.student, problem, problem.train, alone, run, init_seed=init),
-        "student-distilled": _fit("student-distilled", problem.student, problem, data, distilled, run,
+        "student-alone": _fit("student-alone", task.student, task, task.train, alone, run, init_seed=init),
+        "student-distilled": _fit("student-distilled", task.student, task, data, distilled, run,
                                   teacher=soft.cache.at_temperature(temperature), init_seed=init),
     }  # fmt: skip
     if soft.single is not None:
-        students["student-from-teacher-0"] = _fit("student-from-teacher-0", problem.student, problem, data, distilled,
+        students["student-from-teacher-0"] = _fit("student-from-teacher-0", task.student, task, data, distilled,
                                                   run, teacher=soft.single.at_temperature(temperature), init_seed=init)  # fmt: skip
     return students
 
@@ -239,13 +239,13 @@ def _student_scores(student: nn.Module, teacher_logits: Tensor, test: ArrayDatas
     }
 
 
-def _teacher_scores(problem: Problem, members: list[Trained], logits: Tensor, speed: Any) -> dict[str, Any]:
-    test = problem.test
+def _teacher_scores(task: Task, members: list[Trained], logits: Tensor, speed: Any) -> dict[str, Any]:
+    test = task.test
     reliability = evaluate.calibration(logits, test.labels)
     return {
         "kind": "ensemble" if len(members) > 1 else "single",
         "members": len(members),
-        "ensemble_mode": problem.ensemble if len(members) > 1 else None,
+        "ensemble_mode": task.ensemble if len(members) > 1 else None,
         "accuracy": evaluate.accuracy(logits, test.labels),
         "member_accuracy": [evaluate.accuracy(evaluate.predict(m.model, test.inputs), test.labels) for m in members],
         "params": sum(models.count_parameters(m.model) for m in members),
@@ -255,21 +255,21 @@ def _teacher_scores(problem: Problem, members: list[Trained], logits: Tensor, sp
         "ece": reliability.ece,
         "reliability": reliability.__dict__,
         "train_seconds": sum(m.seconds for m in members),
-        "architecture": problem.teacher.model_dump(),
+        "architecture": task.teacher.model_dump(),
     }
 
 
-def _alone_scores(alone: Trained, teacher_logits: Tensor, problem: Problem) -> dict[str, Any]:
-    scores = _student_scores(alone.model, teacher_logits, problem.test)
-    scores.update(train_seconds=alone.seconds, rows=len(problem.train))
+def _alone_scores(alone: Trained, teacher_logits: Tensor, task: Task) -> dict[str, Any]:
+    scores = _student_scores(alone.model, teacher_logits, task.test)
+    scores.update(train_seconds=alone.seconds, rows=len(task.train))
     scores["steps"] = alone.history[-1]["step"] if alone.history else None
     return scores
 
 
 def _distilled_scores(
-    distilled: Trained, teacher_logits: Tensor, problem: Problem, data: ArrayDataset, speed: Any
+    distilled: Trained, teacher_logits: Tensor, task: Task, data: ArrayDataset, speed: Any
 ) -> dict[str, Any]:
-    scores = _student_scores(distilled.model, teacher_logits, problem.test)
+    scores = _student_scores(distilled.model, teacher_logits, task.test)
     scores.update(
         size_bytes=(distilled.directory / models.WEIGHTS).stat().st_size,
         latency_ms=speed.latency_ms,
@@ -277,9 +277,9 @@ def _distilled_scores(
         train_seconds=distilled.seconds,
         rows=len(data),
         steps=distilled.history[-1]["step"] if distilled.history else None,
-        labeled_rows=len(problem.train),
-        transfer_rows=len(data) - len(problem.train),
-        architecture=problem.student.model_dump(),
+        labeled_rows=len(task.train),
+        transfer_rows=len(data) - len(task.train),
+        architecture=task.student.model_dump(),
     )
     return scores
 
@@ -304,17 +304,17 @@ def _ensemble_forward(members: list[nn.Module], mode: Ensemble) -> Any:
 
 
 def _evaluation(
-    problem: Problem, members: list[Trained], soft: SoftTargets, students: dict[str, Trained], data: ArrayDataset
+    task: Task, members: list[Trained], soft: SoftTargets, students: dict[str, Trained], data: ArrayDataset
 ) -> dict[str, Any]:
     """Stage 5: every model on the test set and on this CPU, side by side."""
-    test, distilled = problem.test, students["student-distilled"]
-    forward = _ensemble_forward([m.model for m in members], problem.ensemble)
+    test, distilled = task.test, students["student-distilled"]
+    forward = _ensemble_forward([m.model for m in members], task.ensemble)
     example = evaluate.example_inputs(test.inputs[0])
     speed = evaluate.measure_speed({"teacher": forward, "student": distilled.model}, *example)
     teacher_logits = evaluate.teacher_logprobs(soft.teacher, test.inputs)  # (N, C) log-probs are valid logits
-    teacher = _teacher_scores(problem, members, teacher_logits, speed["teacher"])
-    alone = _alone_scores(students["student-alone"], teacher_logits, problem)
-    student = _distilled_scores(distilled, teacher_logits, problem, data, speed["student"])
+    teacher = _teacher_scores(task, members, teacher_logits, speed["teacher"])
+    alone = _alone_scores(students["student-alone"], teacher_logits, task)
+    student = _distilled_scores(distilled, teacher_logits, task, data, speed["student"])
     metrics = {"teacher": teacher, "student_alone": alone, "student_distilled": student}
     if "student-from-teacher-0" in students:
         single = _student_scores(students["student-from-teacher-0"].model, teacher_logits, test)
@@ -323,18 +323,18 @@ def _evaluation(
     return metrics | _comparison(teacher, alone, student)
 
 
-def run_classification(problem: Problem, run: RunContext) -> dict[str, Any]:
+def run_classification(task: Task, run: RunContext) -> dict[str, Any]:
     """Run every stage; return the metrics. The distilled student is also copied to `output/student`."""
     run.output.mkdir(parents=True, exist_ok=True)
-    transfer = problem.transfer.unlabeled() if problem.transfer is not None and len(problem.transfer) else None
-    data = concat(problem.train, transfer) if transfer is not None else problem.train
-    members = _teachers(problem, run)
-    soft = _soft_targets(problem, members, data, run)
-    students = _students(problem, data, soft, run)
+    transfer = task.transfer.unlabeled() if task.transfer is not None and len(task.transfer) else None
+    data = concat(task.train, transfer) if transfer is not None else task.train
+    members = _teachers(task, run)
+    soft = _soft_targets(task, members, data, run)
+    students = _students(task, data, soft, run)
     run.reporter.stage("evaluate", total=None)
-    metrics: dict[str, Any] = {"recipe": problem.name, "description": problem.description}
-    metrics |= _evaluation(problem, members, soft, students, data)
-    metrics |= {"loss": problem.loss.model_dump(), "test_rows": len(problem.test)}
+    metrics: dict[str, Any] = {"recipe": task.name, "description": task.description}
+    metrics |= _evaluation(task, members, soft, students, data)
+    metrics |= {"loss": task.loss.model_dump(), "test_rows": len(task.test)}
     metrics["history"] = {
         **{f"teacher-{i}": m.history for i, m in enumerate(members)},
         **{name: s.history for name, s in students.items()},

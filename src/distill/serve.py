@@ -28,7 +28,7 @@ Every error has OpenAI's body `{"error": {"message", "type", "param", "code"}}`,
   a final line `Assistant:`; the reply is what the model writes after it.
 
 Templating, tokenizing, generating and rendering a response run in worker threads: the event loop only moves bytes,
-so one large request does not stall the others. Concurrent requests are batched (see `distill.sampling`);
+so one large request does not stall the others. Concurrent requests are batched (see `distill.engine`);
 streaming sends `data: {chunk}` server-sent events in OpenAI's chunk format and ends with `data: [DONE]`. A client
 that disconnects, streaming or not, cancels its generation: its rows stop at the next step of their batch.
 """
@@ -54,9 +54,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from distill.asgi import RequestGuard, ServeLimits, install_error_handlers
+from distill.engine import Batcher, Engine, PromptTooLong, SamplingParams, Sequence, TokenLogprob
 from distill.errors import DistillError
-from distill.sampling import Batcher, Engine, PromptTooLong, SamplingParams, Sequence, TokenLogprob
-from distill.teachers.hf import load_causal_lm, load_tokenizer
+from distill.hf import load_causal_lm, load_tokenizer
 
 ROLE_NAMES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
 TOO_LONG = "context_length_exceeded"

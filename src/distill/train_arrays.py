@@ -15,7 +15,7 @@ import torch
 from pydantic import Field, model_validator
 
 from distill import evaluate, models, report
-from distill.classify import Problem, run_classification
+from distill.classify import Task, run_classification
 from distill.config import Classes, Length, LossConfig, ModelSpec, Strict, TrainConfig, dump
 from distill.data import ArrayDataset, check_labels, dataset_from_file, infer_num_classes
 from distill.errors import DataError, ShapeMismatchError
@@ -143,7 +143,7 @@ def run_train_arrays(config: ArraysJobConfig, context: RunContext) -> dict[str, 
     if not config.teacher:
         metrics = _supervised(config, train_set, test_set, classes, context)
     else:
-        problem = Problem(
+        task = Task(
             name="train",
             description=(
                 f"{config.data.train.name}: {len(train_set)} labeled training rows, {len(test_set)} test rows, "
@@ -164,7 +164,7 @@ def run_train_arrays(config: ArraysJobConfig, context: RunContext) -> dict[str, 
             seed=config.train.seed,
             pretrained=list(config.teacher),
         )
-        metrics = run_classification(problem, context)
+        metrics = run_classification(task, context)
     metrics["seconds"] = time.perf_counter() - started
     report.write(report_of(metrics), output, metrics)
     (output / "config.yaml").write_text(dump(config))

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
+from distill import hf
 from distill.config import Length, LossConfig, Strict, TrainConfig
 from distill.distributed import rank
 from distill.errors import DistillError
@@ -20,7 +21,6 @@ from distill.lm_data import read_examples, tokenize_examples
 from distill.lm_models import weights_bytes
 from distill.models import count_parameters
 from distill.stages import RunContext
-from distill.teachers import hf
 from distill.teachers.local import LocalTeacher
 from distill.teachers.token_cache import TokenCache
 from distill.train import train

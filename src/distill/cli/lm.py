@@ -44,13 +44,13 @@ def cache_build(
     batch_size: Optional[int] = typer.Option(None, help=option_help(BUILD, "batch_size")),
 ) -> None:
     """Score a data file once with a teacher LM and store its top-k next-token log-probs, sharded and checksummed."""
-    from distill.teachers import hf
+    from distill import hf
     from distill.teachers.token_cache import verify_token_cache
 
     options = checked_options(BUILD, given(top_k=top_k, temperature=temperature, max_length=max_length,
                                            batch_size=batch_size))  # fmt: skip
     with RichReporter(err) as reporter:
-        hf.build_lm_cache(teacher, data, directory, **options.model_dump(), cache_dir=store_dir(), reporter=reporter)
+        hf.build_lm_cache(teacher, data, directory, **options.model_dump(), store=store_dir(), reporter=reporter)
     summary = verify_token_cache(directory)
     out.print(
         f"cache {directory}: {summary['positions']:,} positions of {summary['sequences']:,} sequences, "
@@ -70,7 +70,7 @@ def cache_from_generated(
     The student must share the teacher's tokenizer: the teacher's tokens are matched with the student's
     tokenization of the same text, and positions that do not line up are trained on as text only. Train with
     --set data=GENERATED --set cache=OUT --set loss.temperature=1.0 (API log-probs are at temperature 1)."""
-    from distill.teachers import hf
+    from distill import hf
     from distill.teachers.api_logprobs import cache_from_generated as build
 
     with RichReporter(err) as reporter:

@@ -129,7 +129,7 @@ def generate(
     `distill traces` to keep only the traces whose final answer verifies. The options' defaults and bounds are
     those of the service's generate jobs (`distill.config.GenerateOptions`).
     """
-    from distill.generate.sample import generate_with, read_prompts
+    from distill.generate.answers import generate_with, read_prompts
 
     options = checked_options(GEN, given(
         n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop, seed=seed,

@@ -1,9 +1,10 @@
-"""Generation with a teacher: sampling answers to prompts (sample.py), reasoning traces, answer verification."""
+"""Generation with a teacher behind an API: its client (client.py), answers to prompts (answers.py), reasoning traces
+(cot.py), answer verification (verify.py), generated word problems (problems.py) and how models solve them (solve.py)."""
 
-from distill.generate.sample import (
+from distill.generate.answers import (
     GenerateSummary,
     PromptRecord,
-    SamplingParams,
+    RequestParams,
     agenerate,
     apply_template,
     generate,
@@ -13,7 +14,7 @@ from distill.generate.sample import (
 __all__ = [
     "GenerateSummary",
     "PromptRecord",
-    "SamplingParams",
+    "RequestParams",
     "agenerate",
     "apply_template",
     "generate",

@@ -10,10 +10,10 @@ from typing import Any
 
 from torch import nn
 
+from distill.engine import Engine
+from distill.engine import SamplingParams as EngineParams
+from distill.engine import Sequence as Row
 from distill.generate.verify import Problem, extract_answer, verify
-from distill.sampling import Engine
-from distill.sampling import SamplingParams as EngineParams
-from distill.sampling import Sequence as Row
 
 CALCULATION = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
 OPERATIONS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a / b}

@@ -14,7 +14,7 @@ import torch
 from pydantic import Field
 
 from distill import report
-from distill.classify import FLAGS, ClassifyConfig, Problem, problem_settings, run_classification
+from distill.classify import FLAGS, ClassifyConfig, Task, run_classification, task_settings
 from distill.config import LossConfig, ModelSpec, Rows, TrainConfig
 from distill.data import IGNORE, ArrayDataset
 from distill.errors import DistillError
@@ -61,8 +61,8 @@ class DigitsConfig(ClassifyConfig):
     )
 
 
-def problem(config: DigitsConfig) -> Problem:
-    """The digits problem of a run config (the data ship with scikit-learn)."""
+def task(config: DigitsConfig) -> Task:
+    """The digits task of a run config (the data ship with scikit-learn)."""
     try:
         from sklearn.datasets import load_digits
     except ImportError:
@@ -79,7 +79,7 @@ def problem(config: DigitsConfig) -> Problem:
         train_x, train_y = train_x[: config.train_size], train_y[: config.train_size]
     size = config.transfer_size
     transfer = noisy_copies(train_x, size, torch.Generator().manual_seed(10_000 + config.seed))
-    return Problem(
+    return Task(
         name="digits",
         description=(
             f"8x8 digits: {len(train_x)} labeled training images, {TEST_ROWS} test images, {size} unlabeled "
@@ -90,15 +90,15 @@ def problem(config: DigitsConfig) -> Problem:
         transfer=ArrayDataset(transfer, torch.full((size,), IGNORE)),
         teacher_data=ArrayDataset(shifted(train_x), train_y.repeat(9)),
         num_classes=10,
-        **problem_settings(config),
+        **task_settings(config),
     )
 
 
 def run(config: DigitsConfig, context: RunContext) -> dict[str, Any]:
     context.reporter.stage("data", total=None)
-    task = problem(config)
+    built = task(config)
     context.reporter.end()
-    return run_classification(task, context)
+    return run_classification(built, context)
 
 
 RECIPE = Recipe(

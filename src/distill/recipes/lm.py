@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
-from distill import evaluate, plots
+from distill import evaluate, hf, plots
 from distill.config import (
     GPT2Size,
     Length,
@@ -38,7 +38,6 @@ from distill.models import count_parameters
 from distill.recipes.recipe import Recipe
 from distill.report import Report, Table, count, num, pct, ratio, seconds, size
 from distill.stages import RunContext, train_or_resume
-from distill.teachers import hf
 from distill.teachers.token_cache import TokenCache, build_token_cache, causal_lm_logits, verify_token_cache
 from distill.train import train
 

@@ -18,7 +18,7 @@ import torch
 from pydantic import Field
 
 from distill import report
-from distill.classify import FLAGS, ClassifyConfig, Problem, problem_settings, run_classification
+from distill.classify import FLAGS, ClassifyConfig, Task, run_classification, task_settings
 from distill.config import LossConfig, ModelSpec, Rows, TrainConfig
 from distill.data import ArrayDataset, load_checked_array, save_checked_array
 from distill.errors import DistillError
@@ -107,8 +107,8 @@ class Mnist1dConfig(ClassifyConfig):
     )
 
 
-def problem(config: Mnist1dConfig, store: Path | None = None) -> Problem:
-    """The MNIST-1D problem of a run config; generated transfer signals are kept in `store` when given."""
+def task(config: Mnist1dConfig, store: Path | None = None) -> Task:
+    """The MNIST-1D task of a run config; generated transfer signals are kept in `store` when given."""
     try:
         import mnist1d  # noqa: F401
     except ImportError:
@@ -119,7 +119,7 @@ def problem(config: Mnist1dConfig, store: Path | None = None) -> Problem:
             raise DistillError(f"train_size {config.train_size} is more than the {len(x)} labeled MNIST-1D signals")
         x, y = x[: config.train_size], y[: config.train_size]
     transfer = transfer_inputs(config.transfer_size, config.seed, store)
-    return Problem(
+    return Task(
         name="mnist1d",
         description=(
             f"MNIST-1D: {len(x)} labeled training signals, {len(x_test)} test signals, "
@@ -129,15 +129,15 @@ def problem(config: Mnist1dConfig, store: Path | None = None) -> Problem:
         test=ArrayDataset(torch.from_numpy(x_test), torch.from_numpy(y_test)),
         transfer=ArrayDataset(torch.from_numpy(transfer), torch.full((len(transfer),), -100)),
         num_classes=10,
-        **problem_settings(config),
+        **task_settings(config),
     )
 
 
 def run(config: Mnist1dConfig, context: RunContext) -> dict[str, Any]:
     context.reporter.stage("data", total=None)
-    task = problem(config, context.store)
+    built = task(config, context.store)
     context.reporter.end()
-    return run_classification(task, context)
+    return run_classification(built, context)
 
 
 RECIPE = Recipe(

@@ -4,7 +4,7 @@
    split into training and held-out problems with no question text in both.
 2. Teacher: a byte-level BPE tokenizer and a GPT-2 trained on question -> worked solution (loss on the solution).
 3. Traces: the teacher is served by `distill serve` (a thread of this process, real HTTP on loopback) and samples
-   `samples` traces for each training question through `ApiTeacher` + `generate` (traces.jsonl, resumable); each
+   `samples` traces for each training question through `TeacherClient` + `generate` (traces.jsonl, resumable); each
    trace's final answer is checked against the gold one (`cot.split_traces`): verified and rejected traces, a summary.
 4. Students: a smaller GPT-2 trained on the verified traces (sequence-level KD: supervised fine-tuning on the
    teacher's text), and the same architecture from the same initialisation trained on final answers only
@@ -51,10 +51,12 @@ from distill.config import (
     check_gpt2_parameters,
 )
 from distill.data import read_json
+from distill.engine import context_length
 from distill.errors import DistillError
+from distill.generate.answers import Endpoint, PromptRecord, RequestParams, apply_template, generate, sample_id
+from distill.generate.client import Prices, TeacherClient
 from distill.generate.cot import QUESTION_ONLY_TEMPLATE, build_prompt, read_traces, split_traces, write_split
 from distill.generate.problems import answer_only, make_problems, split_problems
-from distill.generate.sample import Endpoint, PromptRecord, SamplingParams, apply_template, generate, sample_id
 from distill.generate.solve import solve
 from distill.generate.verify import Problem
 from distill.lm_data import Example, LMDataset, tokenize_examples
@@ -63,10 +65,8 @@ from distill.models import count_parameters
 from distill.progress import Reporter
 from distill.recipes.reasoning_report import report
 from distill.recipes.recipe import Recipe
-from distill.sampling import context_length
 from distill.serve import serve_in_thread
 from distill.stages import RunContext, train_or_resume
-from distill.teachers.api import ApiTeacher, Prices
 from distill.teachers.api_logprobs import cache_from_generated
 from distill.teachers.token_cache import TokenCache
 from distill.train import train
@@ -226,7 +226,7 @@ def sample_traces(
     """Serve the teacher, ask it for `config.samples` traces per question into `path` (only the missing ones), and
     return this configuration's trace records (in file order) and what the generation run did."""
     records = [PromptRecord(prompt=p.question, gold=p.answer) for p in questions]
-    params = SamplingParams(
+    params = RequestParams(
         temperature=config.temperature,
         top_p=config.top_p,
         max_tokens=max_tokens,
@@ -235,7 +235,7 @@ def sample_traces(
     )
     with serve_in_thread(teacher_dir, model_name=TEACHER, max_batch_size=config.server_batch) as base_url:
         prices = Prices(config.input_price, config.output_price)
-        client = ApiTeacher(base_url, TEACHER, concurrency=config.concurrency, timeout=600.0, prices=prices)
+        client = TeacherClient(base_url, TEACHER, concurrency=config.concurrency, timeout=600.0, prices=prices)
         summary = generate(records, client, path, config.samples, params, reporter, template=PROMPT, endpoint=ENDPOINT)
     # This run's samples only (a reused file may hold others), in the record layout split_traces reads: "id" names
     # the question (generate's "id" names the sample: kept as "sample_id") and "cost" sits at the top level.

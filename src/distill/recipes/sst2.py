@@ -22,7 +22,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from distill import evaluate, plots
+from distill import evaluate, hf, plots
 from distill.augment import augment
 from distill.config import MAX_DEPTH, Depth, LayerIndex, LossConfig, Rows, TextStudentsConfig, TrainConfig
 from distill.data import IGNORE, TextDataset, concat_text, read_json, read_table, sha256_file, tokenize
@@ -33,7 +33,7 @@ from distill.recipes.recipe import Recipe, datasets_folder
 from distill.report import Report, Table, count, learning_curves, num, pct, ratio, seconds
 from distill.stages import RunContext, train_or_resume
 from distill.students import derive
-from distill.teachers import CachedTeacher, build_cache, hf
+from distill.teachers import CachedTeacher, build_cache
 from distill.teachers.local import LocalTeacher
 from distill.text_models import BiLSTMClassifier, WordVocab
 from distill.train import train

@@ -19,7 +19,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from distill import evaluate, plots
+from distill import evaluate, hf, plots
 from distill.config import Depth, FeatureLoss, Length, LossConfig, Rows, TextStudentsConfig, TrainConfig, Weight
 from distill.data import TextDataset, read_lines, read_table, tokenize
 from distill.errors import DataError
@@ -29,7 +29,6 @@ from distill.recipes.recipe import Recipe, datasets_folder
 from distill.report import Report, Table, count, learning_curves, num, pct, ratio, seconds
 from distill.stages import RunContext, train_or_resume
 from distill.students import derive, uniform_layers
-from distill.teachers import hf
 from distill.teachers.cached import FeatureTable
 from distill.teachers.local import LocalTeacher
 from distill.text_models import SentenceEncoder

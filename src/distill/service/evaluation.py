@@ -13,8 +13,7 @@ from typing import Any
 
 from pydantic import Field
 
-from distill import evaluate as ev
-from distill import models, report
+from distill import evaluate, models, report
 from distill.config import Strict
 from distill.data import dataset_from_file
 from distill.errors import ShapeMismatchError
@@ -49,15 +48,15 @@ def evaluate_saved(config: EvaluateJobConfig, output: Path, reporter: Reporter) 
         features_key=config.features_key,
         labels_key=config.labels_key,
     )
-    logits = ev.predict(student, data.inputs)
-    reliability = ev.calibration(logits, data.labels)
+    logits = evaluate.predict(student, data.inputs)
+    reliability = evaluate.calibration(logits, data.labels)
     timed: dict[str, Any] = {"student": student}
     metrics: dict[str, Any] = {
         "recipe": "evaluate",
         "rows": len(data),
         "student": {
             "path": Path(config.student).name,
-            "accuracy": ev.accuracy(logits, data.labels),
+            "accuracy": evaluate.accuracy(logits, data.labels),
             "ece": reliability.ece,
             "params": models.count_parameters(student),
             "size_bytes": (Path(config.student) / models.WEIGHTS).stat().st_size,
@@ -70,17 +69,17 @@ def evaluate_saved(config: EvaluateJobConfig, output: Path, reporter: Reporter) 
                 f"the teacher takes inputs {list(teacher_shape)} with {teacher_classes} classes, the student "
                 f"{list(shape)} with {classes}"
             )
-        teacher_logits = ev.predict(teacher, data.inputs)
+        teacher_logits = evaluate.predict(teacher, data.inputs)
         metrics["teacher"] = {
-            "accuracy": ev.accuracy(teacher_logits, data.labels),
-            "ece": ev.calibration(teacher_logits, data.labels).ece,
+            "accuracy": evaluate.accuracy(teacher_logits, data.labels),
+            "ece": evaluate.calibration(teacher_logits, data.labels).ece,
             "params": models.count_parameters(teacher),
             "size_bytes": (Path(config.teacher) / models.WEIGHTS).stat().st_size,
         }
-        metrics["student"]["agreement"] = ev.agreement(logits, teacher_logits)
-        metrics["student"]["kl_to_teacher"] = ev.kl_to_teacher(logits, teacher_logits)
+        metrics["student"]["agreement"] = evaluate.agreement(logits, teacher_logits)
+        metrics["student"]["kl_to_teacher"] = evaluate.kl_to_teacher(logits, teacher_logits)
         timed["teacher"] = teacher
-    speed = ev.measure_speed(timed, *ev.example_inputs(data.inputs[0]))
+    speed = evaluate.measure_speed(timed, *evaluate.example_inputs(data.inputs[0]))
     for name, measured in speed.items():
         metrics[name].update(latency_ms=measured.latency_ms, throughput=measured.throughput)
     metrics["seconds"] = time.perf_counter() - started

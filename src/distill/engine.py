@@ -1,4 +1,5 @@
-"""Batched token sampling for a causal LM, and the batcher that lets concurrent requests share forward passes.
+"""The generation engine behind `distill serve`: batched token sampling for a causal LM, and the batcher that lets
+concurrent requests share forward passes.
 
 `Engine.generate` runs one forward pass per generated token for a whole batch of rows with a KV cache. Rows are
 left-padded to a common length with an attention mask and explicit position ids, so what a row generates does not
