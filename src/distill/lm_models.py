@@ -30,6 +30,15 @@ def train_tokenizer(texts: list[str], vocab_size: int, directory: Path) -> Any:
     return tokenizer
 
 
+def run_tokenizer(texts: list[str], vocab_size: int, folder: Path, resume: bool) -> Any:
+    """A run's BPE tokenizer in `folder`: loaded when a resumed run trained it already, else trained on `texts`."""
+    if resume and (folder / "tokenizer.json").is_file():
+        from transformers import PreTrainedTokenizerFast  # the folder holds the tokenizer alone (no model config)
+
+        return PreTrainedTokenizerFast.from_pretrained(folder)
+    return train_tokenizer(texts, vocab_size, folder)
+
+
 def gpt2(tokenizer: Any, size: dict[str, int], max_length: int, seed: int) -> nn.Module:
     """A fresh GPT-2 of `size` (layers, width, heads) over `tokenizer`'s vocabulary, seeded."""
     from transformers import GPT2Config, GPT2LMHeadModel

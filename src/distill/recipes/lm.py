@@ -33,7 +33,7 @@ from distill.config import (
 from distill.data import read_lines, read_table
 from distill.errors import DataError
 from distill.lm_data import Example, LMDataset, tokenize_examples
-from distill.lm_models import gpt2, speed_inputs, train_tokenizer, weights_bytes
+from distill.lm_models import gpt2, run_tokenizer, speed_inputs, weights_bytes
 from distill.models import count_parameters
 from distill.recipes.recipe import Recipe
 from distill.report import Report, Table, count, num, pct, ratio, seconds, size
@@ -122,16 +122,6 @@ def _fit(name: str, config: LMConfig, size: dict[str, int], tokenizer: Any, data
     return model.eval(), record
 
 
-def _tokenizer(config: LMConfig, texts: list[str], context: RunContext) -> Any:
-    """The BPE tokenizer trained on the training texts (loaded when a resumed run trained it already)."""
-    folder = context.output / "tokenizer"
-    if context.resume and (folder / "tokenizer.json").is_file():
-        from transformers import PreTrainedTokenizerFast  # the folder holds the tokenizer alone (no model config)
-
-        return PreTrainedTokenizerFast.from_pretrained(folder)
-    return train_tokenizer(texts, config.vocab_size, folder)
-
-
 def _cache(teacher: nn.Module, data: LMDataset, tokenizer: Any, config: LMConfig, context: RunContext) -> Path:
     """The teacher's top-k log-probs over the training texts, scored once (a killed build resumes)."""
     path = context.output / "cache"
@@ -174,7 +164,7 @@ def run(config: LMConfig, context: RunContext) -> dict[str, Any]:
     texts = corpus(config, config.data_dir or context.datasets)
     held_out_count = max(200, len(texts) // 20)
     train_texts, held_out_texts = texts[held_out_count:], texts[:held_out_count]
-    tokenizer = _tokenizer(config, train_texts, context)
+    tokenizer = run_tokenizer(train_texts, config.vocab_size, context.output / "tokenizer", context.resume)
     data = tokenize_examples(tokenizer, [Example("", t) for t in train_texts], config.max_length)
     held_out = tokenize_examples(tokenizer, [Example("", t) for t in held_out_texts], config.max_length)
     context.reporter.end()

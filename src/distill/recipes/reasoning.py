@@ -60,7 +60,7 @@ from distill.generate.problems import answer_only, make_problems, split_problems
 from distill.generate.solve import solve
 from distill.generate.verify import Problem
 from distill.lm_data import Example, LMDataset, tokenize_examples
-from distill.lm_models import gpt2, train_tokenizer, weights_bytes
+from distill.lm_models import gpt2, run_tokenizer, weights_bytes
 from distill.models import count_parameters
 from distill.progress import Reporter
 from distill.recipes.reasoning_report import report
@@ -356,16 +356,6 @@ def evaluate_models(
     return rows
 
 
-def _tokenizer(config: ReasoningConfig, problems: list[Problem], context: RunContext) -> Any:
-    """The BPE tokenizer trained on the training problems' texts (loaded when a resumed run trained it already)."""
-    folder = context.output / "tokenizer"
-    if context.resume and (folder / "tokenizer.json").is_file():
-        from transformers import PreTrainedTokenizerFast
-
-        return PreTrainedTokenizerFast.from_pretrained(folder)
-    return train_tokenizer([prompt_of(p) + p.solution for p in problems], config.vocab_size, folder)
-
-
 def _room(teacher: nn.Module, tokenizer: Any, problems: list[Problem], wanted: int) -> int:
     """Tokens a solution may take: `wanted`, or less when the longest question leaves less of the context."""
     context = context_length(teacher.config, tokenizer)
@@ -418,7 +408,8 @@ def _run(config: ReasoningConfig, context: RunContext) -> dict[str, Any]:
     context.reporter.stage("data", total=None)
     train_problems, held_out = problem_sets(config)
     questions = train_problems[: config.questions] if config.questions else train_problems
-    tokenizer = _tokenizer(config, train_problems, context)
+    texts = [prompt_of(p) + p.solution for p in train_problems]
+    tokenizer = run_tokenizer(texts, config.vocab_size, context.output / "tokenizer", context.resume)
     worked = tokenize_examples(
         tokenizer, [Example(prompt_of(p), p.solution) for p in train_problems], config.max_length
     )
