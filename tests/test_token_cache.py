@@ -20,7 +20,13 @@ import torch.nn.functional as F
 from distill.errors import CacheError
 from distill.losses import forward_kl, reverse_kl
 from distill.progress import Cancelled, RecordingReporter
-from distill.teachers.token_cache import TokenCache, build_token_cache, causal_lm_logits, verify_token_cache
+from distill.teachers.token_cache import (
+    TokenCache,
+    build_scored_cache,
+    build_token_cache,
+    causal_lm_logits,
+    verify_token_cache,
+)
 from distill.teachers.token_codec import Codec
 
 V, K = 300, 16
@@ -331,6 +337,52 @@ def test_codec_stays_within_its_bound_on_hard_distributions():
         q = torch.cat([q, torch.log1p(-q.exp().sum(-1, keepdim=True).clamp_max(1 - 1e-12))], -1)
         kl = (p.exp() * (p - q).nan_to_num(posinf=0.0)).sum(-1)
         assert kl.max() <= codec.kl_bound() + 1e-6
+
+
+def test_a_cache_scored_by_the_caller_resumes_and_keeps_its_notes(tmp_path):
+    """build_scored_cache: records from the caller's `score`; identity fields must match to resume or reuse; notes
+    go into the manifest; a `score` that returns the wrong records is refused."""
+    sequences, scored = data()
+    codec = Codec.for_sizes(K, V)
+    teacher = causal_lm_logits(tiny_lm())
+    asked: list[int] = []
+    allowed = [3]  # batches before the build fails
+
+    def score(rows: slice) -> np.ndarray:
+        if allowed[0] == 0:
+            raise RuntimeError("the teacher failed")
+        allowed[0] -= 1
+        asked.extend(range(rows.start, rows.stop))
+        width = max(len(s) for s in sequences[rows])
+        ids = torch.tensor(np.stack([np.pad(s, (0, width - len(s))) for s in sequences[rows]]))  # (B, T)
+        logprobs = F.log_softmax(teacher(ids, torch.ones_like(ids)) / 1.5, -1)  # (B, T, V)
+        chosen = logprobs[torch.from_numpy(np.stack([np.pad(m, (0, width - len(m))) for m in scored[rows]]))]
+        top, top_ids = chosen.topk(K)  # (n, K)
+        tail = chosen.scatter(-1, top_ids, float("-inf")).logsumexp(-1)  # (n,)
+        return codec.encode(top.detach().numpy(), top_ids.numpy(), tail.detach().numpy())
+
+    names = {k: v for k, v in SETTINGS.items() if k not in ("top_k", "vocab_size")}
+    options = dict(scored=scored, codec=codec, identity={"asked_for": 16}, batch_size=4, shard_tokens=40, **names)
+    with pytest.raises(RuntimeError, match="failed"):
+        build_scored_cache(score, sequences, tmp_path, **options)
+    done = json.loads((tmp_path / "partial.json").read_text())
+    assert done["asked_for"] == 16 and done["shards"]
+    first = sum(s["sequences"] for s in done["shards"])
+    asked.clear()
+    allowed[0] = 10**6
+    manifest = build_scored_cache(score, sequences, tmp_path, notes=lambda: {"note": "kept"}, **options)
+    assert asked == list(range(first, len(sequences)))  # only what the finished shards lack
+    assert manifest["note"] == "kept" and manifest["asked_for"] == 16
+    build(tmp_path / "reference")  # the same teacher through build_token_cache
+    for i in range(len(sequences)):
+        ours, theirs = TokenCache(tmp_path).batch([i], 24), TokenCache(tmp_path / "reference").batch([i], 24)
+        assert torch.equal(ours.mask, theirs.mask)
+        assert torch.allclose(ours.logprobs[ours.mask], theirs.logprobs[theirs.mask], atol=0.1)
+    with pytest.raises(CacheError, match="asked_for"):  # a build asking for something else is not mixed in
+        build_scored_cache(score, sequences, tmp_path, **{**options, "identity": {"asked_for": 20}})
+    with pytest.raises(ValueError, match="records"):
+        build_scored_cache(lambda rows: codec.encode(*[np.zeros((1, K))] * 2, np.zeros(1)), sequences,
+                           tmp_path / "wrong", **options)  # fmt: skip
 
 
 if __name__ == "__main__":  # the SIGKILL test's child: a slow build of the same cache

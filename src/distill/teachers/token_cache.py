@@ -156,31 +156,67 @@ def build_token_cache(
     A killed build (even SIGKILL) resumes from its finished shards without rescoring them; a finished cache for
     the same teacher, data and settings is reused as it is; a directory holding another cache is refused.
     """
-    if temperature <= 0 or batch_size < 1 or shard_tokens < 1:
-        raise ValueError("temperature, batch_size and shard_tokens must be positive")
     codec = Codec.for_sizes(top_k, vocab_size)
-    ids, masks, data_sha256 = _as_inputs(sequences, scored, vocab_size)
-    counts = np.array([int(m.sum()) for m in masks], np.int64)  # (N,)
-    identity = _identity(codec, temperature, teacher_name, teacher_revision, tokenizer_hash, data_id,
-                         data_sha256, ids, counts)  # fmt: skip
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    finished = _finished(directory, identity)
-    if finished is not None:
-        reporter.event("token cache reused", directory=str(directory))
-        return finished
-    shards = resumable_shards(directory, identity)
-    reporter.stage("teacher top-k cache", total=identity["positions"])
-    reporter.advance(sum(s["rows"] for s in shards))
+    ids, masks, _ = _as_inputs(sequences, scored, vocab_size)
 
     def score(rows: slice) -> np.ndarray:
         return _score(teacher, ids[rows], masks[rows], codec, temperature)
 
+    return build_scored_cache(
+        score, ids, directory, scored=masks, codec=codec, temperature=temperature, teacher_name=teacher_name,
+        teacher_revision=teacher_revision, tokenizer_hash=tokenizer_hash, data_id=data_id, batch_size=batch_size,
+        shard_tokens=shard_tokens, reporter=reporter,
+    )  # fmt: skip
+
+
+def build_scored_cache(
+    score: Callable[[slice], np.ndarray],
+    sequences: Sequence[np.ndarray | Tensor],
+    directory: Path | str,
+    *,
+    scored: Sequence[np.ndarray | Tensor] | None = None,
+    codec: Codec,
+    temperature: float,
+    teacher_name: str,
+    teacher_revision: str,
+    tokenizer_hash: str,
+    data_id: str,
+    identity: Mapping[str, Any] | None = None,
+    notes: Callable[[], Mapping[str, Any]] | None = None,
+    batch_size: int = 8,
+    shard_tokens: int = 1 << 20,
+    reporter: Reporter = NULL,
+) -> dict[str, Any]:
+    """`build_token_cache` for a teacher scored by the caller (a model behind a server, `served_cache`):
+    `score(rows)` returns the records (`codec.encode`) of the positions `scored` marks in sequences rows.start ..
+    rows.stop - 1, in data order. It is called only for the sequences after the finished shards, in order,
+    `batch_size` sequences at a time, and never for a finished cache (reused as it is). `identity` adds fields that
+    a resumed or reused build must match; `notes()` adds fields to the manifest when it is written."""
+    if temperature <= 0 or batch_size < 1 or shard_tokens < 1:
+        raise ValueError("temperature, batch_size and shard_tokens must be positive")
+    ids, masks, data_sha256 = _as_inputs(sequences, scored, codec.vocab_size)
+    counts = np.array([int(m.sum()) for m in masks], np.int64)  # (N,)
+    described = _identity(codec, temperature, teacher_name, teacher_revision, tokenizer_hash, data_id,
+                          data_sha256, ids, counts)  # fmt: skip
+    described.update(identity or {})
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    finished = _finished(directory, described)
+    if finished is not None:
+        reporter.event("token cache reused", directory=str(directory))
+        return finished
+    shards = resumable_shards(directory, described)
+    reporter.stage("teacher top-k cache", total=described["positions"])
+    reporter.advance(sum(s["rows"] for s in shards))
     start = sum(s["sequences"] for s in shards)
     for first, stop, records in _scored_shards(score, counts, start, batch_size, shard_tokens, codec, reporter):
-        _write_shard(directory, identity, shards, records, first, stop)
+        if records.dtype != codec.record_dtype or len(records) != counts[first:stop].sum():
+            raise ValueError(
+                f"score returned {len(records)} records of {records.dtype} for sequences {first}..{stop - 1}"
+            )
+        _write_shard(directory, described, shards, records, first, stop)
     reporter.end()
-    return _finish(directory, identity, shards, ids, masks, counts)
+    return _finish(directory, described, shards, ids, masks, counts, notes() if notes else None)
 
 
 def _finished(directory: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
@@ -245,6 +281,7 @@ def _finish(
     ids: list[np.ndarray],
     masks: list[np.ndarray],
     counts: np.ndarray,
+    notes: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write the index, then the manifest (last: its presence marks a finished cache); return the manifest."""
     digest = write_file(
@@ -256,7 +293,7 @@ def _finish(
             mask=np.packbits(np.concatenate(masks) if masks else np.zeros(0, bool)),
         ),
     )
-    manifest = {**identity, "index": {"file": INDEX, "sha256": digest}, "shards": shards}
+    manifest = {**identity, **(notes or {}), "index": {"file": INDEX, "sha256": digest}, "shards": shards}
     finish(directory, manifest)
     return manifest
 
