@@ -225,7 +225,7 @@ def test_run_lm_recipe_on_a_small_corpus(tmp_path):
         "corpus=corpus.txt", "vocab_size=300", "max_length=16", "top_k=8",
         "teacher.layers=1", "teacher.width=32", "teacher.heads=2",
         "student.layers=1", "student.width=16", "student.heads=2",
-        "teacher_train.epochs=1", "student_train.epochs=1",
+        "teacher_train.epochs=1", "student_train.epochs=1", "tasks=20",
     ]  # fmt: skip
     args = ["run", "--recipe", "lm", "--output", "out", "--json"] + [a for s in settings for a in ("--set", s)]
     result = distill_cli(*args, cwd=tmp_path)
@@ -237,7 +237,15 @@ def test_run_lm_recipe_on_a_small_corpus(tmp_path):
         assert row["perplexity"] > 1 and 0 <= row["agreement"] <= 1 and row["kl_to_teacher"] >= 0
         assert row["params"] < metrics["models"]["teacher"]["params"]
     assert metrics["cache"]["top_k"] == 8
+    tasks = metrics["tasks"]  # lm-evaluation-harness on the held-out texts: every model, the students' retention
+    assert set(tasks["scores"]) == {"teacher", "student-distilled", "student-alone"}
+    for name, scores in tasks["scores"].items():
+        assert 0 <= scores["lm_continuation"]["acc"] <= 1 and scores["lm_perplexity"]["word_perplexity"] > 1, name
+    kept = tasks["retention"]["student-distilled"]["lm_perplexity"]["word_perplexity"]
+    teacher, student = (tasks["scores"][n]["lm_perplexity"]["word_perplexity"] for n in ("teacher", "student-distilled"))
+    assert kept == pytest.approx(teacher / student)
     assert (tmp_path / "out" / "report.md").is_file()
+    assert "Task scores (lm-evaluation-harness)" in (tmp_path / "out" / "report.md").read_text()
     assert (tmp_path / "out" / "models" / "student-distilled" / "tokenizer.json").is_file()
     again = distill_cli(*args, "--resume", cwd=tmp_path)  # every stage is done: reused, same figures
     assert again.returncode == 0, again.stderr

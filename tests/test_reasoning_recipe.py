@@ -95,6 +95,19 @@ def test_the_recipe_runs_end_to_end_and_writes_its_outputs(first_run: tuple[Path
         assert phrase in report
 
 
+def test_the_report_has_the_task_scores_of_every_model(first_run: tuple[Path, dict[str, Any]]) -> None:
+    """lm-evaluation-harness on the held-out problems: each model's exact-match answers and the solutions'
+    perplexity, with every student's retention; the exact match agrees with the recipe's own greedy accuracy."""
+    output, metrics = first_run
+    tasks = metrics["tasks"]
+    assert set(tasks["scores"]) == set(metrics["models"]) and tasks["teacher"] == "teacher"
+    for name, scores in tasks["scores"].items():
+        assert scores["reasoning_answers"]["exact_match"] == pytest.approx(metrics["models"][name]["accuracy"]), name
+        assert scores["reasoning_solutions"]["word_perplexity"] > 1
+    assert set(tasks["retention"]) == set(metrics["models"]) - {"teacher"}
+    assert "Task scores (lm-evaluation-harness)" in (output / "report.md").read_text()
+
+
 def test_a_resumed_run_reuses_the_traces_and_models(first_run: tuple[Path, dict[str, Any]]) -> None:
     output, metrics = first_run
     recipe = RECIPES["reasoning"]

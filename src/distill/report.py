@@ -78,6 +78,25 @@ def learning_curves(histories: dict[str, list[dict[str, float]]], metric: str) -
     return {"learning_curves.png": plots.learning_curves(usable, metric)} if usable else {}
 
 
+def task_table(evaluation: dict[str, Any]) -> Table:
+    """Task scores from lm-evaluation-harness (`distill.eval_lm.compare`): per task and metric, every model's score
+    and, for each student, the share of the teacher's it keeps."""
+    scores, teacher = evaluation["scores"], evaluation["teacher"]
+    students = [name for name in scores if name != teacher]
+    header = ["task", "metric", teacher, *(f"{name} ({kept})" for name in students for kept in ("score", "retention"))]
+    rows = []
+    for task, metrics in scores[teacher].items():
+        for metric, value in metrics.items():
+            if metric.startswith("_"):
+                continue
+            row = [task, metric, num(value, 4)]
+            for name in students:
+                kept = evaluation["retention"][name].get(task, {}).get(metric)
+                row += [num(scores[name].get(task, {}).get(metric), 4), pct(kept)]
+            rows.append(row)
+    return Table("Task scores (lm-evaluation-harness) and retention", header, rows)
+
+
 def classification_table(metrics: dict[str, Any]) -> Table:
     """Teacher vs student alone vs student distilled (and, with an ensemble, the student from one teacher)."""
     teacher, alone, student = metrics["teacher"], metrics["student_alone"], metrics["student_distilled"]

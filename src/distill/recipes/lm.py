@@ -9,6 +9,7 @@ and size. Every model folder holds its tokenizer, so each loads (and serves) on 
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 from pathlib import Path
@@ -32,11 +33,14 @@ from distill.config import (
 )
 from distill.data import read_lines, read_table
 from distill.errors import DataError
+from distill.eval_lm import LocalTask, compare, scores, write_tasks
+from distill.eval_lm import Model as EvalModel
+from distill.eval_lm import summary as eval_summary
 from distill.lm_data import Example, LMDataset, tokenize_examples
 from distill.lm_models import gpt2, run_tokenizer, speed_inputs, weights_bytes
 from distill.models import count_parameters
 from distill.recipes.recipe import Recipe
-from distill.report import Report, Table, count, num, pct, ratio, seconds, size
+from distill.report import Report, Table, count, num, pct, ratio, seconds, size, task_table
 from distill.stages import RunContext, train_or_resume
 from distill.teachers.token_cache import TokenCache, build_token_cache, causal_lm_logits, verify_token_cache
 from distill.train import train
@@ -60,6 +64,10 @@ class LMConfig(Strict):
     )
     student_train: TrainConfig = Field(
         default_factory=lambda: TrainConfig(epochs=3, batch_size=32, lr=2e-3, schedule="cosine", warmup=0.05)
+    )
+    tasks: Rows = Field(
+        200,
+        description="held-out texts each task of lm-evaluation-harness gets (continuation choice, perplexity); 0 = no tasks",
     )
     seed: Seed = 0
 
@@ -158,6 +166,42 @@ def _scores(
     return rows
 
 
+def continuation_choices(texts: list[str], count: int, seed: int) -> list[dict[str, Any]]:
+    """A multiple-choice task from held-out texts: the first half of a text's words, and its true ending among the
+    endings of three other texts (HellaSwag's idea, on local data)."""
+    long = [t.split() for t in texts if len(t.split()) >= 6][: count + 3]
+    rng = random.Random(seed)
+    rows = []
+    for i, words in enumerate(long[:count]):
+        cut = len(words) // 2
+        others = rng.sample([j for j in range(len(long)) if j != i], 3)
+        endings = [" ".join(words[cut:])] + [" ".join(long[j][len(long[j]) // 2 :]) for j in others]
+        order = rng.sample(range(4), 4)
+        rows.append({"query": " ".join(words[:cut]), "choices": [endings[k] for k in order], "gold": order.index(0)})
+    return rows
+
+
+def task_scores(texts: list[str], config: LMConfig, context: RunContext, models: list[str]) -> dict[str, Any]:
+    """Every model of the run on two local tasks of lm-evaluation-harness over held-out texts (`lm_continuation`,
+    multiple choice; `lm_perplexity`), with each student's retention against the teacher."""
+    folder = context.output / "eval"
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = {"continuation": continuation_choices(texts, config.tasks, config.seed),
+            "perplexity": [{"text": t} for t in texts[: config.tasks]]}  # fmt: skip
+    for name, items in rows.items():
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items), encoding="utf-8")
+    tasks = [LocalTask("lm_continuation", "choice", folder / "continuation.jsonl"),
+             LocalTask("lm_perplexity", "perplexity", folder / "perplexity.jsonl")]  # fmt: skip
+    include = write_tasks(tasks, folder / "tasks")
+    context.reporter.stage("tasks (lm-evaluation-harness)", total=len(models))
+    by_model = {}
+    for name in models:
+        by_model[name] = scores(EvalModel(path=context.output / "models" / name), [t.name for t in tasks], include)
+        context.reporter.advance(1)
+    context.reporter.end()
+    return compare(by_model)
+
+
 def run(config: LMConfig, context: RunContext) -> dict[str, Any]:
     """Tokenizer, teacher, cache, students, scores; the metrics."""
     context.reporter.stage("data", total=None)
@@ -178,7 +222,9 @@ def run(config: LMConfig, context: RunContext) -> dict[str, Any]:
     rows = _scores(trained, held_out, context)
     context.reporter.end()
     shutil.copytree(context.output / "models" / "student-distilled", context.output / "student", dirs_exist_ok=True)
+    evaluation = task_scores(held_out_texts, config, context, list(trained)) if config.tasks else None
     return {
+        "tasks": evaluation,
         "recipe": "lm",
         "description": (
             f"{len(train_texts)} training texts and {len(held_out_texts)} held-out texts; byte-level BPE "
@@ -241,8 +287,9 @@ def report(metrics: dict[str, Any]) -> Report:
     return Report(
         title="distill report: lm",
         description=metrics["description"],
-        summary=summary,
-        tables=[Table("Teacher vs students (held-out texts)", header, rows)],
+        summary=summary + (eval_summary(metrics["tasks"]) if metrics.get("tasks") else []),
+        tables=[Table("Teacher vs students (held-out texts)", header, rows)]
+        + ([task_table(metrics["tasks"])] if metrics.get("tasks") else []),
         notes=notes,
         images={"learning_curves.png": plots.learning_curves(histories, "loss")},
     )

@@ -53,6 +53,8 @@ from distill.config import (
 from distill.data import read_json
 from distill.engine import context_length
 from distill.errors import DistillError
+from distill.eval_lm import LocalTask, compare, scores, write_tasks
+from distill.eval_lm import Model as EvalModel
 from distill.generate.answers import Endpoint, PromptRecord, RequestParams, apply_template, generate, sample_id
 from distill.generate.client import Prices, TeacherClient
 from distill.generate.cot import QUESTION_ONLY_TEMPLATE, build_prompt, read_traces, split_traces, write_split
@@ -134,6 +136,10 @@ class ReasoningConfig(Strict):
     output_price: Weight = Field(0.6, description="nominal price per million completion tokens")
     threads: Workers | None = Field(
         1, description="torch CPU threads during the run (restored after); null leaves torch's setting"
+    )
+    tasks: Rows = Field(
+        300,
+        description="held-out problems in the lm-evaluation-harness tasks (answers, solutions' perplexity); 0 = none",
     )
     seed: Seed = 0
 
@@ -389,6 +395,30 @@ def _traces(
     return verified, summary, generation
 
 
+def task_scores(held_out: list[Problem], config: ReasoningConfig, context: RunContext, models: list[str],
+                max_tokens: int) -> dict[str, Any]:  # fmt: skip
+    """Every model on two local tasks of lm-evaluation-harness over held-out problems (`reasoning_answers`: the final
+    answer of a greedy solution, exact match; `reasoning_solutions`: perplexity of the worked solutions), with each
+    student's retention against the teacher."""
+    folder = context.output / "eval"
+    folder.mkdir(parents=True, exist_ok=True)
+    chosen = held_out[: config.tasks]
+    answers = [{"question": p.question, "answer": p.answer} for p in chosen]
+    solutions = [{"text": prompt_of(p) + p.solution} for p in chosen]
+    for name, rows in (("answers", answers), ("solutions", solutions)):
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    tasks = [LocalTask("reasoning_answers", "answer", folder / "answers.jsonl", PROMPT, max_tokens),
+             LocalTask("reasoning_solutions", "perplexity", folder / "solutions.jsonl")]  # fmt: skip
+    include = write_tasks(tasks, folder / "tasks")
+    context.reporter.stage("tasks (lm-evaluation-harness)", total=len(models))
+    by_model = {}
+    for name in models:
+        by_model[name] = scores(EvalModel(path=context.output / "models" / name), [t.name for t in tasks], include)
+        context.reporter.advance(1)
+    context.reporter.end()
+    return compare(by_model, TEACHER)
+
+
 def run(config: ReasoningConfig, context: RunContext) -> dict[str, Any]:
     """Teacher, verified traces through its API, a student on the traces and one on answers only; the metrics.
 
@@ -425,7 +455,10 @@ def _run(config: ReasoningConfig, context: RunContext) -> dict[str, Any]:
     rows = evaluate_models({TEACHER: teacher, **students}, tokenizer, held_out, context.output,
                            max_length=config.max_length, max_tokens=max_tokens, reporter=context.reporter)  # fmt: skip
     lap("evaluate")
+    evaluation = task_scores(held_out, config, context, list(rows), max_tokens) if config.tasks else None
+    lap("tasks")
     return {
+        "tasks": evaluation,
         "recipe": "reasoning",
         "description": (
             f"{len(train_problems)} generated word problems ({'/'.join(map(str, config.steps))} calculations) train "

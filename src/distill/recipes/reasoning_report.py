@@ -6,8 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 from distill import plots
+from distill.eval_lm import summary as eval_summary
 from distill.generate.solve import OPERATIONS
-from distill.report import Report, Table, count, learning_curves, num, pct, ratio, seconds, size
+from distill.report import Report, Table, count, learning_curves, num, pct, ratio, seconds, size, task_table
 
 OPS = list(OPERATIONS)
 
@@ -163,11 +164,12 @@ def report(metrics: dict[str, Any]) -> Report:
     return Report(
         title="distill report: reasoning",
         description=metrics["description"],
-        summary=_summary(models, traces, arithmetic),
+        summary=_summary(models, traces, arithmetic) + (eval_summary(metrics["tasks"]) if metrics.get("tasks") else []),
         tables=[
             _models_table(models),
             _traces_table(traces),
             Table("Calculations 'a op b = c' in the held-out answers that are right", ["model", *OPS], arithmetic),
+            *([task_table(metrics["tasks"])] if metrics.get("tasks") else []),
         ],
         notes=_notes(metrics),
         images={
