@@ -117,6 +117,8 @@ class Completion:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost: float = 0.0
+    choice: Mapping[str, Any] | None = None
+    """The choice as the server sent it (`complete_raw` only): for answers this class does not model."""
 
 
 _Parse = Callable[[Mapping[str, Any]], Completion]
@@ -214,6 +216,12 @@ class TeacherClient:
         if top_logprobs is not None:
             body["logprobs"] = top_logprobs
         return await self._post("/completions", body, n, _text_choice)
+
+    async def complete_raw(self, body: Mapping[str, Any]) -> Completion:
+        """One `/completions` request with the caller's own fields (the model is added), retried, counted and costed
+        like the others; the one choice comes back as the server sent it (`Completion.choice`). For requests whose
+        answer `Completion` does not model, such as teacher-forced scoring (`distill.teachers.served_cache`)."""
+        return (await self._post("/completions", {"model": self.model, **body}, 1, _raw_choice))[0]
 
     async def aclose(self) -> None:
         """Close the connections; the client stays usable (the next request opens new ones)."""
@@ -414,6 +422,13 @@ def _text_choice(choice: Mapping[str, Any]) -> Completion:
         values = [float(x) if x is not None else 0.0 for x in raw["token_logprobs"]]
         logprobs = TokenLogprobs([str(t) for t in raw["tokens"]], values, top)
     return Completion(text, choice.get("finish_reason"), logprobs)
+
+
+def _raw_choice(choice: Mapping[str, Any]) -> Completion:
+    if not isinstance(choice, Mapping):
+        raise TypeError("a choice is not an object")
+    text = choice.get("text")
+    return Completion(text if isinstance(text, str) else "", choice.get("finish_reason"), choice=choice)
 
 
 def _error_message(response: httpx.Response) -> str:
