@@ -222,6 +222,28 @@ class CacheBuildOptions(Strict):
     batch_size: Annotated[BatchSize, Field(le=1024)] = Field(8, description="sequences scored at once")
 
 
+class ServedCacheOptions(Strict):
+    """The settings of `distill cache build --base-url` (the teacher behind an OpenAI-compatible server scores the
+    data): its CLI options and the service's cache-build jobs with `api` validate here. The server's log-probs are
+    the teacher's at temperature 1, so the cache's temperature is 1."""
+
+    top_k: Annotated[TopK, Field(le=4096)] = Field(
+        20, description="log-probs asked for per token (the cache keeps min(k, what the server returns))"
+    )
+    max_length: Annotated[Length, Field(ge=8, le=32_768)] = Field(512, description="tokens per example")
+    concurrency: Workers = Field(16, description="requests in flight at most")
+    timeout: Annotated[float, Field(gt=0, le=3600)] = Field(
+        120.0, description="seconds a response may take before it is retried"
+    )
+    max_retries: Annotated[int, Field(ge=0, le=20)] = Field(6, description="retries per request (429, 5xx, timeouts)")
+    price_input: Annotated[float, Field(ge=0, le=1e6)] = Field(
+        0.0, description="price per million prompt tokens, for the cost figure"
+    )
+    price_output: Annotated[float, Field(ge=0, le=1e6)] = Field(
+        0.0, description="price per million completion tokens, for the cost figure"
+    )
+
+
 class GenerateOptions(Strict):
     """The settings of `distill generate` (a teacher's answers through its API): its CLI options and the service's
     generate jobs validate here, with these defaults."""

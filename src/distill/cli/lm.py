@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -21,20 +22,37 @@ from distill.cli.app import (
     store_dir,
     without,
 )
+from distill.errors import DistillError
 
 cache_app = typer.Typer(help="Teacher log-prob caches for language models: score the data once, train many students.")
 app.add_typer(cache_app, name="cache")
 BUILD = cfg.CacheBuildOptions
+SERVED = cfg.ServedCacheOptions
+TOP_K_HELP = (
+    f"Log-probs kept per token (default: {BUILD.model_fields['top_k'].default} from --teacher, about 300 bytes a "
+    f"token at 128; {SERVED.model_fields['top_k'].default} from --base-url, where the cache keeps min(k, what the "
+    "server returns))."
+)
 
 
 @cache_app.command("build")
 def cache_build(
-    teacher: str = typer.Option(..., help="The teacher: a causal LM folder (save_pretrained) or a hub name."),
     data: Path = typer.Option(..., help="JSONL: prompt/completion, messages, text or question/answer rows."),
     directory: Path = typer.Option(..., "--out", help="The cache directory (a killed build resumes in it)."),
-    top_k: Optional[int] = typer.Option(
-        None, help=option_help(BUILD, "top_k", "log-probs kept per token (about 300 bytes a token at 128)")
+    teacher: Optional[str] = typer.Option(
+        None, help="The teacher: a causal LM folder (save_pretrained) or a hub name; or a served one (--base-url)."
     ),
+    base_url: Optional[str] = typer.Option(
+        None,
+        help="A served teacher instead: its OpenAI-compatible endpoint (vLLM, SGLang, distill serve), e.g. "
+        "http://127.0.0.1:8000/v1; it scores the data, teacher-forced, and never loads here.",
+    ),
+    model: Optional[str] = typer.Option(None, help="With --base-url: the teacher model's id at that endpoint."),
+    student: Optional[str] = typer.Option(
+        None, help="With --base-url: the student (folder or hub name) whose tokenizer the cache is for."
+    ),
+    api_key_env: str = typer.Option("OPENAI_API_KEY", help="Environment variable holding the API key (if any)."),
+    top_k: Optional[int] = typer.Option(None, help=TOP_K_HELP),
     temperature: Optional[float] = typer.Option(
         None, help=option_help(BUILD, "temperature", "temperature of the stored distribution (the loss must match it)")
     ),
@@ -42,19 +60,83 @@ def cache_build(
         None, help=option_help(BUILD, "max_length", "tokens per example (longer ones are cut)")
     ),
     batch_size: Optional[int] = typer.Option(None, help=option_help(BUILD, "batch_size")),
+    concurrency: Optional[int] = typer.Option(None, help=option_help(SERVED, "concurrency")),
+    timeout: Optional[float] = typer.Option(None, help=option_help(SERVED, "timeout")),
+    max_retries: Optional[int] = typer.Option(None, help=option_help(SERVED, "max_retries")),
+    price_input: Optional[float] = typer.Option(None, help=option_help(SERVED, "price_input")),
+    price_output: Optional[float] = typer.Option(None, help=option_help(SERVED, "price_output")),
 ) -> None:
-    """Score a data file once with a teacher LM and store its top-k next-token log-probs, sharded and checksummed."""
+    """Score a data file once with a teacher LM and store its top-k next-token log-probs, sharded and checksummed.
+
+    The teacher is a local model (--teacher) or one behind an OpenAI-compatible server (--base-url, --model,
+    --student): each row's tokens are sent as the prompt and the server returns the log-probs of every one of them
+    (vLLM's prompt_logprobs, or echo with logprobs), so the teacher never enters this machine's memory. The server
+    must share the student's vocabulary (checked token by token); the cache keeps min(k, what the server returns)
+    log-probs per token at temperature 1. A killed build resumes without asking again for what it stored."""
+    local = given(temperature=temperature, batch_size=batch_size)
+    served = given(concurrency=concurrency, timeout=timeout, max_retries=max_retries, price_input=price_input,
+                   price_output=price_output)  # fmt: skip
+    if (teacher is None) == (base_url is None):
+        raise DistillError("give --teacher (a local teacher LM) or --base-url (a served one), not both" if teacher
+                           else "give --teacher (a local teacher LM) or --base-url with --model and --student")  # fmt: skip
+    common = given(top_k=top_k, max_length=max_length)
+    if teacher is not None:
+        wrong = sorted(given(model=model, student=student, **served))
+        if wrong:
+            raise DistillError(f"--{wrong[0].replace('_', '-')} applies to a served teacher (--base-url) only")
+        _build_local(teacher, data, directory, checked_options(BUILD, {**common, **local}))
+        return
+    if local:
+        hint = " (a served teacher's log-probs are at temperature 1)" if "temperature" in local else ""
+        raise DistillError(f"--{sorted(local)[0].replace('_', '-')} applies to a local --teacher only{hint}")
+    if model is None or student is None:
+        raise DistillError("--base-url needs --model (the teacher's id there) and --student (its tokenizer)")
+    options = checked_options(SERVED, {**common, **served})
+    _build_served(base_url or "", model, student, os.environ.get(api_key_env) or None, data, directory, options)
+
+
+def _build_local(teacher: str, data: Path, directory: Path, options: cfg.CacheBuildOptions) -> None:
     from distill import hf
     from distill.teachers.token_cache import verify_token_cache
 
-    options = checked_options(BUILD, given(top_k=top_k, temperature=temperature, max_length=max_length,
-                                           batch_size=batch_size))  # fmt: skip
     with RichReporter(err) as reporter:
         hf.build_lm_cache(teacher, data, directory, **options.model_dump(), store=store_dir(), reporter=reporter)
     summary = verify_token_cache(directory)
     out.print(
         f"cache {directory}: {summary['positions']:,} positions of {summary['sequences']:,} sequences, "
         f"{summary['bytes_per_position']:.1f} bytes each (k = {summary['top_k']}); checksums verified"
+    )
+
+
+def _build_served(
+    base_url: str,
+    model: str,
+    student: str,
+    api_key: str | None,
+    data: Path,
+    directory: Path,
+    options: cfg.ServedCacheOptions,
+) -> None:
+    from distill import hf
+    from distill.teachers.served_cache import build_served_cache_with
+    from distill.teachers.token_cache import verify_token_cache
+
+    with RichReporter(err) as reporter:
+        tokenizer = hf.load_tokenizer(student, store_dir())
+        built = build_served_cache_with(options, base_url.rstrip("/"), model, api_key, data, tokenizer, directory,
+                                        reporter)  # fmt: skip
+    summary = verify_token_cache(directory)
+    asked = (
+        f"{built.rows_asked:,} rows scored with {built.scoring} ({built.requests:,} requests, {built.retries:,} "
+        f"retries, {built.prompt_tokens:,} prompt and {built.completion_tokens:,} completion tokens, cost "
+        f"{built.cost:.4f}; {built.tokens_checked:,} token texts checked against the student's tokenizer)"
+        if built.requests
+        else "finished before: nothing asked"
+    )
+    out.print(
+        f"cache {directory}: {summary['positions']:,} positions of {summary['sequences']:,} sequences, "
+        f"{summary['bytes_per_position']:.1f} bytes each; k = {built.top_k} of the {built.top_k_requested} asked "
+        f"(what {model} at {base_url} returns); {asked}; checksums verified"
     )
 
 

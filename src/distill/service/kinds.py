@@ -5,7 +5,7 @@
 | `recipe`      | the recipe's own model (`RECIPES`; mnist1d by default) | `distill run --recipe NAME`          |
 | `train`       | `ArraysJobConfig`                                    | `distill train`                        |
 | `train-lm`    | `LMJobConfig`                                        | `distill train-lm`                     |
-| `cache-build` | `CacheBuildJobConfig` (below)                        | `distill cache build`                  |
+| `cache-build` | `CacheBuildJobConfig`; with `api`, `ServedCacheBuildJobConfig` | `distill cache build` (`--base-url`) |
 | `generate`    | `GenerateJobConfig` (below)                          | `distill generate`, against a configured endpoint |
 | `evaluate`    | `EvaluateJobConfig` (`service/evaluation.py`)        | a saved MLP/CNN scored on an uploaded file |
 
@@ -25,7 +25,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from distill.config import CacheBuildOptions, ConfigError, GenerateOptions, resolve
+from distill.config import CacheBuildOptions, ConfigError, GenerateOptions, ServedCacheOptions, resolve
 from distill.recipes import RECIPES, run_recipe
 from distill.service.errors import ServiceError
 from distill.service.evaluation import EvaluateJobConfig, evaluate_saved
@@ -41,7 +41,20 @@ class CacheBuildJobConfig(CacheBuildOptions):
     """`distill cache build`: score a JSONL file once with a teacher LM and keep its top-k log-probs (the settings
     and their bounds are the CLI's, `CacheBuildOptions`)."""
 
-    teacher: str = Field(description="the teacher: a finished job's causal LM (job-...)")
+    teacher: str = Field(description="the teacher: a finished job's causal LM (job-...); or give api instead")
+    data: Path = Field(description="JSONL: prompt/completion, messages, text or question/answer rows (file-...)")
+
+
+class ServedCacheBuildJobConfig(ServedCacheOptions):
+    """`distill cache build --base-url`: the same cache, scored by a teacher endpoint configured on the service (as
+    generate jobs call one) through teacher-forced scoring; the settings and their bounds are the CLI's,
+    `ServedCacheOptions`."""
+
+    api: str = Field(
+        max_length=200, description="name of a teacher endpoint configured on the service (DISTILL_TEACHERS)"
+    )
+    model: str = Field(min_length=1, max_length=200, description="the teacher model's id at that endpoint")
+    student: str = Field(description="the student whose tokenizer the cache is for: a finished job's causal LM")
     data: Path = Field(description="JSONL: prompt/completion, messages, text or question/answer rows (file-...)")
 
 
@@ -63,6 +76,23 @@ def _recipe_model(raw: dict[str, Any]) -> tuple[type[BaseModel], dict[str, Any]]
             422, f"config.recipe: unknown recipe {name!r}; choose one of {', '.join(RECIPES)}", param="config.recipe"
         )
     return RECIPES[name].config, {**raw, "recipe": name}
+
+
+def _cache_build_model(raw: dict[str, Any]) -> tuple[type[BaseModel], dict[str, Any]]:
+    """A cache-build job's teacher is a finished job's model (`teacher`) or a configured endpoint (`api`)."""
+    if "api" not in raw:
+        return CacheBuildJobConfig, raw
+    if "teacher" in raw:
+        raise ServiceError(
+            422, "config.teacher: give teacher (a job's model) or api (a teacher endpoint), not both",
+            param="config.teacher",
+        )  # fmt: skip
+    return ServedCacheBuildJobConfig, raw
+
+
+def _check_cache_build(config: BaseModel, settings: Settings) -> None:
+    if isinstance(config, ServedCacheBuildJobConfig):
+        _check_generate(config, settings)
 
 
 def _check_recipe(config: BaseModel, settings: Settings) -> None:
@@ -90,13 +120,23 @@ def _run_recipe(config: Any, run: RunContext, settings: Settings) -> dict[str, A
 
 def _run_cache_build(config: Any, run: RunContext, settings: Settings) -> dict[str, Any]:
     from distill import hf
+    from distill.teachers.served_cache import build_served_cache_with
     from distill.teachers.token_cache import verify_token_cache
 
     directory = run.output / "teacher-cache"
-    options = CacheBuildOptions.model_validate(config.model_dump(include=set(CacheBuildOptions.model_fields)))
-    hf.build_lm_cache(config.teacher, config.data, directory, **options.model_dump(), store=run.store,
-                      reporter=run.reporter)  # fmt: skip
-    metrics = {"recipe": "cache-build", **verify_token_cache(directory)}
+    served: dict[str, Any] = {}
+    if isinstance(config, ServedCacheBuildJobConfig):
+        base_url, api_key = settings.teachers[config.api]
+        options = ServedCacheOptions.model_validate(config.model_dump(include=set(ServedCacheOptions.model_fields)))
+        tokenizer = hf.load_tokenizer(config.student, run.store)
+        summary = build_served_cache_with(options, base_url, config.model, api_key, config.data, tokenizer, directory,
+                                          run.reporter)  # fmt: skip
+        served = {"served": summary.to_json()}
+    else:
+        local = CacheBuildOptions.model_validate(config.model_dump(include=set(CacheBuildOptions.model_fields)))
+        hf.build_lm_cache(config.teacher, config.data, directory, **local.model_dump(), store=run.store,
+                          reporter=run.reporter)  # fmt: skip
+    metrics = {"recipe": "cache-build", **verify_token_cache(directory), **served}
     (run.output / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     return metrics
 
@@ -131,7 +171,7 @@ KINDS: dict[str, Kind] = {
     "recipe": Kind(_recipe_model, "hf", _run_recipe, _check_recipe),
     "train": Kind(_fixed(ArraysJobConfig), "array", lambda c, r, s: run_train_arrays(c, r)),
     "train-lm": Kind(_fixed(LMJobConfig), "hf", lambda c, r, s: run_train_lm(c, r)),
-    "cache-build": Kind(_fixed(CacheBuildJobConfig), "hf", _run_cache_build),
+    "cache-build": Kind(_cache_build_model, "hf", _run_cache_build, _check_cache_build),
     "generate": Kind(_fixed(GenerateJobConfig), "hf", _run_generate, _check_generate),
     "evaluate": Kind(_fixed(EvaluateJobConfig), "array", lambda c, r, s: evaluate_saved(c, r.output, r.reporter)),
 }

@@ -1,0 +1,450 @@
+"""A teacher's top-k token cache built through its server, by teacher-forced scoring over an OpenAI-compatible API
+(vLLM, SGLang, `distill serve`), so the teacher never enters this machine's memory (`distill cache build
+--base-url URL --model NAME`). The cache is the one `distill cache build --teacher` writes (`token_cache`).
+
+**Requests.** Each row is tokenized with the student's tokenizer exactly as `cache build` and `train-lm` tokenize
+it (`lm_data.read_examples`, `tokenize_examples`), and its token ids are sent as the prompt of one `/completions`
+request that asks for the log-probs of the prompt's own tokens, in the first of two formats the server answers
+(probed once, on the first row asked):
+
+    prompt_logprobs  vLLM's: {"prompt": [ids], "prompt_logprobs": k, "max_tokens": 1}; the choice's
+                     `prompt_logprobs` is a list, None first, then for each token j a dict {"<id>": {"logprob",
+                     "rank", "decoded_token"}} holding token j itself and the k most likely tokens
+    echo             OpenAI's legacy: {"prompt": [ids], "echo": true, "logprobs": k, "max_tokens": 0}; the choice's
+                     `logprobs` holds `tokens` (texts), `token_logprobs` and `top_logprobs` ({text: logprob}), each
+                     None first
+
+A server that answers neither (refusing the fields with a 4xx, or answering without them) is refused at once:
+"the server at URL cannot score prompts (...)", with what each format got.
+
+**What is kept.** Entry j is the teacher's distribution of token j given the tokens before it: the cache's position
+t = j - 1. The cache keeps the positions the local build keeps (those predicting a completion token), and at each
+the K most likely ids, their log-probs and the tail bucket (1 - their mass), where K = min(k asked, the entries
+the server returned at a position of the first row asked, the vocabulary): an API gives at most 20 or so where the
+local build can keep hundreds. With prompt_logprobs the ids are the server's; with echo the alternatives come back
+as texts and map to ids through the student's vocabulary as `api_logprobs` maps them (a text that no single id
+gives falls into the tail), the sent token's id and log-prob being known. Servers report log-probs at temperature
+1, so the cache's temperature is 1.
+
+**Same vocabulary.** The server is sent ids and tokenizes nothing, but its vocabulary must be the student's: the
+text it reports for each sent token (`decoded_token`, or the echoed token) must be the text that id adds in the
+student's tokenizer (what `api_logprobs.token_pieces` computes). Positions where either text is empty or holds part
+of a UTF-8 character ("\\ufffd") prove nothing and are passed over; any other difference stops the build with the
+mismatch error. OpenAI-compatible servers do not publish a hash of their tokenizer; the manifest records the
+student's (`tokenizer_hash`, what `train-lm` checks) and how many of the server's token texts were compared.
+
+**Resume, concurrency, cost.** The records are written by `token_cache.build_scored_cache` (the local build's
+shards, index, manifest): a killed build resumes after its finished shards and asks only for the rows after them;
+a finished cache is reused without a request. Up to the client's `concurrency` requests are in flight (retried with
+backoff by `TeacherClient`) and the answers are taken in data order. Tokens and cost are the server's `usage`
+priced as `distill generate` prices them; the manifest's `served` section records the server, the format, the k
+asked and kept, and the usage of the run that finished the cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+from collections import deque
+from collections.abc import Callable, Coroutine, Generator, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from distill.config import ServedCacheOptions
+from distill.engine import PIECE_CONTEXT
+from distill.errors import CacheError, DistillError
+from distill.generate.client import Prices, TeacherClient, TeacherClientError, Usage
+from distill.lm_data import read_examples, tokenize_examples
+from distill.losses import LOG_FLOOR
+from distill.progress import NULL, Reporter
+from distill.teachers.api_logprobs import REPLACEMENT, VocabularyText
+from distill.teachers.cache_files import MANIFEST, PARTIAL, read_json
+from distill.teachers.token_cache import build_scored_cache
+from distill.teachers.token_codec import Codec
+
+SCORING = ("prompt_logprobs", "echo")  # the formats asked for, in this order
+REVISION = "served"  # an API does not say which weights answer
+SHARD_TOKENS = 1 << 16  # positions per shard: at most what a killed build asks for again
+ROWS_PER_CALL = 8  # rows turned into records at once
+
+
+@dataclass
+class ServedCacheSummary:
+    rows: int  # rows of the data
+    rows_asked: int  # rows asked of the server by this run (the others were in finished shards)
+    positions: int  # positions the cache holds (the completions' tokens)
+    top_k: int  # entries per position: min(k asked, what the server returned, the vocabulary)
+    top_k_requested: int
+    scoring: str | None  # prompt_logprobs or echo; None when nothing was asked
+    tokens_checked: int  # server token texts compared with the student's tokenizer (all agreed)
+    requests: int
+    retries: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost: float
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Missing(Exception):
+    """An answer without what its format promises (the server does not speak that format)."""
+
+
+@dataclass
+class _Row:
+    candidates: list[list[tuple[int, float]]]  # per scored position, (id, log-prob) pairs the server gave
+    returned: int  # the most top entries the server gave at one position
+
+
+def build_served_cache_with(
+    options: ServedCacheOptions,
+    base_url: str,
+    model: str,
+    api_key: str | None,
+    data: Path,
+    tokenizer: Any,
+    directory: Path,
+    reporter: Reporter = NULL,
+) -> ServedCacheSummary:
+    """`build_served_cache` with the settings of `distill cache build --base-url` (its options, or a service job's)."""
+    client = TeacherClient(
+        base_url,
+        model,
+        api_key=api_key,
+        concurrency=options.concurrency,
+        timeout=options.timeout,
+        max_retries=options.max_retries,
+        prices=Prices(input_per_million=options.price_input, output_per_million=options.price_output),
+    )
+    return build_served_cache(
+        client, data, tokenizer, directory, top_k=options.top_k, max_length=options.max_length, reporter=reporter
+    )
+
+
+def build_served_cache(
+    client: TeacherClient,
+    data: Path,
+    tokenizer: Any,
+    directory: Path,
+    *,
+    top_k: int,
+    max_length: int = 512,
+    shard_tokens: int = SHARD_TOKENS,
+    reporter: Reporter = NULL,
+) -> ServedCacheSummary:
+    """Score the JSONL `data` (tokenized by `tokenizer`, the student's) with the teacher `client` serves and store
+    the top-`top_k` log-probs of the completions' tokens as a token cache in `directory` (module docstring).
+    DistillError when the server cannot score prompts or its vocabulary is not the tokenizer's; CacheError when
+    `directory` holds another cache; TeacherClientError when a request fails for good (run again to resume)."""
+    from distill.hf import tokenizer_fingerprint
+
+    if top_k < 1:
+        raise ValueError(f"top_k must be at least 1, not {top_k}")
+    dataset = tokenize_examples(tokenizer, read_examples(Path(data), tokenizer), max_length)
+    sequences = [s.tolist() for s in dataset.sequences]
+    masks = [dataset.scored(i).numpy() for i in range(len(dataset))]
+    names = {"teacher_name": client.model, "teacher_revision": REVISION, "data_id": dataset.fingerprint(),
+             "tokenizer_hash": tokenizer_fingerprint(tokenizer)}  # fmt: skip
+    before = client.usage.snapshot()
+    with _event_loop(client) as loop:
+        scorer = _Scorer(client, tokenizer, sequences, masks, top_k, loop)
+        try:
+            kept = _known_top_k(Path(directory), names, top_k) or min(scorer.probe(0), top_k)
+            codec = Codec.for_sizes(min(kept, len(tokenizer)), len(tokenizer))
+            manifest = build_scored_cache(
+                scorer.records(codec), dataset.sequences, directory, scored=masks, codec=codec, temperature=1.0,
+                identity={"top_k_requested": top_k}, notes=lambda: scorer.notes(codec, before),
+                batch_size=ROWS_PER_CALL, shard_tokens=shard_tokens, reporter=reporter, **names,
+            )  # fmt: skip
+        finally:
+            scorer.close()
+    usage = client.usage.since(before)
+    return ServedCacheSummary(
+        rows=len(sequences), rows_asked=scorer.asked, positions=int(manifest["positions"]),
+        top_k=int(manifest["top_k"]), top_k_requested=top_k, scoring=scorer.mode, tokens_checked=scorer.checked,
+        requests=usage.requests, retries=usage.retries, prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens, cost=usage.cost,
+    )  # fmt: skip
+
+
+def _known_top_k(directory: Path, names: Mapping[str, str], top_k: int) -> int | None:
+    """The K of a finished or unfinished build of the same cache in `directory` (a resume keeps it), else None."""
+    for name in (MANIFEST, PARTIAL):
+        if (directory / name).exists():
+            found = read_json(directory / name)
+            same = all(found.get(key) == value for key, value in names.items())
+            if same and found.get("top_k_requested") == top_k and isinstance(found.get("top_k"), int):
+                return int(found["top_k"])
+    return None
+
+
+@contextmanager
+def _event_loop(client: TeacherClient) -> Iterator[asyncio.AbstractEventLoop]:
+    """An event loop of this build's own, run a step at a time by the build; the client's connections closed after."""
+    loop = asyncio.new_event_loop()
+    try:
+        yield loop
+    finally:
+        try:
+            loop.run_until_complete(client.aclose())
+        finally:
+            loop.close()
+
+
+def _in_order(
+    loop: asyncio.AbstractEventLoop, ask: Callable[[int], Coroutine[Any, Any, Any]], rows: Sequence[int], window: int
+) -> Generator[tuple[int, Any], None, None]:
+    """(row, answer) for `rows` in order, with up to `window` of them asked ahead; what is still asked when the
+    iterator is closed or fails is cancelled."""
+    pending: deque[tuple[int, asyncio.Task[Any]]] = deque()
+    upcoming = iter(rows)
+    try:
+        while True:
+            while len(pending) < window and (row := next(upcoming, None)) is not None:
+                pending.append((row, loop.create_task(ask(row))))
+            if not pending:
+                return
+            row, task = pending.popleft()
+            yield row, loop.run_until_complete(task)
+    finally:
+        for _, task in pending:
+            task.cancel()
+        if pending:
+            loop.run_until_complete(asyncio.gather(*(task for _, task in pending), return_exceptions=True))
+
+
+class _Scorer:
+    """Asks the server for the rows' scores, checks its tokens against the student's tokenizer, and encodes the
+    kept entries as cache records."""
+
+    def __init__(
+        self,
+        client: TeacherClient,
+        tokenizer: Any,
+        sequences: list[list[int]],
+        masks: list[np.ndarray],
+        top_k: int,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.client, self.tokenizer, self.sequences, self.masks = client, tokenizer, sequences, masks
+        self.top_k, self.loop = top_k, loop
+        self.mode: str | None = None
+        self.answers: dict[int, _Row] = {}  # rows answered before their turn (the probe)
+        self.vocabulary: VocabularyText | None = None
+        self.spares: list[int] | None = None
+        self.stream: Generator[tuple[int, _Row], None, None] | None = None
+        self.asked = self.checked = 0
+
+    def probe(self, row: int) -> int:
+        """Find the format the server answers with `row` (kept for its turn); the most entries it gave at one
+        position."""
+        self.mode, answer = self.loop.run_until_complete(self._detect(row))
+        self.answers[row] = answer
+        return max(answer.returned, 1)
+
+    async def _detect(self, row: int) -> tuple[str, _Row]:
+        reasons = []
+        for mode in SCORING:
+            try:
+                return mode, await self._ask(row, mode)
+            except TeacherClientError as error:
+                if error.retryable:
+                    raise  # the server is down or failing: not a question of what it can do
+                reasons.append(f"{mode}: {str(error).partition(' refused the request with ')[2] or error}")
+            except _Missing as missing:
+                reasons.append(f"{mode}: {missing}")
+        raise DistillError(
+            f"the server at {self.client.base_url} cannot score prompts ({'; '.join(reasons)}); a teacher-forced "
+            "cache needs /completions with vLLM's prompt_logprobs, or echo with logprobs and max_tokens 0"
+        )
+
+    async def _ask(self, row: int, mode: str) -> _Row:
+        ids = self.sequences[row]
+        body: dict[str, Any] = {"prompt": ids, "max_tokens": 1, "prompt_logprobs": self.top_k}
+        if mode == "echo":
+            body = {"prompt": ids, "max_tokens": 0, "echo": True, "logprobs": self.top_k}
+        answer = await self.client.complete_raw(body)
+        wanted = (np.flatnonzero(self.masks[row]) + 1).tolist()  # entries j = t + 1 of the scored positions t
+        choice = answer.choice or {}
+        try:
+            if mode == "prompt_logprobs":
+                texts, candidates, returned = _from_prompt_logprobs(choice, ids, wanted)
+            else:
+                texts, candidates, returned = _from_echo(choice, ids, wanted, self._vocabulary())
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise _Missing(f"malformed {mode} ({type(error).__name__}: {error})") from None
+        self.checked += self._check(row, texts)
+        self.asked += 1
+        return _Row(candidates, returned)
+
+    async def _answer(self, row: int) -> _Row:
+        """A row's scores in the format found by the probe."""
+        if row in self.answers:
+            return self.answers.pop(row)
+        assert self.mode is not None
+        try:
+            return await self._ask(row, self.mode)
+        except _Missing as missing:
+            raise DistillError(
+                f"the server at {self.client.base_url} answered row {row} without its {self.mode} ({missing}), "
+                "though it answered them before; is it the same server?"
+            ) from None
+
+    def _spares(self, vocab_size: int) -> Sequence[int]:
+        """Ids to fill a position the server gave fewer than K entries for: with echo, first those the vocabulary
+        can name (the server would have named them had they been in its top), then the others."""
+        if self.mode != "echo":
+            return range(vocab_size)
+        if self.spares is None:
+            named = sorted(self._vocabulary().after.values())
+            self.spares = [*named, *sorted(set(range(vocab_size)) - set(named))]
+        return self.spares
+
+    def _vocabulary(self) -> VocabularyText:
+        if self.vocabulary is None:
+            self.vocabulary = VocabularyText(self.tokenizer)
+        return self.vocabulary
+
+    def _check(self, row: int, texts: Sequence[str]) -> int:
+        """The number of token texts compared with the student's; DistillError at the first that differs."""
+        ids = self.sequences[row]
+        ours = _pieces(self.tokenizer, ids)[1:]
+        for j, (theirs, mine) in enumerate(zip(texts, ours), start=1):
+            if theirs != mine and theirs and mine and REPLACEMENT not in theirs + mine:
+                raise DistillError(
+                    f"the server at {self.client.base_url} does not tokenize like the student's tokenizer: row {row}, "
+                    f"token {j} (id {ids[j]}) is {theirs!r} there and {mine!r} here, so its log-probs cannot be "
+                    "compared token by token; give the student the teacher's tokenizer, or distill through generated "
+                    "text (distill generate)"
+                )
+        return len(texts)
+
+    def records(self, codec: Codec) -> Callable[[slice], np.ndarray]:
+        """`build_scored_cache`'s `score`: the records of rows `rows`, asked for in order from its first call on."""
+
+        def score(rows: slice) -> np.ndarray:
+            if self.stream is None:
+                if self.mode is None:
+                    self.probe(rows.start)
+                todo = [r for r in range(rows.start, len(self.sequences)) if self.masks[r].any()]
+                self.stream = _in_order(self.loop, self._answer, todo, 2 * self.client.concurrency)
+            candidates: list[list[tuple[int, float]]] = []
+            for row in range(rows.start, rows.stop):
+                if self.masks[row].any():
+                    answered, answer = next(self.stream)
+                    assert answered == row, (answered, row)
+                    candidates.extend(answer.candidates)
+            return _encode(candidates, codec, self._spares(codec.vocab_size))
+
+        return score
+
+    def notes(self, codec: Codec, before: Usage) -> dict[str, Any]:
+        usage = self.client.usage.since(before)
+        return {
+            "served": {
+                "base_url": self.client.base_url,
+                "model": self.client.model,
+                "scoring": self.mode,
+                "top_k_requested": self.top_k,
+                "top_k": codec.top_k,
+                "top_k_is": "min(k asked, the entries the server returned, the vocabulary)",
+                "temperature": "1 (the server's log-probs)",
+                "tokenizer_check": "the server's text of every sent token equals the student tokenizer's",
+                "tokens_checked": self.checked,
+                "usage": {key: value for key, value in asdict(usage).items() if key != "missing_usage"},
+            }
+        }
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+
+
+def _from_prompt_logprobs(
+    choice: Mapping[str, Any], ids: list[int], wanted: list[int]
+) -> tuple[list[str], list[list[tuple[int, float]]], int]:
+    """(the server's text of tokens 1.., the (id, log-prob) pairs at entries `wanted`, the most top entries at one)."""
+    entries = choice.get("prompt_logprobs")
+    if not isinstance(entries, list) or len(entries) < len(ids):
+        raise _Missing(
+            "no prompt_logprobs" if entries is None else f"{len(entries)} prompt_logprobs, {len(ids)} tokens"
+        )
+    texts = []
+    for j in range(1, len(ids)):
+        own = entries[j].get(str(ids[j]))
+        if not isinstance(own, Mapping) or not isinstance(own.get("decoded_token"), str):
+            raise _Missing(f"entry {j} does not hold the sent token {ids[j]} with its decoded_token")
+        texts.append(own["decoded_token"])
+    candidates, returned = [], 0
+    for j in wanted:
+        entry = entries[j]
+        candidates.append([(int(key), float(value["logprob"])) for key, value in entry.items()])
+        others = len(entry) - 1  # the server's top m, and the sent token: m = others + 1 if its rank <= others
+        returned = max(returned, others + (int(entry[str(ids[j])].get("rank") or 1) <= others))
+    return texts, candidates, returned
+
+
+def _from_echo(
+    choice: Mapping[str, Any], ids: list[int], wanted: list[int], vocabulary: VocabularyText
+) -> tuple[list[str], list[list[tuple[int, float]]], int]:
+    """`_from_prompt_logprobs` for OpenAI's legacy echo: alternatives as texts, mapped to the student's ids."""
+    logprobs = choice.get("logprobs")
+    if not isinstance(logprobs, Mapping) or not isinstance(logprobs.get("tokens"), list):
+        raise _Missing("no echoed tokens with log-probs")
+    tokens, values, tops = logprobs["tokens"], logprobs["token_logprobs"], logprobs.get("top_logprobs") or []
+    if min(len(tokens), len(values), len(tops)) < len(ids):
+        raise _Missing(f"{len(tokens)} echoed tokens and {len(tops)} top_logprobs for {len(ids)} tokens sent")
+    candidates, returned = [], 0
+    for j in wanted:
+        pairs = [(ids[j], float(values[j]))]  # the sent token: its id is known
+        for text, logprob in (tops[j] or {}).items():
+            mapped = vocabulary.id_of(text, first=False)
+            if mapped is not None and mapped != ids[j]:
+                pairs.append((mapped, float(logprob)))
+        candidates.append(pairs)
+        returned = max(returned, _top_size(tops[j] or {}, str(tokens[j])))
+    return [str(t) for t in tokens[1 : len(ids)]], candidates, returned
+
+
+def _top_size(top: Mapping[str, Any], sent: str) -> int:
+    """The m of the server's top m in `top` ({text: log-prob}), which some servers give with the sent token added."""
+    if sent not in top:
+        return len(top)
+    rank = 1 + sum(float(value) > float(top[sent]) for value in top.values())
+    return len(top) - 1 + (rank <= len(top) - 1)
+
+
+def _pieces(tokenizer: Any, ids: list[int]) -> list[str]:
+    """The text each of `ids` adds after the ones before it: `api_logprobs.token_pieces`, in one batched decode."""
+    contexts = [ids[max(0, j - PIECE_CONTEXT) : j] for j in range(len(ids))]
+    rows = [*contexts, *([*context, token] for context, token in zip(contexts, ids))]
+    texts = tokenizer.batch_decode(rows, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    return [str(texts[len(ids) + j])[len(str(texts[j])) :] for j in range(len(ids))]
+
+
+def _encode(candidates: list[list[tuple[int, float]]], codec: Codec, spares: Sequence[int]) -> np.ndarray:
+    """Records (n,) of the K most likely of each position's (id, log-prob) pairs and the tail they leave; ids
+    outside the vocabulary count in the tail. A position with fewer than K pairs is filled at LOG_FLOOR (probability
+    ~0) with the first unused of `spares`: ids the server's answer shows to be outside its top (an id it could have
+    named but did not), so that no id whose mass went to the tail is said to have none."""
+    k = codec.top_k
+    values = np.full((len(candidates), k), LOG_FLOOR, np.float64)  # (n, K)
+    top_ids = np.zeros((len(candidates), k), np.int64)  # (n, K)
+    for p, pairs in enumerate(candidates):
+        best = heapq.nlargest(k, (pair for pair in pairs if 0 <= pair[0] < codec.vocab_size), key=lambda x: x[1])
+        top_ids[p, : len(best)] = [i for i, _ in best]
+        values[p, : len(best)] = [max(v, LOG_FLOOR) for _, v in best]
+        if len(best) < k:
+            used = {i for i, _ in best}
+            top_ids[p, len(best) :] = list(islice((i for i in spares if i not in used), k - len(best)))
+    if not np.isfinite(values).all():
+        raise CacheError("the server returned a log-prob that is not a finite number")
+    mass = np.exp(values).sum(axis=1)  # (n,)
+    log_tail = np.log(np.clip(1.0 - mass, 1e-30, None))  # (n,) what the kept entries leave
+    return codec.encode(values, top_ids, log_tail)
