@@ -220,3 +220,36 @@ def test_cli_builds_through_a_server(teacher, tmp_path):
     local_args = ["cache", "build", "--teacher", student, "--data", data, "--out", tmp_path / "x"]
     assert_one_line_error(distill_cli(*local_args, "--concurrency", "4", cwd=tmp_path), "--concurrency applies to")
     assert_one_line_error(distill_cli(*args[:2], "--data", data, "--out", tmp_path / "y", cwd=tmp_path), "--base-url")
+
+
+def test_the_service_builds_through_a_configured_teacher_endpoint(teacher, tmp_path):
+    """kinds: a cache-build job with `api` (an endpoint of DISTILL_TEACHERS) and a finished job's student; the
+    fields of a local build refused with it, an unknown endpoint refused at creation."""
+    from _service import finished_lm_job
+    from distill.service import db, files, kinds
+    from distill.service.errors import ServiceError
+    from distill.service.refs import Resolver
+    from distill.service.settings import Settings
+    from distill.stages import RunContext
+
+    model, tokenizer, data, local = teacher
+    app = scoring_app(model, tokenizer)
+    with serve_app(app) as url:
+        settings = Settings(data_dir=tmp_path / "data", teachers={"fake": (url, None)}).prepare()
+        engine = db.open_engine(settings.url, pool_size=2)
+        db.ensure_schema(engine)
+        student = finished_lm_job(settings.data_dir)  # a tiny GPT-2 with the teacher's tokenizer
+        upload = files.store_upload(settings, engine, data.open("rb"), "data.jsonl", "train", "local")
+        raw = {"api": "fake", "model": "tiny", "student": student, "data": upload["id"], "top_k": K, "max_length": 32}
+        resolver = Resolver(settings, engine)
+        config = kinds.parse("cache-build", raw, settings, resolver)
+        metrics = kinds.run("cache-build", config, RunContext(tmp_path / "job"), settings)
+        for wrong, field in [({"api": "nowhere"}, "config.api"), ({"teacher": student}, "config.teacher"),
+                             ({"temperature": 2.0}, "config.temperature")]:  # fmt: skip
+            with pytest.raises(ServiceError) as caught:
+                kinds.parse("cache-build", {**raw, **wrong}, settings, resolver)
+            assert caught.value.status == 422 and caught.value.param == field, caught.value.message
+        engine.dispose()
+    assert metrics["top_k"] == K and metrics["served"]["scoring"] == "prompt_logprobs"
+    assert metrics["served"]["rows_asked"] == 24 == len(app.state.prompts)
+    assert_same_cache(tmp_path / "job" / "teacher-cache", local)
