@@ -88,6 +88,31 @@ def cache_build_then_train_lm_from_the_cache(kinds_service):
     client = OpenAI(base_url=f"{service.url}/v1", api_key="x")
     reply = client.completions.create(model=student["id"], prompt="the film was", max_tokens=2, temperature=0)
     assert reply.model == student["id"] and reply.choices[0].finish_reason in ("length", "stop")
+    evaluate_lm_student_on_tasks(service, lm_job, student["id"])
+
+
+def evaluate_lm_student_on_tasks(service, teacher, student):
+    """The evaluate kind scores a causal LM student and its teacher on tasks built from uploaded JSONL files
+    (lm-evaluation-harness), with the student's retention; the wrong inputs for the model's kind are a 422."""
+    choices = [{"query": "the movie was", "choices": ["good", "bad"], "gold": i % 2} for i in range(4)]
+    texts = [{"text": "the film was good and the dog runs"} for _ in range(3)]
+    with service.client(timeout=60) as http:
+        files = {name: upload_rows(http, f"{name}.jsonl", rows) for name, rows in (("mc", choices), ("ppl", texts))}
+        tasks = [{"kind": "choice", "data": files["mc"], "name": "mc"}, {"kind": "perplexity", "data": files["ppl"]}]
+        done = finish(http, {"kind": "evaluate", "config": {"student": student, "teacher": teacher, "tasks": tasks}})
+        evaluation = http.get(f"/v1/jobs/{done['id']}/report").json()["metrics"]["evaluation"]
+        assert set(evaluation["scores"]) == {"teacher", "student"}
+        assert 0 <= evaluation["scores"]["student"]["mc"]["acc"] <= 1
+        assert evaluation["retention"]["student"]["perplexity_1"]["word_perplexity"] > 0
+        assert "Task scores" in http.get(f"/v1/jobs/{done['id']}/report", params={"format": "md"}).text
+        for config, param in (
+            ({"student": student, "data": files["mc"]}, "config.student"),  # an LM is scored on tasks
+            ({"student": student, "tasks": tasks, "data": files["mc"]}, "config"),  # not both
+            ({"student": student, "tasks": [{"kind": "choice", "data": files["mc"], "name": "Bad Name"}]},
+             "config.tasks.0.name"),
+        ):  # fmt: skip
+            refused = http.post("/v1/jobs", json={"kind": "evaluate", "config": config})
+            assert refused.status_code == 422 and refused.json()["error"]["param"] == param, refused.text
 
 
 def generate_against_a_configured_teacher_endpoint(kinds_service):

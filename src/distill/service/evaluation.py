@@ -1,42 +1,115 @@
-"""The `evaluate` job: a saved MLP/CNN (and optionally a teacher) scored on a labeled file, with a report.
+"""The `evaluate` job: a saved model (and optionally its teacher) scored, with a report.
 
-Quality: accuracy and expected calibration error; with a teacher, its accuracy, top-1 agreement and KL(teacher ||
-student). Cost: parameters, weights on disk, CPU latency at batch 1 and rows per second at batch 256, both models
-timed side by side.
+- A built-in MLP/CNN, on a labeled file (`data`). Quality: accuracy and expected calibration error; with a teacher,
+  its accuracy, top-1 agreement and KL(teacher || student). Cost: parameters, weights on disk, CPU latency at batch 1
+  and rows per second at batch 256, both models timed side by side.
+- A causal LM, on tasks of lm-evaluation-harness built from uploaded JSONL files (`tasks`: `choice`, `perplexity` or
+  `answer`, as `distill eval-lm` takes them), with the student's retention of the teacher's score per task. Only
+  these built-in task kinds: a job never names a task file (the harness's task files can run code).
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from distill import evaluate, models, report
+from distill import eval_lm, evaluate, models, report
 from distill.config import Strict
 from distill.data import dataset_from_file
 from distill.errors import ShapeMismatchError
 from distill.progress import Reporter
+from distill.service.errors import ServiceError
+
+
+class EvalTask(Strict):
+    """A task of lm-evaluation-harness built from an uploaded JSONL file (see `distill.eval_lm`)."""
+
+    kind: Literal["choice", "perplexity", "answer"]
+    data: Path = Field(description="JSONL rows of the kind's fields (file-...)")
+    name: str | None = Field(None, pattern=r"^[a-z][a-z0-9_]{0,39}$", description="the task's name in the report")
+    prompt: str = Field("{question}\n", max_length=1_000, description="answer tasks: how a question is asked")
+    max_gen_toks: Annotated[int, Field(ge=1, le=4096)] = Field(128, description="answer tasks: tokens at most")
 
 
 class EvaluateJobConfig(Strict):
-    """Score a saved MLP/CNN (and optionally its teacher) on a labeled CSV/TSV/NPZ file."""
+    """Score a saved model (and optionally its teacher): an MLP/CNN on a labeled CSV/TSV/NPZ file (`data`), or a
+    causal LM on tasks (`tasks`)."""
 
     student: str = Field(
         max_length=1_000, description="the model to score: a finished job's model (job-... or job-.../NAME)"
     )
     teacher: str | None = Field(
-        None, max_length=1_000, description="a teacher to compare with (agreement, KL), same refs"
+        None, max_length=1_000, description="a teacher to compare with (agreement, KL, retention), same refs"
     )
-    data: Path = Field(description="labeled rows: CSV/TSV with a label column or NPZ (file-...)")
+    data: Path | None = Field(
+        None, description="an MLP/CNN: labeled rows, CSV/TSV with a label column or NPZ (file-...)"
+    )
+    tasks: list[EvalTask] = Field(default_factory=list, max_length=16, description="a causal LM: its tasks")
+    limit: Annotated[int, Field(ge=1, le=100_000)] | None = Field(None, description="tasks: examples each, at most")
     label_column: str = Field("label", max_length=1_000)
     features_key: str = Field("x", max_length=1_000)
     labels_key: str = Field("y", max_length=1_000)
 
+    @model_validator(mode="after")
+    def _one_kind(self) -> EvaluateJobConfig:
+        if (self.data is None) == (not self.tasks):
+            raise ValueError("give data (an MLP/CNN's labeled rows) or tasks (a causal LM's), not both or neither")
+        return self
+
+
+def check_evaluate(config: Any, _: Any) -> None:
+    """When the job is created: a causal LM is scored on tasks, an MLP/CNN on labeled rows (422 otherwise)."""
+    folders = [config.student] + ([config.teacher] if config.teacher else [])
+    kinds = {(Path(folder) / "config.json").is_file() for folder in folders}
+    if len(kinds) > 1:
+        raise ServiceError(422, "config.teacher: the student and the teacher must both be causal LMs or both MLP/CNNs",
+                           param="config.teacher")  # fmt: skip
+    if kinds.pop() != bool(config.tasks):
+        what = "a causal LM: give tasks" if config.tasks == [] else "an MLP/CNN: give data (labeled rows)"
+        raise ServiceError(422, f"config.student is {what}", param="config.student")
+
 
 def evaluate_saved(config: EvaluateJobConfig, output: Path, reporter: Reporter) -> dict[str, Any]:
-    """Score the model(s) on `config.data`; write metrics.json, report.md and report.html into `output`."""
+    """Score the model(s) on `config.data` or `config.tasks`; write metrics.json, report.md and report.html."""
+    check_evaluate(config, None)
+    if config.tasks:
+        return _evaluate_lm(config, output, reporter)
+    return _evaluate_classifier(config, output, reporter)
+
+
+def _evaluate_lm(config: EvaluateJobConfig, output: Path, reporter: Reporter) -> dict[str, Any]:
+    """The student (and teacher) on the job's tasks with lm-evaluation-harness, and the student's retention."""
+    started = time.perf_counter()
+    local = [
+        eval_lm.LocalTask(t.name or f"{t.kind}_{i}", t.kind, t.data, t.prompt, t.max_gen_toks)
+        for i, t in enumerate(config.tasks)
+    ]
+    include = eval_lm.write_tasks(local, output / "tasks")
+    folders = {"teacher": config.teacher, "student": config.student} if config.teacher else {"student": config.student}
+    reporter.stage("tasks (lm-evaluation-harness)", total=len(folders))
+    scores = {}
+    for name, folder in folders.items():
+        scores[name] = eval_lm.scores(eval_lm.Model(path=Path(str(folder))), [t.name for t in local], include,
+                                      limit=config.limit)  # fmt: skip
+        reporter.advance(1)
+    reporter.end()
+    evaluation = (
+        eval_lm.compare(scores) if config.teacher else {"scores": scores, "retention": {}, "teacher": "student"}
+    )
+    names = [t.name for t in local]
+    metrics = {"recipe": "evaluate", "tasks": names, "evaluation": evaluation, "seconds": time.perf_counter() - started}
+    rendered = report.Report(title="distill report: evaluate", description=f"tasks: {', '.join(names)}",
+                             summary=eval_lm.summary(evaluation), tables=[report.task_table(evaluation)])  # fmt: skip
+    report.write(rendered, output, metrics)
+    return metrics
+
+
+def _evaluate_classifier(config: EvaluateJobConfig, output: Path, reporter: Reporter) -> dict[str, Any]:
+    """The MLP/CNN (and teacher) on the labeled rows of `config.data`."""
+    assert config.data is not None
     started = time.perf_counter()
     reporter.stage("evaluate", total=None)
     student, _, shape, classes = models.load(Path(config.student))

@@ -28,7 +28,7 @@ from pydantic import BaseModel, Field
 from distill.config import CacheBuildOptions, ConfigError, GenerateOptions, ServedCacheOptions, resolve
 from distill.recipes import RECIPES, run_recipe
 from distill.service.errors import ServiceError
-from distill.service.evaluation import EvaluateJobConfig, evaluate_saved
+from distill.service.evaluation import EvaluateJobConfig, check_evaluate, evaluate_saved
 from distill.service.refs import Resolver
 from distill.service.refs import resolve as resolve_refs
 from distill.service.settings import Settings
@@ -158,7 +158,7 @@ def _run_generate(config: Any, run: RunContext, settings: Settings) -> dict[str,
 @dataclass(frozen=True)
 class Kind:
     model: Callable[[dict[str, Any]], tuple[type[BaseModel], dict[str, Any]]]  # the config model for a raw config
-    models: str  # which model folders its model fields take: "array" (model.json) or "hf" (config.json)
+    models: str  # which model folders its model fields take: "array" (model.json), "hf" (config.json) or "any"
     run: Callable[[Any, RunContext, Settings], dict[str, Any]]
     check: Callable[[BaseModel, Settings], None] | None = None
 
@@ -173,7 +173,9 @@ KINDS: dict[str, Kind] = {
     "train-lm": Kind(_fixed(LMJobConfig), "hf", lambda c, r, s: run_train_lm(c, r)),
     "cache-build": Kind(_cache_build_model, "hf", _run_cache_build, _check_cache_build),
     "generate": Kind(_fixed(GenerateJobConfig), "hf", _run_generate, _check_generate),
-    "evaluate": Kind(_fixed(EvaluateJobConfig), "array", lambda c, r, s: evaluate_saved(c, r.output, r.reporter)),
+    "evaluate": Kind(
+        _fixed(EvaluateJobConfig), "any", lambda c, r, s: evaluate_saved(c, r.output, r.reporter), check_evaluate
+    ),
 }
 
 

@@ -81,7 +81,8 @@ class Resolver:
         return match[1], match[2], row.kind
 
     def model(self, value: Any, field: str, expect: str) -> str:
-        """A model folder; `expect` is `array` (model.json of the built-in families) or `hf` (config.json)."""
+        """A model folder; `expect` is `array` (model.json of the built-in families), `hf` (config.json) or `any`
+        (either)."""
         if expect == "hf" and value in BUILTIN_MODELS:
             return str(value)
         job_id, name, _ = self._job(value, field, "its model")
@@ -89,10 +90,10 @@ class Resolver:
         folder = output / "models" / name if name else model_folder(output)
         if folder is None or not folder.is_dir():
             raise _bad(field, f"job {job_id} has no model {name or ''}".rstrip())
-        marker = "model.json" if expect == "array" else "config.json"
-        if not (folder / marker).is_file():
-            kind = "a built-in MLP/CNN" if expect == "array" else "a Hugging Face model folder"
-            raise _bad(field, f"{value} is not {kind} (no {marker})")
+        markers = {"array": ("model.json",), "hf": ("config.json",), "any": ("model.json", "config.json")}[expect]
+        if not any((folder / marker).is_file() for marker in markers):
+            kind = {"array": "a built-in MLP/CNN", "hf": "a Hugging Face model folder", "any": "a model"}[expect]
+            raise _bad(field, f"{value} is not {kind} (no {' or '.join(markers)})")
         return str(folder.resolve())
 
     def cache(self, value: Any, field: str) -> str:
@@ -139,6 +140,10 @@ def resolve(model: type[BaseModel], data: Any, resolver: Resolver, *, models: st
         nested = _nested(annotation)
         if nested is not None and isinstance(value, dict):
             out[name] = resolve(nested, value, resolver, models=models, prefix=field)
+        elif nested is not None and isinstance(value, list):  # a list of sections (e.g. an evaluate job's tasks)
+            out[name] = [
+                resolve(nested, v, resolver, models=models, prefix=f"{field}.{i}") for i, v in enumerate(value)
+            ]
         elif name == "data_dir" and _is_path(annotation):
             raise _bad(field, "is set by the service (its reference data sets), not by a job")
         elif name == "cache" and _is_path(annotation):
