@@ -20,10 +20,11 @@ import torch
 
 from _rss import MB, PeakRss
 from _service import cli_env, free_port
-from distill import serve as serve_module
 from distill.asgi import ServeLimits
-from distill.engine import Batcher, Engine, SamplingParams, Sequence
+from distill.batcher import Batcher
+from distill.engine import Engine, SamplingParams, Sequence
 from distill.hf import load_causal_lm, load_tokenizer
+from distill.serve import app as serve_module
 from distill.serve import create_app, serve_in_thread
 from test_cli import assert_one_line_error, distill_cli
 from test_serve import tiny_chat_lm
@@ -106,7 +107,7 @@ def test_chat_default_max_tokens_is_capped_by_the_limit(client, model_dir):
         ('{"model": "tiny", "prompt": "a", "temperature": 1e999}', "temperature"),
         ('{"model": "tiny", "prompt": "a", "top_p": NaN}', "top_p"),
         ('{"model": "tiny", "prompt": "a", "top_p": -Infinity}', "top_p"),
-        ('{"model": "tiny", "prompt": "a", "frequency_penalty": 1}', "frequency_penalty"),
+        ('{"model": "tiny", "prompt": "a", "frequency_penalty": 2.5}', "frequency_penalty"),
         ('{"model": "tiny", "prompt": "a", "n": 0}', "n"),
         ('{"model": "tiny"}', "prompt"),
     ],

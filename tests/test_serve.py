@@ -87,14 +87,26 @@ def test_models_unknown_model_and_bad_payloads(client):
         {"model": "tiny"},  # no prompt
         {"model": "tiny", "prompt": "a", "temperature": 5},
         {"model": "tiny", "prompt": "a", "n": 0},
-        {"model": "tiny", "prompt": "a", "logprobs": 9},
+        {"model": "tiny", "prompt": "a", "logprobs": 21},
+        {"model": "tiny", "prompt": "a", "prompt_logprobs": -1},
         {"model": "tiny", "prompt": "a", "stop": ""},
-        {"model": "tiny", "prompt": "a", "frequency_penalty": 1.0},  # unsupported: refused, not ignored
-        {"model": "tiny", "prompt": [1, 2]},
+        {"model": "tiny", "prompt": "a", "best_of": 2},  # unsupported: refused, not ignored
+        {"model": "tiny", "prompt": "a", "max_tokens": -1},
+        {"model": "tiny", "prompt": ["a", [1, 2]]},  # none of the four prompt forms
+        {"model": "tiny", "prompt": [1, True]},
+        {"model": "tiny", "prompt": [[1.5]]},
     ):
         assert client.post("/v1/completions", json=bad).status_code == 422, bad
+    for bad in (
+        {"model": "tiny", "prompt": ["a", [1, 2]]},
+        {"model": "tiny", "prompt": [1, True]},
+    ):  # one message for a prompt of none of the forms
+        error = client.post("/v1/completions", json=bad).json()["error"]
+        assert error["param"] == "prompt" and "list of token ids" in error["message"], error
     no_logprobs = {"model": "tiny", "messages": [{"role": "user", "content": "a"}], "top_logprobs": 2}
     assert client.post("/v1/chat/completions", json=no_logprobs).status_code == 422
+    zero = {"model": "tiny", "messages": [{"role": "user", "content": "a"}], "max_tokens": 0}
+    assert client.post("/v1/chat/completions", json=zero).status_code == 422  # chat always answers something
     assert client.post("/v1/chat/completions", json={"model": "tiny", "messages": []}).status_code == 422
 
 

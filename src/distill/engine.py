@@ -1,33 +1,31 @@
-"""The generation engine behind `distill serve`: batched token sampling for a causal LM, and the batcher that lets
-concurrent requests share forward passes.
+"""The generation engine behind `distill serve`: batched prompt scoring and token sampling for a causal LM
+(`distill.batcher` lets concurrent requests share its forward passes).
 
-`Engine.generate` runs one forward pass per generated token for a whole batch of rows with a KV cache. Rows are
-left-padded to a common length with an attention mask and explicit position ids, so what a row generates does not
-depend on the rows it is batched with (batched greedy equals unbatched greedy, a test). Each row keeps its own
-temperature (0 means greedy), top-p, stop strings and `torch.Generator`, so a seeded row is reproducible in any batch.
-Log-probs are those of the model's raw distribution (log-softmax of the logits, temperature 1), as OpenAI reports
+`Engine.generate` runs one forward pass over a whole batch of prompts, then one per generated token, with a KV
+cache. Rows are left-padded to a common length with an attention mask and explicit position ids, so what a row
+generates does not depend on the rows it is batched with (batched greedy equals unbatched greedy, a test). Each row
+keeps its own temperature (0 means greedy), top-p, frequency and presence penalties (OpenAI's, on the tokens it has
+generated), stop strings and `torch.Generator`, so a seeded row is reproducible in any batch. Log-probs are those
+of the model's raw distribution (log-softmax of the logits, temperature 1, before any penalty), as OpenAI reports
 them, clamped at -9999 so that they stay finite JSON numbers.
 
-A row ends on an end-of-sequence token (finish reason "stop", the token is counted but not shown), on a stop string
-(the text is cut before it, "stop") or after `max_tokens` tokens ("length"). A row whose `cancelled` flag is set
-(from any thread: its client left) ends at the next step with finish reason "cancelled" and takes no more sampling
-or decoding; once every row of a batch has ended, `generate` returns.
+A row whose params ask for `prompt_logprobs` gets its prompt scored in the first pass (`distill.scoring`: the log-prob
+of every prompt token after the ones before it, with the top k), whether or not it generates; a row with
+`max_tokens` 0 generates nothing and ends with finish reason "length" after that one pass.
+
+A row ends on an end-of-sequence token (finish reason "stop"; the token is counted, not shown in the text, and its
+log-prob entry, when log-probs are kept, has empty text and `end` set), on a stop string (the text is cut before
+it, "stop") or after `max_tokens` tokens ("length"). A row whose `cancelled` flag is set (from any thread: its
+client left) ends at the next step with finish reason "cancelled" and takes no more sampling or decoding; once
+every row of a batch has ended, `generate` returns.
 
 `Engine.encode` refuses (`PromptTooLong`) a text of more than `CHARS_PER_TOKEN` characters per token of the context
 before tokenizing it: a fast tokenizer holds some 45 to 125 bytes per character of its input (4 MiB prompts took
 180 to 510 MB at their peak), and no sensible prompt that long fits the context.
-
-`Batcher` collects submitted rows for up to `wait_ms` after the first arrives, up to `max_batch_size` rows (a request
-with more rows is split into batches of that size, so no batch outgrows it), and runs them with `Engine.generate` in
-a worker thread, so the event loop stays free.
-Cancelling a `Batcher.run` call cancels its rows: a job whose rows are all cancelled before its batch starts is
-skipped, and in a running batch they end at the next step while the rows batched with them go on.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,19 +34,24 @@ from typing import Any
 import torch
 from torch import Tensor
 
-MIN_LOGPROB = -9999.0
+from distill.scoring import CHUNK_ELEMENTS, MIN_LOGPROB, PromptScores, head_problem, score_prompts
+
 PIECE_CONTEXT = 4  # tokens decoded before an alternative token to see the text it adds
 CHARS_PER_TOKEN = 64  # characters of a prompt per token of the context, at most (English averages about 4)
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_tokens: int
+    max_tokens: int  # 0: nothing is generated (the prompt is only scored, when prompt_logprobs asks)
     temperature: float = 1.0  # 0: greedy
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
     top_logprobs: int | None = None  # None: no log-probs; k: the chosen token's and the k most likely ones
+    frequency_penalty: float = 0.0  # OpenAI's, -2 to 2 (see _Penalties)
+    presence_penalty: float = 0.0
+    prompt_logprobs: int | None = None  # None: the prompt is not scored; k: its tokens' log-probs and the top k
+    prompt_ranks: bool = False  # with prompt_logprobs: also each prompt token's rank in its distribution
 
 
 @dataclass
@@ -57,6 +60,7 @@ class TokenLogprob:
     logprob: float
     offset: int  # where the token's text starts in the generated text
     top: list[tuple[str, float]]  # the most likely tokens at this step, most likely first
+    end: bool = False  # the end-of-sequence token: its text is empty, and it ends the row
 
 
 # (new text, log-probs of the tokens it covers, finish reason once the row is done); called from the worker thread
@@ -78,6 +82,7 @@ class Sequence:
     emitted: int = 0  # characters of `text` already passed to on_delta
     emitted_logprobs: int = 0
     cancelled: bool = False  # set from any thread when nobody waits for the row any more: it ends at the next step
+    prompt_scores: PromptScores | None = None  # the prompt's own log-probs, when params.prompt_logprobs asks
 
 
 class PromptTooLong(ValueError):
@@ -140,7 +145,7 @@ def added_text(tokenizer: Any, previous: list[int], token: int) -> str:
 
 
 class Engine:
-    """A causal LM and its tokenizer, ready to generate batches of `Sequence`s."""
+    """A causal LM and its tokenizer, ready to score and generate batches of `Sequence`s."""
 
     def __init__(self, model: Any, tokenizer: Any, device: str = "cpu") -> None:
         self.device = torch.device(device)
@@ -160,9 +165,12 @@ class Engine:
         self.pad_id = int(pad) if pad is not None else 0  # padded positions are masked, any id works
         start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         self.start_ids = [int(start)] if start is not None else [self.pad_id]  # the prompt of an empty prompt
+        self.vocab_size = min(len(tokenizer), int(model.get_input_embeddings().num_embeddings))  # ids a prompt holds
         arguments = inspect.signature(model.forward).parameters
         self._cache_argument = "cache" if "cache" in arguments else "past_key_values"  # renamed in transformers 5
         self._keep_argument = next((a for a in ("logits_to_keep", "num_logits_to_keep") if a in arguments), None)
+        self.scoring_problem = head_problem(self.model, self.start_ids * 2, self.device)  # None: prompts score
+        self.score_chunk = CHUNK_ELEMENTS  # logits computed at once while scoring a prompt
 
     @property
     def max_chars(self) -> int:
@@ -181,39 +189,76 @@ class Engine:
         return decode_text(self.tokenizer, ids)
 
     def generate(self, rows: list[Sequence]) -> None:
-        """Sample every row to its end; fills each row's result fields and calls its `on_delta` as text settles."""
+        """Score and sample every row to its end: fills each row's result fields (`prompt_scores` when its params
+        ask for them) and calls its `on_delta` as text settles."""
+        for row in rows:
+            self._check(row)
+            if row.params.max_tokens == 0 and row.params.prompt_logprobs is None:
+                self._finish(row, "length")  # nothing to compute
+        rows = [row for row in rows if row.finish_reason is None]
         if not rows:
             return
-        for row in rows:
-            if not row.prompt_ids or len(row.prompt_ids) + row.params.max_tokens > self.context:
-                raise ValueError(f"a prompt of {len(row.prompt_ids)} tokens cannot take {row.params.max_tokens} more")
+        ids, mask, positions = self._left_padded(rows)
+        generators = _generators(rows, self.device)
+        with torch.inference_mode():
+            logits, cache = self._prefill(rows, ids, mask, positions)  # (B, V)
+            for row in rows:
+                if row.params.max_tokens == 0:
+                    self._finish(row, "length")  # scored, and nothing to generate
+            penalties = _Penalties.of(rows, logits)
+            while any(row.finish_reason is None for row in rows):
+                for row in rows:
+                    if row.cancelled and row.finish_reason is None:
+                        row.finish_reason = "cancelled"  # its client left: no more sampling, decoding or deltas
+                chosen = logits if penalties is None else penalties.applied(logits)  # (B, V)
+                tokens = self._choose(chosen, rows, generators)  # (B,)
+                if penalties is not None:
+                    penalties.count(tokens, rows)
+                self._advance(rows, logits, tokens)
+                if all(row.finish_reason is not None for row in rows):
+                    return
+                mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)  # (B, T + steps)
+                positions = (positions[:, -1:] + 1).clamp(max=self.context - 1)  # (B, 1); finished rows stay put
+                logits, cache = self._forward(tokens[:, None], mask, positions, cache)
+
+    def _check(self, row: Sequence) -> None:
+        tokens, wanted = len(row.prompt_ids), row.params.max_tokens
+        if not row.prompt_ids or wanted < 0 or tokens + wanted > self.context:
+            raise ValueError(f"a prompt of {tokens} tokens cannot take {wanted} more")
+        if row.params.prompt_logprobs is not None and self.scoring_problem is not None:
+            raise ValueError(f"this model's prompts cannot be scored: {self.scoring_problem}")
+
+    def _left_padded(self, rows: list[Sequence]) -> tuple[Tensor, Tensor, Tensor]:
+        """The prompts left-padded to one length: token ids, attention mask and position ids, each (B, T)."""
         batch, width = len(rows), max(len(row.prompt_ids) for row in rows)
-        ids = torch.full((batch, width), self.pad_id, dtype=torch.long)  # (B, T), left-padded
+        ids = torch.full((batch, width), self.pad_id, dtype=torch.long)  # (B, T)
         mask = torch.zeros((batch, width), dtype=torch.long)  # (B, T)
         for i, row in enumerate(rows):
             ids[i, width - len(row.prompt_ids) :] = torch.tensor(row.prompt_ids)
             mask[i, width - len(row.prompt_ids) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)  # (B, T); every row starts at position 0
-        generators = [torch.Generator(device=self.device) for _ in rows]
-        for generator, row in zip(generators, rows):
-            if row.params.seed is None:
-                generator.seed()  # a fresh random seed
-            else:
-                generator.manual_seed(row.params.seed)
-        with torch.inference_mode():
-            logits, cache = self._forward(ids, mask, positions, None)  # (B, V)
-            while True:
-                for row in rows:
-                    if row.cancelled and row.finish_reason is None:
-                        row.finish_reason = "cancelled"  # its client left: no more sampling, decoding or deltas
-                tokens = self._choose(logits, rows, generators)  # (B,)
-                self._advance(rows, logits, tokens)
-                if all(row.finish_reason is not None for row in rows):
-                    return
-                mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)  # (B, T + steps)
-                positions = (positions[:, -1:] + 1).clamp(max=self.context - 1)  # (B, 1); finished rows stay put
-                logits, cache = self._forward(tokens[:, None], mask, positions, cache)
+        return ids, mask, positions
+
+    def _prefill(self, rows: list[Sequence], ids: Tensor, mask: Tensor, positions: Tensor) -> tuple[Tensor, Any]:
+        """The pass over the prompts: each row's next-token logits (B, V) and the KV cache. The rows that ask for
+        prompt scores get them from this same pass (the model's body, then its head a chunk at a time)."""
+        scored = [i for i, row in enumerate(rows) if row.params.prompt_logprobs is not None]
+        if not scored:
+            return self._forward(ids, mask, positions, None)
+        generating = any(row.params.max_tokens > 0 for row in rows)
+        body, head = self.model.base_model, self.model.get_output_embeddings()
+        out = body(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=generating)
+        hidden = out.last_hidden_state  # (B, T, H)
+        for ranked in (False, True):  # ranks cost a pass over the vocabulary: only for the rows that ask
+            group = [i for i in scored if rows[i].params.prompt_ranks == ranked]
+            if not group:
+                continue
+            tops = [rows[i].params.prompt_logprobs or 0 for i in group]
+            found = score_prompts(hidden[group], ids[group], mask[group], head, tops, ranked, self.score_chunk)
+            for i, scores in zip(group, found):
+                rows[i].prompt_scores = scores
+        return head(hidden[:, -1]).float(), out.get(self._cache_argument)  # (B, V)
 
     def _forward(self, ids: Tensor, mask: Tensor, positions: Tensor, cache: Any) -> tuple[Tensor, Any]:
         arguments: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
@@ -254,19 +299,18 @@ class Engine:
         for i in active:
             row, token = rows[i], int(token_list[i])
             row.generated += 1
-            if token in self.eos_ids:
-                row.finish_reason = "stop"
-                self._emit(row)
-                continue
-            offset = len(row.text)
-            row.token_ids.append(token)
-            row.text = self.decode(row.token_ids)
+            end, offset, previous = token in self.eos_ids, len(row.text), row.token_ids[-PIECE_CONTEXT:]
+            if not end:
+                row.token_ids.append(token)
+                row.text = self.decode(row.token_ids)
             k = row.params.top_logprobs
-            if k is not None:
-                top = [(self._piece(row.token_ids[:-1], t), p) for t, p in zip(top_ids[i][:k], top_logprobs[i][:k])]
-                row.logprobs.append(TokenLogprob(row.text[offset:], chosen_logprobs[i], offset, top))
-            cut = first_stop(row.text, row.params.stop)
-            if cut is not None:
+            if k is not None:  # the end-of-sequence token too: its text is empty
+                top = [(self._piece(previous, t), p) for t, p in zip(top_ids[i][:k], top_logprobs[i][:k])]
+                row.logprobs.append(TokenLogprob(row.text[offset:], chosen_logprobs[i], offset, top, end))
+            cut = None if end else first_stop(row.text, row.params.stop)
+            if end:
+                row.finish_reason = "stop"
+            elif cut is not None:
                 row.text, row.finish_reason = row.text[:cut], "stop"
                 row.logprobs = [entry for entry in row.logprobs if entry.offset < cut]
             elif row.generated >= row.params.max_tokens:
@@ -275,6 +319,10 @@ class Engine:
 
     def _piece(self, previous: list[int], token: int) -> str:
         return added_text(self.tokenizer, previous, token)
+
+    def _finish(self, row: Sequence, reason: str) -> None:
+        row.finish_reason = reason
+        self._emit(row)
 
     @staticmethod
     def _emit(row: Sequence) -> None:
@@ -290,90 +338,37 @@ class Engine:
         row.on_delta(delta, logprobs, row.finish_reason)
 
 
-@dataclass
-class _Job:
-    rows: list[Sequence]
-    done: asyncio.Future[None]
+def _generators(rows: list[Sequence], device: torch.device) -> list[torch.Generator]:
+    """One random generator per row: seeded with the row's seed, else freshly random."""
+    generators = [torch.Generator(device=device) for _ in rows]
+    for generator, row in zip(generators, rows):
+        if row.params.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(row.params.seed)
+    return generators
 
 
-class Batcher:
-    """Runs the rows of concurrent requests together, up to `max_batch_size` rows per batch."""
+class _Penalties:
+    """OpenAI's frequency and presence penalties on each row's logits before it samples (greedy rows too):
+    `logits[j] -= count[j] * frequency_penalty + (count[j] > 0) * presence_penalty`, where count[j] is how often the
+    row has generated token j so far. The log-probs reported stay those of the model."""
 
-    def __init__(self, engine: Engine, max_batch_size: int = 16, wait_ms: float = 5.0) -> None:
-        if max_batch_size < 1 or not 0 <= wait_ms < float("inf"):
-            raise ValueError("max_batch_size must be at least 1 and wait_ms a finite number at least 0")
-        self.engine, self.max_batch_size, self.wait_ms = engine, max_batch_size, wait_ms
-        self._queue: asyncio.Queue[_Job] | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+    def __init__(self, rows: list[Sequence], logits: Tensor) -> None:
+        self.frequency = torch.tensor([[row.params.frequency_penalty] for row in rows], device=logits.device)  # (B, 1)
+        self.presence = torch.tensor([[row.params.presence_penalty] for row in rows], device=logits.device)  # (B, 1)
+        self.counts = torch.zeros_like(logits)  # (B, V)
 
-    async def run(self, rows: list[Sequence]) -> None:
-        """Generate `rows` (in place), batched with whatever other rows are waiting. Cancelling this call marks the
-        rows cancelled: they are skipped, or end at their batch's next step; the other rows of the batch go on."""
-        loop = asyncio.get_running_loop()
-        if self._queue is None or self._task is None or self._task.done() or self._loop is not loop:
-            self._loop, self._queue = loop, asyncio.Queue()
-            self._task = loop.create_task(self._work(self._queue))
-        jobs = [
-            _Job(rows[i : i + self.max_batch_size], loop.create_future())
-            for i in range(0, len(rows), self.max_batch_size)
-        ]
-        for job in jobs:
-            self._queue.put_nowait(job)
-        try:
-            await asyncio.shield(asyncio.gather(*(job.done for job in jobs)))  # a cancelled request does not cancel...
-        except asyncio.CancelledError:
-            for row in rows:
-                row.cancelled = True  # ...the batch it is in, but its own rows stop
-            raise
+    @classmethod
+    def of(cls, rows: list[Sequence], logits: Tensor) -> _Penalties | None:
+        """The penalties of `rows`, or None when no row has any."""
+        if all(row.params.frequency_penalty == 0 and row.params.presence_penalty == 0 for row in rows):
+            return None
+        return cls(rows, logits)
 
-    async def close(self) -> None:
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+    def applied(self, logits: Tensor) -> Tensor:
+        return logits - self.counts * self.frequency - (self.counts > 0).float() * self.presence  # (B, V)
 
-    async def _work(self, queue: asyncio.Queue[_Job]) -> None:
-        loop, waiting = asyncio.get_running_loop(), None
-        while True:
-            batch = [waiting or await queue.get()]
-            waiting, size = None, len(batch[0].rows)
-            deadline = loop.time() + self.wait_ms / 1000
-            while size < self.max_batch_size:
-                try:
-                    job = queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    left = deadline - loop.time()
-                    if left <= 0:
-                        break
-                    await asyncio.sleep(min(left, 0.001))
-                    continue
-                if size + len(job.rows) > self.max_batch_size:
-                    waiting = job
-                    break
-                batch.append(job)
-                size += len(job.rows)
-            batch = [job for job in batch if not _abandoned(job)]
-            if not batch:
-                continue
-            try:
-                await asyncio.to_thread(self.engine.generate, [row for job in batch for row in job.rows])
-            except Exception as error:
-                for job in batch:
-                    if not job.done.done():
-                        job.done.set_exception(error)
-            else:
-                for job in batch:
-                    if not job.done.done():
-                        job.done.set_result(None)
-
-
-def _abandoned(job: _Job) -> bool:
-    """Whether every row of `job` was cancelled before its batch started; such a job is done without running."""
-    if not all(row.cancelled for row in job.rows):
-        return False
-    for row in job.rows:
-        row.finish_reason = row.finish_reason or "cancelled"
-    if not job.done.done():
-        job.done.set_result(None)
-    return True
+    def count(self, tokens: Tensor, rows: list[Sequence]) -> None:
+        active = torch.tensor([row.finish_reason is None for row in rows], device=tokens.device)  # (B,)
+        self.counts[torch.arange(len(rows), device=tokens.device), tokens] += active.float()

@@ -5,14 +5,16 @@ Model ids: a finished job's id (`job-...`) serves the model it produced; `job-..
 
 - Causal LM students (Hugging Face folders) are served by `distill.serve`: the request goes, unchanged, to the app
   `serve.create_app` builds for that folder with the service's `Settings.serve_limits` (batching, sampling,
-  streaming, log-probs, limits and cancellation on disconnect as `distill serve`).
+  streaming, log-probs, prompt scoring (`echo`, `prompt_logprobs`, token-id prompts, `max_tokens` 0), limits and
+  cancellation on disconnect as `distill serve`).
 - MLP/CNN students (`distill run`'s default mnist1d recipe, `distill train`) are classifiers: the last user message
   (chat) or each prompt (completions) is a JSON array of the input's numbers, e.g. the 40 values of an MNIST-1D
   signal; the answer is the predicted class as text, with the class log-probs in OpenAI's `logprobs` format
   (the `top_logprobs` asked for, else all classes up to 20). Sampling fields are accepted and ignored (the answer
-  is the arg-max). The same limits hold: prompts per request, `n` and prompts x n are checked before any input is
-  parsed (400 `too_many_prompts`, `n_too_large`, `too_many_sequences`), and an input is parsed in a worker thread,
-  its JSON nesting bounded (400, never a 500).
+  is the arg-max); token-id prompts, `echo` and `prompt_logprobs` are for LM students (400). The same limits
+  hold: prompts per request, `n` and prompts x n are checked before any input is parsed (400 `too_many_prompts`,
+  `n_too_large`, `too_many_sequences`), and an input is parsed in a worker thread, its JSON nesting bounded (400,
+  never a 500).
 - A cascade deployment answers like a classifier; the student's answer is kept when its confidence reaches the
   deployment's threshold, otherwise the teacher answers. The response header `X-Distill-Answered-By` says who
   (`student`, `teacher`, or `mixed` for several prompts), and so does each choice's `answered_by`.
@@ -260,6 +262,20 @@ def _check_limits(settings: Settings, prompts: int, n: int) -> None:
         raise ServiceError(error.status, error.message, param=error.param, code=error.code) from None
 
 
+def _classifier_texts(body: CompletionRequest, forms: list[str] | list[list[int]]) -> list[str]:
+    """A classifier's completions prompts: texts (its inputs as JSON arrays); token ids, `echo` and
+    `prompt_logprobs` are for LM students (400)."""
+    texts = [text for text in forms if isinstance(text, str)]
+    if len(texts) != len(forms):
+        message = "prompt: a classifier student reads its inputs as text (JSON arrays of numbers), not token ids"
+        raise ServiceError(400, message, param="prompt", code="invalid_input")
+    for field in ("echo", "prompt_logprobs"):
+        if getattr(body, field) not in (None, False):
+            message = f"{field}: classifier students answer a class, they do not score prompts; leave {field} unset"
+            raise ServiceError(400, message, param=field, code="invalid_input")
+    return texts
+
+
 def _inputs(texts: list[str], shape: tuple[int, ...], params: list[str]) -> Tensor:
     """(N, *shape): each text parsed by `parse_input` (in a worker thread: a large input takes a while)."""
     return torch.stack([parse_input(text, shape, param) for text, param in zip(texts, params)])
@@ -347,8 +363,9 @@ async def completions(request: Request, _: Principal = Depends(require("infer"))
     if body.stream:
         raise ServiceError(422, "stream: classifier students answer at once; leave stream unset", param="stream")
     assert served.student is not None
-    texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    _check_limits(svc.settings, len(texts), body.n or 1)
+    forms = body.prompts()
+    _check_limits(svc.settings, len(forms), body.n or 1)
+    texts = _classifier_texts(body, forms)
     params = [f"prompt.{i}" for i in range(len(texts))]
     inputs = await run_in_threadpool(_inputs, texts, served.student.input_shape, params)
     result = await run_in_threadpool(answer, served, inputs, svc.engine)
