@@ -111,3 +111,24 @@ def test_bad_input_is_one_error_line(pair, tmp_path, args, message):
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and message in lines[-1] and "Traceback" not in done.stderr, done.stderr
+
+
+def test_a_served_model_scores_as_the_same_model_loaded_locally(pair, monkeypatch):
+    """The harness's local-completions against `distill serve` gives the scores of its hf backend on the folder."""
+    from distill.serve import serve_in_thread
+
+    for name, value in OFFLINE.items():
+        monkeypatch.setenv(name, value)
+    tasks = [eval_lm.LocalTask("s_choice", "choice", pair / "choice.jsonl"),
+             eval_lm.LocalTask("s_texts", "perplexity", pair / "texts.jsonl")]  # fmt: skip
+    include = eval_lm.write_tasks(tasks, pair / "served-tasks")
+    names = [t.name for t in tasks]
+    local = eval_lm.scores(eval_lm.Model(path=pair / "teacher"), names, include)
+    with serve_in_thread(pair / "teacher", model_name="tiny") as base_url:
+        served = eval_lm.scores(
+            eval_lm.Model(base_url=base_url, name="tiny", tokenizer=pair / "teacher"), names, include
+        )
+    for task in names:
+        for metric, value in local[task].items():
+            if not metric.startswith("_"):
+                assert served[task][metric] == pytest.approx(value, rel=1e-4), (task, metric)
