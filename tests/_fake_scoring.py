@@ -10,7 +10,9 @@ Settings: `formats` it answers; a request for another is refused with 400 (`unsu
 do) or answered as a plain completion without the log-probs (`"ignore"`, as lenient ones do); `fail_after` answers
 `fail_status` to every scoring request after that many; `texts` is the tokenizer whose token texts it reports (the
 model's by default; another one makes a server with another vocabulary); `cap` is the most alternatives it gives
-(like an API's limit of 20): asked for more, it refuses with 400, or with `truncate` gives `cap`.
+(like an API's limit of 20): asked for more, it refuses with 400, or with `truncate` gives `cap`; `decoded_alone`
+reports each token's `decoded_token` as the token decoded on its own (vLLM's V1 engine) instead of the text it adds
+after the tokens before it (vLLM's V0).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def _logprobs(model: Any, ids: list[int]) -> torch.Tensor:
     return F.log_softmax(logits.float(), -1)
 
 
-def _prompt_logprobs(logprobs: torch.Tensor, ids: list[int], k: int, texts: Any) -> list[Any]:
+def _prompt_logprobs(logprobs: torch.Tensor, ids: list[int], k: int, texts: Any, alone: bool) -> list[Any]:
     entries: list[Any] = [None]
     for j in range(1, len(ids)):
         row = logprobs[j - 1]  # (V,)
@@ -48,8 +50,8 @@ def _prompt_logprobs(logprobs: torch.Tensor, ids: list[int], k: int, texts: Any)
         entry = {}
         for token in [*top, ids[j]]:
             rank = int((row > row[token]).sum()) + 1
-            entry[str(token)] = {"logprob": float(row[token]), "rank": rank,
-                                 "decoded_token": added_text(texts, ids[:j], token)}  # fmt: skip
+            text = texts.decode([token]) if alone else added_text(texts, ids[:j], token)
+            entry[str(token)] = {"logprob": float(row[token]), "rank": rank, "decoded_token": text}
         entries.append(entry)
     return entries
 
@@ -78,6 +80,7 @@ def scoring_app(
     texts: Any = None,
     cap: int = 20,
     truncate: bool = False,
+    decoded_alone: bool = False,
 ) -> FastAPI:
     app = FastAPI()
     app.state.prompts = []
@@ -102,7 +105,7 @@ def scoring_app(
         logprobs = _logprobs(model, ids)
         choice: dict[str, Any] = {"index": 0, "text": "", "logprobs": None, "finish_reason": "length"}
         if wanted == "prompt_logprobs" and wanted in formats:
-            choice["prompt_logprobs"] = _prompt_logprobs(logprobs, ids, k, texts)
+            choice["prompt_logprobs"] = _prompt_logprobs(logprobs, ids, k, texts, decoded_alone)
             choice["text"] = texts.decode([int(logprobs[-1].argmax())])
         elif wanted == "echo" and wanted in formats:
             choice["logprobs"] = _echo(logprobs, ids, k, texts)

@@ -93,13 +93,17 @@ def assert_same_cache(served_dir, local_dir, special=()):
     return kl, lossy
 
 
-@pytest.mark.parametrize("formats", [("prompt_logprobs", "echo"), ("echo",)], ids=["prompt_logprobs", "echo"])
-def test_the_served_cache_equals_the_local_build(teacher, tmp_path, formats):
+@pytest.mark.parametrize(
+    "formats, alone",
+    [(("prompt_logprobs", "echo"), False), (("prompt_logprobs",), True), (("echo",), False)],
+    ids=["prompt_logprobs", "prompt_logprobs-decoded-alone", "echo"],
+)
+def test_the_served_cache_equals_the_local_build(teacher, tmp_path, formats, alone):
     model, tokenizer, _, local = teacher
-    app = scoring_app(model, tokenizer, formats=formats)
+    app = scoring_app(model, tokenizer, formats=formats, decoded_alone=alone)
     summary = build(app, teacher, tmp_path / "served")
     assert summary.scoring == formats[0] and summary.top_k == K and summary.rows_asked == 24
-    assert len(app.state.prompts) == 24 + (len(formats) == 1)  # one row each; the probe of prompt_logprobs refused
+    assert len(app.state.prompts) == 24 + (formats == ("echo",))  # one a row; with echo, prompt_logprobs refused first
     assert summary.requests == 24 and summary.prompt_tokens == sum(len(p) for p in app.state.prompts[-24:])
     special = tokenizer.all_special_ids if formats == ("echo",) else ()  # they decode to "": echo cannot name them
     kl, lossy = assert_same_cache(tmp_path / "served", local, special)
@@ -109,6 +113,22 @@ def test_the_served_cache_equals_the_local_build(teacher, tmp_path, formats):
     assert served["scoring"] == formats[0] and served["top_k_requested"] == K and served["top_k"] == K
     assert served["model"] == "tiny" and served["base_url"] == "http://fake/v1" and manifest["top_k"] == K
     assert served["usage"]["requests"] == 24 and served["tokens_checked"] == summary.tokens_checked > 0
+
+
+@pytest.mark.parametrize("scoring", ["prompt_logprobs", "echo"])
+def test_through_distill_serve_the_cache_equals_the_local_build(teacher, tmp_path, scoring):
+    """The real server (`distill serve` of the teacher's folder) in each format."""
+    from distill.serve import serve_in_thread
+
+    _, tokenizer, data, local = teacher
+    with serve_in_thread(local.parent / "teacher", model_name="tiny") as url:
+        client = TeacherClient(url, "tiny", max_retries=0, concurrency=8)
+        summary = build_served_cache(client, data, tokenizer, tmp_path / "served", top_k=K, max_length=32,
+                                     scoring=(scoring,))  # fmt: skip
+    assert summary.scoring == scoring and summary.top_k == K and summary.rows_asked == summary.requests == 24
+    assert summary.tokens_checked == sum(int(n) - 1 for n in TokenCache(local).lengths)
+    kl, lossy = assert_same_cache(tmp_path / "served", local, tokenizer.all_special_ids if scoring == "echo" else ())
+    assert lossy.any() == (scoring == "echo")
 
 
 def test_a_killed_build_asks_only_for_the_rows_it_lacks(teacher, tmp_path):
@@ -177,10 +197,18 @@ def test_a_server_with_another_vocabulary_is_refused(teacher, tmp_path, formats)
     assert len(app.state.prompts) == 1 + (formats == ("echo",))  # the probe: refused prompt_logprobs, then echo
 
 
-def test_pieces_are_the_texts_tokens_add(teacher):
+def test_pieces_are_the_texts_tokens_add(teacher, tmp_path):
+    """The batched pieces through the Rust tokenizer equal api_logprobs.token_pieces, for a word-level tokenizer and
+    a byte-level BPE whose tokens split UTF-8 characters."""
+    from distill.lm_models import train_tokenizer
+
     _, tokenizer, _, _ = teacher
     ids = tokenizer("the movie was great and i love it", add_special_tokens=False)["input_ids"] + [2]
     assert _pieces(tokenizer, ids) == token_pieces(tokenizer, ids)
+    texts = ["déjà vu, naïve café", "日本語のテキスト", "plain words and more words"] * 20
+    bpe = train_tokenizer(texts, 300, tmp_path)
+    ids = bpe("a naïve café: 日本 déjà", add_special_tokens=False)["input_ids"] + [bpe.eos_token_id]
+    assert _pieces(bpe, ids) == token_pieces(bpe, ids) and "\ufffd" in "".join(_pieces(bpe, ids))
 
 
 def test_cache_kl_is_zero_for_the_same_cache_and_sees_a_difference(teacher, tmp_path):

@@ -28,10 +28,11 @@ gives falls into the tail), the sent token's id and log-prob being known. Server
 
 **Same vocabulary.** The server is sent ids and tokenizes nothing, but its vocabulary must be the student's: the
 text it reports for each sent token (`decoded_token`, or the echoed token) must be the text that id adds in the
-student's tokenizer (what `api_logprobs.token_pieces` computes). Positions where either text is empty or holds part
-of a UTF-8 character ("\\ufffd") prove nothing and are passed over; any other difference stops the build with the
-mismatch error. OpenAI-compatible servers do not publish a hash of their tokenizer; the manifest records the
-student's (`tokenizer_hash`, what `train-lm` checks) and how many of the server's token texts were compared.
+student's tokenizer after the tokens before it (`api_logprobs.token_pieces`), or that id decoded alone (servers
+report either), spaces at the ends aside. A text that is empty or holds part of a UTF-8 character ("\\ufffd")
+proves nothing and is passed over; any other difference stops the build with the mismatch error.
+OpenAI-compatible servers do not publish a hash of their tokenizer; the manifest records the student's
+(`tokenizer_hash`, what `train-lm` checks) and how many of the server's token texts were compared.
 
 **Resume, concurrency, cost.** The records are written by `token_cache.build_scored_cache` (the local build's
 shards, index, manifest): a killed build resumes after its finished shards and asks only for the rows after them;
@@ -44,7 +45,6 @@ asked and kept, and the usage of the run that finished the cache.
 from __future__ import annotations
 
 import asyncio
-import heapq
 from collections import deque
 from collections.abc import Callable, Coroutine, Generator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -96,9 +96,13 @@ class _Missing(Exception):
     """An answer without what its format promises (the server does not speak that format)."""
 
 
+_Pairs = tuple[list[int], list[float]]  # the ids a server gave at one position, and their log-probs
+
+
 @dataclass
 class _Row:
-    candidates: list[list[tuple[int, float]]]  # per scored position, (id, log-prob) pairs the server gave
+    ids: np.ndarray  # (m, W) per scored position, the ids the server gave (-1 past their end)
+    values: np.ndarray  # (m, W) their log-probs (-inf past their end)
     returned: int  # the most top entries the server gave at one position
 
 
@@ -135,17 +139,19 @@ def build_served_cache(
     *,
     top_k: int,
     max_length: int = 512,
+    scoring: Sequence[str] = SCORING,
     shard_tokens: int = SHARD_TOKENS,
     reporter: Reporter = NULL,
 ) -> ServedCacheSummary:
     """Score the JSONL `data` (tokenized by `tokenizer`, the student's) with the teacher `client` serves and store
     the top-`top_k` log-probs of the completions' tokens as a token cache in `directory` (module docstring).
     DistillError when the server cannot score prompts or its vocabulary is not the tokenizer's; CacheError when
-    `directory` holds another cache; TeacherClientError when a request fails for good (run again to resume)."""
+    `directory` holds another cache; TeacherClientError when a request fails for good (run again to resume).
+    `scoring` names the formats to try, in order (`SCORING` by default)."""
     from distill.hf import tokenizer_fingerprint
 
-    if top_k < 1:
-        raise ValueError(f"top_k must be at least 1, not {top_k}")
+    if top_k < 1 or not scoring or set(scoring) - set(SCORING):
+        raise ValueError(f"top_k must be at least 1 (not {top_k}) and scoring some of {SCORING} (not {scoring})")
     dataset = tokenize_examples(tokenizer, read_examples(Path(data), tokenizer), max_length)
     sequences = [s.tolist() for s in dataset.sequences]
     masks = [dataset.scored(i).numpy() for i in range(len(dataset))]
@@ -153,7 +159,7 @@ def build_served_cache(
              "tokenizer_hash": tokenizer_fingerprint(tokenizer)}  # fmt: skip
     before = client.usage.snapshot()
     with _event_loop(client) as loop:
-        scorer = _Scorer(client, tokenizer, sequences, masks, top_k, loop)
+        scorer = _Scorer(client, tokenizer, sequences, masks, top_k, loop, tuple(scoring))
         try:
             kept = _known_top_k(Path(directory), names, top_k) or min(scorer.probe(0), top_k)
             codec = Codec.for_sizes(min(kept, len(tokenizer)), len(tokenizer))
@@ -231,13 +237,15 @@ class _Scorer:
         masks: list[np.ndarray],
         top_k: int,
         loop: asyncio.AbstractEventLoop,
+        scoring: tuple[str, ...],
     ) -> None:
         self.client, self.tokenizer, self.sequences, self.masks = client, tokenizer, sequences, masks
-        self.top_k, self.loop = top_k, loop
+        self.top_k, self.loop, self.scoring = top_k, loop, scoring
         self.mode: str | None = None
         self.answers: dict[int, _Row] = {}  # rows answered before their turn (the probe)
         self.vocabulary: VocabularyText | None = None
         self.spares: list[int] | None = None
+        self.alone: dict[int, str] = {}
         self.stream: Generator[tuple[int, _Row], None, None] | None = None
         self.asked = self.checked = 0
 
@@ -250,7 +258,7 @@ class _Scorer:
 
     async def _detect(self, row: int) -> tuple[str, _Row]:
         reasons = []
-        for mode in SCORING:
+        for mode in self.scoring:
             try:
                 return mode, await self._ask(row, mode)
             except TeacherClientError as error:
@@ -277,11 +285,12 @@ class _Scorer:
                 texts, candidates, returned = _from_prompt_logprobs(choice, ids, wanted)
             else:
                 texts, candidates, returned = _from_echo(choice, ids, wanted, self._vocabulary())
+            padded = _padded(candidates)
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise _Missing(f"malformed {mode} ({type(error).__name__}: {error})") from None
         self.checked += self._check(row, texts)
         self.asked += 1
-        return _Row(candidates, returned)
+        return _Row(*padded, returned)
 
     async def _answer(self, row: int) -> _Row:
         """A row's scores in the format found by the probe."""
@@ -316,14 +325,21 @@ class _Scorer:
         ids = self.sequences[row]
         ours = _pieces(self.tokenizer, ids)[1:]
         for j, (theirs, mine) in enumerate(zip(texts, ours), start=1):
-            if theirs != mine and theirs and mine and REPLACEMENT not in theirs + mine:
-                raise DistillError(
-                    f"the server at {self.client.base_url} does not tokenize like the student's tokenizer: row {row}, "
-                    f"token {j} (id {ids[j]}) is {theirs!r} there and {mine!r} here, so its log-probs cannot be "
-                    "compared token by token; give the student the teacher's tokenizer, or distill through generated "
-                    "text (distill generate)"
-                )
+            if _agree(theirs, mine) or _agree(theirs, self._alone(ids[j])):
+                continue
+            raise DistillError(
+                f"the server at {self.client.base_url} does not tokenize like the student's tokenizer: row {row}, "
+                f"token {j} (id {ids[j]}) is {theirs!r} there and {mine!r} here, so its log-probs cannot be "
+                "compared token by token; give the student the teacher's tokenizer, or distill through generated "
+                "text (distill generate)"
+            )
         return len(texts)
+
+    def _alone(self, token: int) -> str:
+        """A token decoded on its own, special tokens included: what some servers report as its text (vLLM's V1)."""
+        if token not in self.alone:
+            self.alone[token] = _decode(self.tokenizer, [[token]], skip_special_tokens=False)[0]
+        return self.alone[token]
 
     def records(self, codec: Codec) -> Callable[[slice], np.ndarray]:
         """`build_scored_cache`'s `score`: the records of rows `rows`, asked for in order from its first call on."""
@@ -334,13 +350,14 @@ class _Scorer:
                     self.probe(rows.start)
                 todo = [r for r in range(rows.start, len(self.sequences)) if self.masks[r].any()]
                 self.stream = _in_order(self.loop, self._answer, todo, 2 * self.client.concurrency)
-            candidates: list[list[tuple[int, float]]] = []
+            answers: list[_Row] = []
             for row in range(rows.start, rows.stop):
                 if self.masks[row].any():
                     answered, answer = next(self.stream)
                     assert answered == row, (answered, row)
-                    candidates.extend(answer.candidates)
-            return _encode(candidates, codec, self._spares(codec.vocab_size))
+                    answers.append(answer)
+            ids, values = _stacked(answers)  # (n, W), (n, W)
+            return _encode(ids, values, codec, self._spares(codec.vocab_size))
 
         return score
 
@@ -368,8 +385,8 @@ class _Scorer:
 
 def _from_prompt_logprobs(
     choice: Mapping[str, Any], ids: list[int], wanted: list[int]
-) -> tuple[list[str], list[list[tuple[int, float]]], int]:
-    """(the server's text of tokens 1.., the (id, log-prob) pairs at entries `wanted`, the most top entries at one)."""
+) -> tuple[list[str], list[_Pairs], int]:
+    """(the server's text of tokens 1.., the ids and log-probs at entries `wanted`, the most top entries at one)."""
     entries = choice.get("prompt_logprobs")
     if not isinstance(entries, list) or len(entries) < len(ids):
         raise _Missing(
@@ -384,7 +401,7 @@ def _from_prompt_logprobs(
     candidates, returned = [], 0
     for j in wanted:
         entry = entries[j]
-        candidates.append([(int(key), float(value["logprob"])) for key, value in entry.items()])
+        candidates.append((list(map(int, entry)), [float(value["logprob"]) for value in entry.values()]))
         others = len(entry) - 1  # the server's top m, and the sent token: m = others + 1 if its rank <= others
         returned = max(returned, others + (int(entry[str(ids[j])].get("rank") or 1) <= others))
     return texts, candidates, returned
@@ -392,7 +409,7 @@ def _from_prompt_logprobs(
 
 def _from_echo(
     choice: Mapping[str, Any], ids: list[int], wanted: list[int], vocabulary: VocabularyText
-) -> tuple[list[str], list[list[tuple[int, float]]], int]:
+) -> tuple[list[str], list[_Pairs], int]:
     """`_from_prompt_logprobs` for OpenAI's legacy echo: alternatives as texts, mapped to the student's ids."""
     logprobs = choice.get("logprobs")
     if not isinstance(logprobs, Mapping) or not isinstance(logprobs.get("tokens"), list):
@@ -402,12 +419,13 @@ def _from_echo(
         raise _Missing(f"{len(tokens)} echoed tokens and {len(tops)} top_logprobs for {len(ids)} tokens sent")
     candidates, returned = [], 0
     for j in wanted:
-        pairs = [(ids[j], float(values[j]))]  # the sent token: its id is known
+        found, logprobs = [ids[j]], [float(values[j])]  # the sent token: its id is known
         for text, logprob in (tops[j] or {}).items():
             mapped = vocabulary.id_of(text, first=False)
             if mapped is not None and mapped != ids[j]:
-                pairs.append((mapped, float(logprob)))
-        candidates.append(pairs)
+                found.append(mapped)
+                logprobs.append(float(logprob))
+        candidates.append((found, logprobs))
         returned = max(returned, _top_size(tops[j] or {}, str(tokens[j])))
     return [str(t) for t in tokens[1 : len(ids)]], candidates, returned
 
@@ -420,31 +438,69 @@ def _top_size(top: Mapping[str, Any], sent: str) -> int:
     return len(top) - 1 + (rank <= len(top) - 1)
 
 
+def _agree(theirs: str, ours: str) -> bool:
+    """Whether a server's text of a token is the student's, spaces at the ends aside; an empty text, or one holding
+    part of a UTF-8 character, proves nothing either way."""
+    theirs, ours = theirs.strip(), ours.strip()
+    return theirs == ours or not theirs or not ours or REPLACEMENT in theirs + ours
+
+
+def _decode(tokenizer: Any, rows: list[list[int]], skip_special_tokens: bool = True) -> list[str]:
+    """`tokenizer.batch_decode(rows, clean_up_tokenization_spaces=False)`, through the Rust tokenizer itself when
+    there is one (the same texts, without transformers' conversion of every id)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return [str(t) for t in backend.decode_batch(rows, skip_special_tokens=skip_special_tokens)]
+    texts = tokenizer.batch_decode(rows, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
+    return [str(t) for t in texts]
+
+
 def _pieces(tokenizer: Any, ids: list[int]) -> list[str]:
     """The text each of `ids` adds after the ones before it: `api_logprobs.token_pieces`, in one batched decode."""
     contexts = [ids[max(0, j - PIECE_CONTEXT) : j] for j in range(len(ids))]
-    rows = [*contexts, *([*context, token] for context, token in zip(contexts, ids))]
-    texts = tokenizer.batch_decode(rows, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-    return [str(texts[len(ids) + j])[len(str(texts[j])) :] for j in range(len(ids))]
+    texts = _decode(tokenizer, [*contexts, *([*context, token] for context, token in zip(contexts, ids))])
+    return [texts[len(ids) + j][len(texts[j]) :] for j in range(len(ids))]
 
 
-def _encode(candidates: list[list[tuple[int, float]]], codec: Codec, spares: Sequence[int]) -> np.ndarray:
-    """Records (n,) of the K most likely of each position's (id, log-prob) pairs and the tail they leave; ids
-    outside the vocabulary count in the tail. A position with fewer than K pairs is filled at LOG_FLOOR (probability
-    ~0) with the first unused of `spares`: ids the server's answer shows to be outside its top (an id it could have
-    named but did not), so that no id whose mass went to the tail is said to have none."""
-    k = codec.top_k
-    values = np.full((len(candidates), k), LOG_FLOOR, np.float64)  # (n, K)
-    top_ids = np.zeros((len(candidates), k), np.int64)  # (n, K)
-    for p, pairs in enumerate(candidates):
-        best = heapq.nlargest(k, (pair for pair in pairs if 0 <= pair[0] < codec.vocab_size), key=lambda x: x[1])
-        top_ids[p, : len(best)] = [i for i, _ in best]
-        values[p, : len(best)] = [max(v, LOG_FLOOR) for _, v in best]
-        if len(best) < k:
-            used = {i for i, _ in best}
-            top_ids[p, len(best) :] = list(islice((i for i in spares if i not in used), k - len(best)))
-    if not np.isfinite(values).all():
+def _padded(candidates: list[_Pairs]) -> tuple[np.ndarray, np.ndarray]:
+    """Ids (m, W) and log-probs (m, W) of each position's candidates, padded with -1 and -inf to the longest."""
+    width = max((len(found) for found, _ in candidates), default=0)
+    ids = np.full((len(candidates), width), -1, np.int64)  # (m, W)
+    values = np.full((len(candidates), width), -np.inf)  # (m, W)
+    for p, (found, logprobs) in enumerate(candidates):
+        ids[p, : len(found)] = found
+        values[p, : len(logprobs)] = logprobs
+    return ids, values
+
+
+def _stacked(answers: list[_Row]) -> tuple[np.ndarray, np.ndarray]:
+    """The rows' ids (n, W) and log-probs (n, W), one after another, padded to the widest."""
+    width = max((a.ids.shape[1] for a in answers), default=0)
+    ids = [np.pad(a.ids, ((0, 0), (0, width - a.ids.shape[1])), constant_values=-1) for a in answers]
+    values = [np.pad(a.values, ((0, 0), (0, width - a.values.shape[1])), constant_values=-np.inf) for a in answers]
+    return np.concatenate([np.zeros((0, width), np.int64), *ids]), np.concatenate([np.zeros((0, width)), *values])
+
+
+def _encode(ids: np.ndarray, values: np.ndarray, codec: Codec, spares: Sequence[int]) -> np.ndarray:
+    """Records (n,) of the K most likely of each position's candidates, ids (n, W) and log-probs (n, W), and the tail
+    they leave; ids outside the vocabulary count in the tail. A position with fewer than K candidates is filled at
+    LOG_FLOOR (probability ~0) with the first unused of `spares`: ids the server's answer shows to be outside its
+    top (an id it could have named but did not), so that no id whose mass went to the tail is said to have none."""
+    if np.isnan(values).any() or np.isposinf(values).any():
         raise CacheError("the server returned a log-prob that is not a finite number")
-    mass = np.exp(values).sum(axis=1)  # (n,)
+    k = codec.top_k
+    values = np.where((ids >= 0) & (ids < codec.vocab_size), values, -np.inf)  # (n, W)
+    if values.shape[1] < k:
+        values = np.pad(values, ((0, 0), (0, k - values.shape[1])), constant_values=-np.inf)  # (n, K)
+        ids = np.pad(ids, ((0, 0), (0, k - ids.shape[1])), constant_values=-1)  # (n, K)
+    order = np.argsort(-values, axis=1, kind="stable")[:, :k]  # (n, K) most likely first
+    top = np.take_along_axis(values, order, axis=1)  # (n, K)
+    top_ids = np.take_along_axis(ids, order, axis=1)  # (n, K)
+    for p in np.flatnonzero(np.isneginf(top[:, -1])):  # positions short of K candidates
+        given = int(np.isfinite(top[p]).sum())
+        used = set(top_ids[p, :given].tolist())
+        top_ids[p, given:] = list(islice((i for i in spares if i not in used), k - given))
+    top = np.maximum(top, LOG_FLOOR)  # (n, K)
+    mass = np.exp(top).sum(axis=1)  # (n,)
     log_tail = np.log(np.clip(1.0 - mass, 1e-30, None))  # (n,) what the kept entries leave
-    return codec.encode(values, top_ids, log_tail)
+    return codec.encode(top, top_ids, log_tail)
