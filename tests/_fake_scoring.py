@@ -12,11 +12,13 @@ do) or answered as a plain completion without the log-probs (`"ignore"`, as leni
 model's by default; another one makes a server with another vocabulary); `cap` is the most alternatives it gives
 (like an API's limit of 20): asked for more, it refuses with 400, or with `truncate` gives `cap`; `decoded_alone`
 reports each token's `decoded_token` as the token decoded on its own (vLLM's V1 engine) instead of the text it adds
-after the tokens before it (vLLM's V0).
+after the tokens before it (vLLM's V0); `delay` holds each request that long (`app.state.max_in_flight` counts the
+requests held at once).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
 import time
@@ -81,9 +83,11 @@ def scoring_app(
     cap: int = 20,
     truncate: bool = False,
     decoded_alone: bool = False,
+    delay: float = 0.0,
 ) -> FastAPI:
     app = FastAPI()
     app.state.prompts = []
+    app.state.in_flight = app.state.max_in_flight = 0
     texts = texts if texts is not None else tokenizer
 
     @app.post("/v1/completions")
@@ -94,6 +98,10 @@ def scoring_app(
             return _error(400, "prompt must be a list of token ids here")
         wanted = "prompt_logprobs" if body.get("prompt_logprobs") is not None else "echo" if body.get("echo") else None
         app.state.prompts.append(ids)
+        app.state.in_flight += 1
+        app.state.max_in_flight = max(app.state.max_in_flight, app.state.in_flight)
+        await asyncio.sleep(delay)
+        app.state.in_flight -= 1
         if fail_after is not None and len(app.state.prompts) > fail_after:
             return _error(fail_status, "injected failure")
         if wanted not in formats and unsupported == "refuse":

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 
 import httpx
 import numpy as np
@@ -18,6 +19,7 @@ from distill.errors import CacheError, DistillError
 from distill.generate.client import TeacherClient, TeacherClientError
 from distill.hf import build_lm_cache
 from distill.lm_data import read_examples, tokenize_examples
+from distill.progress import Cancelled, RecordingReporter
 from distill.teachers.api_logprobs import token_pieces
 from distill.teachers.cache_compare import cache_kl
 from distill.teachers.served_cache import _pieces, build_served_cache
@@ -149,6 +151,44 @@ def test_a_killed_build_asks_only_for_the_rows_it_lacks(teacher, tmp_path):
     again = scoring_app(model, tokenizer)
     reused = build(again, teacher, tmp_path / "served", shard_tokens=16)
     assert again.state.prompts == [] and reused.requests == 0 and reused.positions == summary.positions
+
+
+class Progress(RecordingReporter):
+    """Records the stages and the progress; says `cancelled` once `cancel_after` positions are done."""
+
+    def __init__(self, cancel_after: int | None = None):
+        super().__init__()
+        self.done, self.cancel_after = 0, cancel_after
+
+    def advance(self, steps: int = 1, **metrics: float) -> None:
+        self.done += steps
+
+    def cancelled(self) -> bool:
+        return self.cancel_after is not None and self.done >= self.cancel_after
+
+
+def test_requests_are_concurrent_the_rows_in_order_and_progress_reported(teacher, tmp_path):
+    model, tokenizer, data, local = teacher
+    app = scoring_app(model, tokenizer, delay=0.05)
+    client = TeacherClient("http://fake/v1", "tiny", transport=httpx.ASGITransport(app=app), concurrency=6)
+    started, progress = time.perf_counter(), Progress()
+    summary = build_served_cache(client, data, tokenizer, tmp_path / "served", top_k=K, max_length=32,
+                                 shard_tokens=16, reporter=progress)  # fmt: skip
+    assert app.state.max_in_flight == 6 and time.perf_counter() - started < 24 * 0.05 / 2
+    assert progress.stages == ["teacher top-k cache"] and progress.done == summary.positions
+    assert_same_cache(tmp_path / "served", local)
+
+
+def test_a_cancelled_build_stops_and_resumes(teacher, tmp_path):
+    model, tokenizer, _, local = teacher
+    app = scoring_app(model, tokenizer)
+    with pytest.raises(Cancelled):
+        build(app, teacher, tmp_path / "served", shard_tokens=16, reporter=Progress(cancel_after=60))
+    asked = len(app.state.prompts)
+    assert asked < 24 and (tmp_path / "served" / "partial.json").exists()
+    resumed = build(scoring_app(model, tokenizer), teacher, tmp_path / "served", shard_tokens=16)
+    assert resumed.rows_asked < 24
+    assert_same_cache(tmp_path / "served", local)
 
 
 def test_a_server_that_cannot_score_is_refused(teacher, tmp_path):
