@@ -22,7 +22,8 @@ from distill.lm_data import read_examples, tokenize_examples
 from distill.progress import Cancelled, RecordingReporter
 from distill.teachers.api_logprobs import token_pieces
 from distill.teachers.cache_compare import cache_kl
-from distill.teachers.served_cache import _pieces, build_served_cache
+from distill.teachers.served_cache import build_served_cache
+from distill.teachers.served_scores import pieces
 from distill.teachers.token_cache import TokenCache, verify_token_cache
 from test_cli import assert_one_line_error, distill_cli
 
@@ -244,11 +245,11 @@ def test_pieces_are_the_texts_tokens_add(teacher, tmp_path):
 
     _, tokenizer, _, _ = teacher
     ids = tokenizer("the movie was great and i love it", add_special_tokens=False)["input_ids"] + [2]
-    assert _pieces(tokenizer, ids) == token_pieces(tokenizer, ids)
+    assert pieces(tokenizer, ids) == token_pieces(tokenizer, ids)
     texts = ["déjà vu, naïve café", "日本語のテキスト", "plain words and more words"] * 20
     bpe = train_tokenizer(texts, 300, tmp_path)
     ids = bpe("a naïve café: 日本 déjà", add_special_tokens=False)["input_ids"] + [bpe.eos_token_id]
-    assert _pieces(bpe, ids) == token_pieces(bpe, ids) and "\ufffd" in "".join(_pieces(bpe, ids))
+    assert pieces(bpe, ids) == token_pieces(bpe, ids) and "\ufffd" in "".join(pieces(bpe, ids))
 
 
 def test_cache_kl_is_zero_for_the_same_cache_and_sees_a_difference(teacher, tmp_path):

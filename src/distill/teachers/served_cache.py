@@ -4,18 +4,10 @@
 
 **Requests.** Each row is tokenized with the student's tokenizer exactly as `cache build` and `train-lm` tokenize
 it (`lm_data.read_examples`, `tokenize_examples`), and its token ids are sent as the prompt of one `/completions`
-request that asks for the log-probs of the prompt's own tokens, in the first of two formats the server answers
-(probed once, on the first row asked):
-
-    prompt_logprobs  vLLM's: {"prompt": [ids], "prompt_logprobs": k, "max_tokens": 1}; the choice's
-                     `prompt_logprobs` is a list, None first, then for each token j a dict {"<id>": {"logprob",
-                     "rank", "decoded_token"}} holding token j itself and the k most likely tokens
-    echo             OpenAI's legacy: {"prompt": [ids], "echo": true, "logprobs": k, "max_tokens": 0}; the choice's
-                     `logprobs` holds `tokens` (texts), `token_logprobs` and `top_logprobs` ({text: logprob}), each
-                     None first
-
-A server that answers neither (refusing the fields with a 4xx, or answering without them) is refused at once:
-"the server at URL cannot score prompts (...)", with what each format got.
+request for the log-probs of the prompt's own tokens, in the first format the server answers (vLLM's
+`prompt_logprobs`, else OpenAI's legacy `echo` with `logprobs`; `served_scores` describes both), probed once, on
+the first row asked. A server that answers neither (refusing the fields with a 4xx, or answering without them) is
+refused at once: "the server at URL cannot score prompts (...)", with what each format got.
 
 **What is kept.** Entry j is the teacher's distribution of token j given the tokens before it: the cache's position
 t = j - 1. The cache keeps the positions the local build keeps (those predicting a completion token), and at each
@@ -23,8 +15,8 @@ the K most likely ids, their log-probs and the tail bucket (1 - their mass), whe
 the server returned at a position of the first row asked, the vocabulary): an API gives at most 20 or so where the
 local build can keep hundreds. With prompt_logprobs the ids are the server's; with echo the alternatives come back
 as texts and map to ids through the student's vocabulary as `api_logprobs` maps them (a text that no single id
-gives falls into the tail), the sent token's id and log-prob being known. Servers report log-probs at temperature
-1, so the cache's temperature is 1.
+gives falls into the tail: special tokens, which decode to no text, so prefer prompt_logprobs), the sent token's id
+and log-prob being known. Servers report log-probs at temperature 1, so the cache's temperature is 1.
 
 **Same vocabulary.** The server is sent ids and tokenizes nothing, but its vocabulary must be the student's: the
 text it reports for each sent token (`decoded_token`, or the echoed token) must be the text that id adds in the
@@ -56,18 +48,26 @@ from typing import Any
 import numpy as np
 
 from distill.config import ServedCacheOptions
-from distill.engine import PIECE_CONTEXT
 from distill.errors import CacheError, DistillError
 from distill.generate.client import Prices, TeacherClient, TeacherClientError, Usage
 from distill.lm_data import read_examples, tokenize_examples
 from distill.losses import LOG_FLOOR
 from distill.progress import NULL, Reporter
-from distill.teachers.api_logprobs import REPLACEMENT, VocabularyText
+from distill.teachers.api_logprobs import VocabularyText
 from distill.teachers.cache_files import MANIFEST, PARTIAL, read_json
+from distill.teachers.served_scores import (
+    SCORING,
+    Pairs,
+    Unscorable,
+    decode_batch,
+    pieces,
+    read_answer,
+    request,
+    same_text,
+)
 from distill.teachers.token_cache import build_scored_cache
 from distill.teachers.token_codec import Codec
 
-SCORING = ("prompt_logprobs", "echo")  # the formats asked for, in this order
 REVISION = "served"  # an API does not say which weights answer
 SHARD_TOKENS = 1 << 16  # positions per shard: at most what a killed build asks for again
 ROWS_PER_CALL = 8  # rows turned into records at once
@@ -90,13 +90,6 @@ class ServedCacheSummary:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
-
-
-class _Missing(Exception):
-    """An answer without what its format promises (the server does not speak that format)."""
-
-
-_Pairs = tuple[list[int], list[float]]  # the ids a server gave at one position, and their log-probs
 
 
 @dataclass
@@ -265,7 +258,7 @@ class _Scorer:
                 if error.retryable:
                     raise  # the server is down or failing: not a question of what it can do
                 reasons.append(f"{mode}: {str(error).partition(' refused the request with ')[2] or error}")
-            except _Missing as missing:
+            except Unscorable as missing:
                 reasons.append(f"{mode}: {missing}")
         raise DistillError(
             f"the server at {self.client.base_url} cannot score prompts ({'; '.join(reasons)}); a teacher-forced "
@@ -274,23 +267,13 @@ class _Scorer:
 
     async def _ask(self, row: int, mode: str) -> _Row:
         ids = self.sequences[row]
-        body: dict[str, Any] = {"prompt": ids, "max_tokens": 1, "prompt_logprobs": self.top_k}
-        if mode == "echo":
-            body = {"prompt": ids, "max_tokens": 0, "echo": True, "logprobs": self.top_k}
-        answer = await self.client.complete_raw(body)
+        answer = await self.client.complete_raw(request(mode, ids, self.top_k))
         wanted = (np.flatnonzero(self.masks[row]) + 1).tolist()  # entries j = t + 1 of the scored positions t
-        choice = answer.choice or {}
-        try:
-            if mode == "prompt_logprobs":
-                texts, candidates, returned = _from_prompt_logprobs(choice, ids, wanted)
-            else:
-                texts, candidates, returned = _from_echo(choice, ids, wanted, self._vocabulary())
-            padded = _padded(candidates)
-        except (KeyError, TypeError, ValueError, AttributeError) as error:
-            raise _Missing(f"malformed {mode} ({type(error).__name__}: {error})") from None
+        vocabulary = self._vocabulary() if mode == "echo" else None
+        texts, candidates, returned = read_answer(mode, answer.choice or {}, ids, wanted, vocabulary)
         self.checked += self._check(row, texts)
         self.asked += 1
-        return _Row(*padded, returned)
+        return _Row(*_padded(candidates), returned)
 
     async def _answer(self, row: int) -> _Row:
         """A row's scores in the format found by the probe."""
@@ -299,7 +282,7 @@ class _Scorer:
         assert self.mode is not None
         try:
             return await self._ask(row, self.mode)
-        except _Missing as missing:
+        except Unscorable as missing:
             raise DistillError(
                 f"the server at {self.client.base_url} answered row {row} without its {self.mode} ({missing}), "
                 "though it answered them before; is it the same server?"
@@ -323,9 +306,9 @@ class _Scorer:
     def _check(self, row: int, texts: Sequence[str]) -> int:
         """The number of token texts compared with the student's; DistillError at the first that differs."""
         ids = self.sequences[row]
-        ours = _pieces(self.tokenizer, ids)[1:]
+        ours = pieces(self.tokenizer, ids)[1:]
         for j, (theirs, mine) in enumerate(zip(texts, ours), start=1):
-            if _agree(theirs, mine) or _agree(theirs, self._alone(ids[j])):
+            if same_text(theirs, mine) or same_text(theirs, self._alone(ids[j])):
                 continue
             raise DistillError(
                 f"the server at {self.client.base_url} does not tokenize like the student's tokenizer: row {row}, "
@@ -338,7 +321,7 @@ class _Scorer:
     def _alone(self, token: int) -> str:
         """A token decoded on its own, special tokens included: what some servers report as its text (vLLM's V1)."""
         if token not in self.alone:
-            self.alone[token] = _decode(self.tokenizer, [[token]], skip_special_tokens=False)[0]
+            self.alone[token] = decode_batch(self.tokenizer, [[token]], skip_special_tokens=False)[0]
         return self.alone[token]
 
     def records(self, codec: Codec) -> Callable[[slice], np.ndarray]:
@@ -383,86 +366,7 @@ class _Scorer:
             self.stream.close()
 
 
-def _from_prompt_logprobs(
-    choice: Mapping[str, Any], ids: list[int], wanted: list[int]
-) -> tuple[list[str], list[_Pairs], int]:
-    """(the server's text of tokens 1.., the ids and log-probs at entries `wanted`, the most top entries at one)."""
-    entries = choice.get("prompt_logprobs")
-    if not isinstance(entries, list) or len(entries) < len(ids):
-        raise _Missing(
-            "no prompt_logprobs" if entries is None else f"{len(entries)} prompt_logprobs, {len(ids)} tokens"
-        )
-    texts = []
-    for j in range(1, len(ids)):
-        own = entries[j].get(str(ids[j]))
-        if not isinstance(own, Mapping) or not isinstance(own.get("decoded_token"), str):
-            raise _Missing(f"entry {j} does not hold the sent token {ids[j]} with its decoded_token")
-        texts.append(own["decoded_token"])
-    candidates, returned = [], 0
-    for j in wanted:
-        entry = entries[j]
-        candidates.append((list(map(int, entry)), [float(value["logprob"]) for value in entry.values()]))
-        others = len(entry) - 1  # the server's top m, and the sent token: m = others + 1 if its rank <= others
-        returned = max(returned, others + (int(entry[str(ids[j])].get("rank") or 1) <= others))
-    return texts, candidates, returned
-
-
-def _from_echo(
-    choice: Mapping[str, Any], ids: list[int], wanted: list[int], vocabulary: VocabularyText
-) -> tuple[list[str], list[_Pairs], int]:
-    """`_from_prompt_logprobs` for OpenAI's legacy echo: alternatives as texts, mapped to the student's ids."""
-    logprobs = choice.get("logprobs")
-    if not isinstance(logprobs, Mapping) or not isinstance(logprobs.get("tokens"), list):
-        raise _Missing("no echoed tokens with log-probs")
-    tokens, values, tops = logprobs["tokens"], logprobs["token_logprobs"], logprobs.get("top_logprobs") or []
-    if min(len(tokens), len(values), len(tops)) < len(ids):
-        raise _Missing(f"{len(tokens)} echoed tokens and {len(tops)} top_logprobs for {len(ids)} tokens sent")
-    candidates, returned = [], 0
-    for j in wanted:
-        found, logprobs = [ids[j]], [float(values[j])]  # the sent token: its id is known
-        for text, logprob in (tops[j] or {}).items():
-            mapped = vocabulary.id_of(text, first=False)
-            if mapped is not None and mapped != ids[j]:
-                found.append(mapped)
-                logprobs.append(float(logprob))
-        candidates.append((found, logprobs))
-        returned = max(returned, _top_size(tops[j] or {}, str(tokens[j])))
-    return [str(t) for t in tokens[1 : len(ids)]], candidates, returned
-
-
-def _top_size(top: Mapping[str, Any], sent: str) -> int:
-    """The m of the server's top m in `top` ({text: log-prob}), which some servers give with the sent token added."""
-    if sent not in top:
-        return len(top)
-    rank = 1 + sum(float(value) > float(top[sent]) for value in top.values())
-    return len(top) - 1 + (rank <= len(top) - 1)
-
-
-def _agree(theirs: str, ours: str) -> bool:
-    """Whether a server's text of a token is the student's, spaces at the ends aside; an empty text, or one holding
-    part of a UTF-8 character, proves nothing either way."""
-    theirs, ours = theirs.strip(), ours.strip()
-    return theirs == ours or not theirs or not ours or REPLACEMENT in theirs + ours
-
-
-def _decode(tokenizer: Any, rows: list[list[int]], skip_special_tokens: bool = True) -> list[str]:
-    """`tokenizer.batch_decode(rows, clean_up_tokenization_spaces=False)`, through the Rust tokenizer itself when
-    there is one (the same texts, without transformers' conversion of every id)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        return [str(t) for t in backend.decode_batch(rows, skip_special_tokens=skip_special_tokens)]
-    texts = tokenizer.batch_decode(rows, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
-    return [str(t) for t in texts]
-
-
-def _pieces(tokenizer: Any, ids: list[int]) -> list[str]:
-    """The text each of `ids` adds after the ones before it: `api_logprobs.token_pieces`, in one batched decode."""
-    contexts = [ids[max(0, j - PIECE_CONTEXT) : j] for j in range(len(ids))]
-    texts = _decode(tokenizer, [*contexts, *([*context, token] for context, token in zip(contexts, ids))])
-    return [texts[len(ids) + j][len(texts[j]) :] for j in range(len(ids))]
-
-
-def _padded(candidates: list[_Pairs]) -> tuple[np.ndarray, np.ndarray]:
+def _padded(candidates: list[Pairs]) -> tuple[np.ndarray, np.ndarray]:
     """Ids (m, W) and log-probs (m, W) of each position's candidates, padded with -1 and -inf to the longest."""
     width = max((len(found) for found, _ in candidates), default=0)
     ids = np.full((len(candidates), width), -1, np.int64)  # (m, W)
