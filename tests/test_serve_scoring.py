@@ -408,3 +408,14 @@ def test_the_services_lm_students_score_and_its_classifiers_refuse(tmp_path):
         ):
             refused(http.post("/completions", json={"model": classifier, **fields}), 400, "invalid_input", param)
         assert http.post("/completions", json={"model": classifier, "prompt": signal}).status_code == 200
+
+
+def test_sixteen_stop_strings_are_taken_and_seventeen_refused(client):
+    """lm-evaluation-harness adds the end-of-text string to a task's own stop strings: more than OpenAI's 4."""
+    stops = [f"zz{i}" for i in range(16)]
+    answer = client.post(
+        "/v1/completions", json={"model": "tiny", "prompt": "the movie", "max_tokens": 2, "stop": stops}
+    )
+    assert answer.status_code == 200, answer.text
+    refused = client.post("/v1/completions", json={"model": "tiny", "prompt": "the", "stop": [*stops, "zz16"]})
+    assert refused.status_code == 422 and refused.json()["error"]["param"].startswith("stop")

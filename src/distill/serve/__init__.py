@@ -2,8 +2,8 @@
 
 Endpoints: `GET /v1/models`, `GET /v1/models/{id}`, `POST /v1/chat/completions`, `POST /v1/completions`, with
 OpenAI's request fields `model`, `n`, `temperature` (0 is greedy), `top_p`, `frequency_penalty` and
-`presence_penalty` (-2 to 2, OpenAI's formula on the tokens a choice has generated), `max_tokens`, `stop` (up to 4
-strings), `seed`, `stream` and `stream_options.include_usage`; chat also `messages`, `max_completion_tokens` and
+`presence_penalty` (-2 to 2, OpenAI's formula on the tokens a choice has generated), `max_tokens`, `stop` (up to 16
+strings: OpenAI takes 4, but lm-evaluation-harness adds the end-of-text string to a task's own), `seed`, `stream` and `stream_options.include_usage`; chat also `messages`, `max_completion_tokens` and
 `logprobs` (a bool) with `top_logprobs` (0 to 20). The legacy completions endpoint speaks the API as OpenAI and vLLM
 do, for clients such as lm-evaluation-harness that score text with it:
 

@@ -15,7 +15,8 @@ from pydantic_core import PydanticCustomError
 from distill.asgi import ServeLimits
 
 ROLE_NAMES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
-StopText = Annotated[str, Field(min_length=1)]
+StopText = Annotated[str, Field(min_length=1, max_length=1_000)]
+MAX_STOPS = 16  # OpenAI takes 4; lm-evaluation-harness adds the end-of-text string to a task's own (vLLM: no cap)
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 TopCount = Annotated[int, Field(ge=0, le=20)]
 
@@ -48,7 +49,7 @@ class SamplingRequest(BaseModel):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     max_tokens: int | None = Field(None, ge=1)  # at most ServeLimits.max_tokens (400 max_tokens_too_large)
-    stop: StopText | Annotated[list[StopText], Field(max_length=4)] | None = None
+    stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOPS)] | None = None
     seed: int | None = None
     frequency_penalty: Penalty | None = None
     presence_penalty: Penalty | None = None
