@@ -87,6 +87,7 @@ def scoring_app(
 ) -> FastAPI:
     app = FastAPI()
     app.state.prompts = []
+    app.state.keys = set()  # the Authorization headers seen
     app.state.in_flight = app.state.max_in_flight = 0
     texts = texts if texts is not None else tokenizer
 
@@ -98,6 +99,7 @@ def scoring_app(
             return _error(400, "prompt must be a list of token ids here")
         wanted = "prompt_logprobs" if body.get("prompt_logprobs") is not None else "echo" if body.get("echo") else None
         app.state.prompts.append(ids)
+        app.state.keys.add(request.headers.get("authorization"))
         app.state.in_flight += 1
         app.state.max_in_flight = max(app.state.max_in_flight, app.state.in_flight)
         await asyncio.sleep(delay)

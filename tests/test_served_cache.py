@@ -273,8 +273,9 @@ def test_cli_builds_through_a_server(teacher, tmp_path):
     with serve_app(app) as url:
         args = ["cache", "build", "--base-url", url, "--model", "tiny", "--student", student, "--data", data,
                 "--out", tmp_path / "served", "--top-k", K, "--max-length", 32, "--price-input", 2.0]  # fmt: skip
-        result = distill_cli(*args, cwd=tmp_path)
+        result = distill_cli(*args, "--api-key-env", "TEACHER_KEY", cwd=tmp_path, env={"TEACHER_KEY": "sk-test"})
         assert result.returncode == 0, result.stderr
+        assert app.state.keys == {"Bearer sk-test"}
         tokens = sum(len(p) for p in app.state.prompts)
         assert f"k = {K} of the {K} asked" in result.stdout and "24 rows scored with prompt_logprobs" in result.stdout
         assert f"{tokens:,} prompt" in result.stdout and f"cost {2.0 * tokens / 1e6:.4f}" in result.stdout
