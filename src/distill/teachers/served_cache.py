@@ -71,6 +71,7 @@ from distill.teachers.token_codec import Codec
 REVISION = "served"  # an API does not say which weights answer
 SHARD_TOKENS = 1 << 16  # positions per shard: at most what a killed build asks for again
 ROWS_PER_CALL = 8  # rows turned into records at once
+API_TOP_K = 20  # the most log-probs OpenAI's API and vLLM (by default) give per token
 
 
 @dataclass
@@ -260,9 +261,10 @@ class _Scorer:
                 reasons.append(f"{mode}: {str(error).partition(' refused the request with ')[2] or error}")
             except Unscorable as missing:
                 reasons.append(f"{mode}: {missing}")
+        fewer = f"; many servers give at most {API_TOP_K} log-probs: ask for fewer" if self.top_k > API_TOP_K else ""
         raise DistillError(
             f"the server at {self.client.base_url} cannot score prompts ({'; '.join(reasons)}); a teacher-forced "
-            "cache needs /completions with vLLM's prompt_logprobs, or echo with logprobs and max_tokens 0"
+            f"cache needs /completions with vLLM's prompt_logprobs, or echo with logprobs and max_tokens 0{fewer}"
         )
 
     async def _ask(self, row: int, mode: str) -> _Row:
