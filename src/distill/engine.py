@@ -151,6 +151,7 @@ class Engine:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
+        self._token_texts: dict[int, str] = {}  # token_text's memory
         self.context = context_length(model.config, tokenizer)
         generation = getattr(model, "generation_config", None)
         eos = [
@@ -184,6 +185,14 @@ class Engine:
             raise PromptTooLong(len(text), self.max_chars)
         ids = list(self.tokenizer(text, add_special_tokens=special_tokens)["input_ids"])
         return ids or list(self.start_ids)
+
+    def token_text(self, token: int) -> str:
+        """One token id decoded alone (special tokens kept), remembered: at most one entry per token of the
+        vocabulary."""
+        text = self._token_texts.get(token)
+        if text is None:
+            text = self._token_texts[token] = str(self.tokenizer.decode([token]))
+        return text
 
     def decode(self, ids: list[int]) -> str:
         return decode_text(self.tokenizer, ids)

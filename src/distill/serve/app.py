@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import threading
 import time
@@ -30,6 +31,20 @@ from distill.serve.streams import chat_stream, completion_stream, generated
 
 CLIENT_GONE = 499  # the status of an answer nobody receives (the client left before it was ready)
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's legacy default for max_tokens
+
+
+class FastJSON(Response):
+    """A JSON response encoded by orjson where it is installed (a prompt's log-probs are thousands of numbers), else
+    by the standard library, compactly."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        try:
+            import orjson
+        except ImportError:
+            return json.dumps(content, separators=(",", ":"), allow_nan=False).encode()
+        return bytes(orjson.dumps(content))
 
 
 def _api_error(_: Request, error: Exception) -> JSONResponse:
@@ -88,10 +103,10 @@ async def _chat(model: _Model, body: ChatRequest, request: Request) -> Response:
     if not await generated(request, model.batcher, rows):
         return Response(status_code=CLIENT_GONE)
 
-    def respond() -> JSONResponse:
+    def respond() -> Response:
         choices = [chat_choice(i, row, top) for i, row in enumerate(rows)]
         totals = usage(rows, len(prompt.ids))
-        return JSONResponse(head | {"object": "chat.completion", "choices": choices, "usage": totals})
+        return FastJSON(head | {"object": "chat.completion", "choices": choices, "usage": totals})
 
     return await asyncio.to_thread(respond)
 
@@ -107,15 +122,15 @@ async def _complete(model: _Model, body: CompletionRequest, request: Request) ->
     default = min(DEFAULT_COMPLETION_TOKENS, model.limits.max_tokens)
     ranked = body.prompt_logprobs is not None  # vLLM's prompt_logprobs show each token's rank
     rows = sampling_rows(engine, prompts, body, body.max_tokens, default, body.logprobs, body.prompt_top(), ranked)
-    shape, head = Completions(body, prompts, engine.tokenizer), _head("completion", model.name)
+    shape, head = Completions(body, prompts, engine.tokenizer, engine.token_text), _head("completion", model.name)
     if body.stream:
         return completion_stream(model.batcher, rows, head, shape, body.include_usage())
     if not await generated(request, model.batcher, rows):
         return Response(status_code=CLIENT_GONE)
 
-    def respond() -> JSONResponse:
+    def respond() -> Response:
         choices = [shape.choice(i, rows) for i in range(len(rows))]
-        return JSONResponse(head | {"choices": choices, "usage": usage(rows, shape.prompt_tokens())})
+        return FastJSON(head | {"choices": choices, "usage": usage(rows, shape.prompt_tokens())})
 
     return await asyncio.to_thread(respond)
 

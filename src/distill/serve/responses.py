@@ -16,6 +16,7 @@ size `distill cache from-generated` reads as the API's k.)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,14 +83,14 @@ def echoed_logprobs(tokenizer: Any, ids: list[int], scores: PromptScores, k: int
     return {"tokens": tokens, "token_logprobs": [None, *scores.logprobs], "top_logprobs": top, "text_offset": offsets}
 
 
-def prompt_logprobs(tokenizer: Any, ids: list[int], scores: PromptScores, k: int) -> list[dict[str, Any] | None]:
-    """vLLM's `prompt_logprobs` of a prompt, with the top `k` at each position (module docstring)."""
-    decoded: dict[int, str] = {}
+def prompt_logprobs(
+    token_text: Callable[[int], str], ids: list[int], scores: PromptScores, k: int
+) -> list[dict[str, Any] | None]:
+    """vLLM's `prompt_logprobs` of a prompt, with the top `k` at each position (module docstring); `token_text`
+    decodes one token id alone (`Engine.token_text`, which remembers what it decoded)."""
 
     def entry(token: int, logprob: float, rank: int) -> dict[str, Any]:
-        if token not in decoded:
-            decoded[token] = str(tokenizer.decode([token]))
-        return {"logprob": logprob, "rank": rank, "decoded_token": decoded[token]}
+        return {"logprob": logprob, "rank": rank, "decoded_token": token_text(token)}
 
     assert scores.ranks is not None, "prompt_logprobs show ranks: score the prompt with prompt_ranks"
     positions: list[dict[str, Any] | None] = [None]
@@ -109,6 +110,7 @@ class Completions:
     body: CompletionRequest
     prompts: list[Prompt]
     tokenizer: Any
+    token_text: Callable[[int], str]  # one token id decoded alone
 
     @property
     def n(self) -> int:
@@ -126,7 +128,7 @@ class Completions:
             echoed = echoed_logprobs(self.tokenizer, prompt.ids, scores, body.logprobs)
         extra = {}
         if body.prompt_logprobs is not None and scores is not None:
-            extra["prompt_logprobs"] = prompt_logprobs(self.tokenizer, prompt.ids, scores, body.prompt_logprobs)
+            extra["prompt_logprobs"] = prompt_logprobs(self.token_text, prompt.ids, scores, body.prompt_logprobs)
         return (prompt.text if body.echo else ""), echoed, extra
 
     def logprobs(self, index: int, entries: list[TokenLogprob], echoed: Legacy | None) -> Legacy | None:
