@@ -84,6 +84,7 @@ def scoring_app(
     truncate: bool = False,
     decoded_alone: bool = False,
     delay: float = 0.0,
+    scores_alone: bool = True,
 ) -> FastAPI:
     app = FastAPI()
     app.state.prompts = []
@@ -108,6 +109,8 @@ def scoring_app(
             return _error(fail_status, "injected failure")
         if wanted not in formats and unsupported == "refuse":
             return _error(400, f"{wanted or 'this request'} is not supported")
+        if wanted == "prompt_logprobs" and body.get("max_tokens") == 0 and not scores_alone:  # as vLLM
+            return _error(400, "max_tokens must be at least 1")
         k = int(body.get("prompt_logprobs") or body.get("logprobs") or 0)
         if k > cap and not truncate:
             return _error(400, f"at most {cap} log-probs")
@@ -120,7 +123,7 @@ def scoring_app(
         elif wanted == "echo" and wanted in formats:
             choice["logprobs"] = _echo(logprobs, ids, k, texts)
             choice["text"] = "".join(choice["logprobs"]["tokens"])
-        completion = 1 if wanted == "prompt_logprobs" else 0
+        completion = int(body.get("max_tokens") or 0)
         usage = {"prompt_tokens": len(ids), "completion_tokens": completion, "total_tokens": len(ids) + completion}
         return {"id": "cmpl-fake", "object": "text_completion", "created": int(time.time()), "model": body["model"],
                 "choices": [choice], "usage": usage}  # fmt: skip

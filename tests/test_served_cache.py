@@ -97,23 +97,28 @@ def assert_same_cache(served_dir, local_dir, special=()):
 
 
 @pytest.mark.parametrize(
-    "formats, alone",
-    [(("prompt_logprobs", "echo"), False), (("prompt_logprobs",), True), (("echo",), False)],
-    ids=["prompt_logprobs", "prompt_logprobs-decoded-alone", "echo"],
+    "formats, alone, alone_scored, scoring, refused",
+    [
+        (("prompt_logprobs", "echo"), False, True, "prompt_logprobs", 0),
+        (("prompt_logprobs",), True, True, "prompt_logprobs", 0),
+        (("prompt_logprobs",), False, False, "prompt_logprobs+1", 1),  # vLLM: max_tokens 0 refused, 1 then
+        (("echo",), False, True, "echo", 2),  # prompt_logprobs refused (with 0 tokens, then 1) first
+    ],
+    ids=["prompt_logprobs", "prompt_logprobs-decoded-alone", "prompt_logprobs-one-token", "echo"],
 )
-def test_the_served_cache_equals_the_local_build(teacher, tmp_path, formats, alone):
+def test_the_served_cache_equals_the_local_build(teacher, tmp_path, formats, alone, alone_scored, scoring, refused):
     model, tokenizer, _, local = teacher
-    app = scoring_app(model, tokenizer, formats=formats, decoded_alone=alone)
+    app = scoring_app(model, tokenizer, formats=formats, decoded_alone=alone, scores_alone=alone_scored)
     summary = build(app, teacher, tmp_path / "served")
-    assert summary.scoring == formats[0] and summary.top_k == K and summary.rows_asked == 24
-    assert len(app.state.prompts) == 24 + (formats == ("echo",))  # one a row; with echo, prompt_logprobs refused first
+    assert summary.scoring == scoring and summary.top_k == K and summary.rows_asked == 24
+    assert len(app.state.prompts) == 24 + refused  # one a row, after the requests of the formats refused
     assert summary.requests == 24 and summary.prompt_tokens == sum(len(p) for p in app.state.prompts[-24:])
     special = tokenizer.all_special_ids if formats == ("echo",) else ()  # they decode to "": echo cannot name them
     kl, lossy = assert_same_cache(tmp_path / "served", local, special)
     assert lossy.any() == (formats == ("echo",))  # the random teacher often ranks <pad>, <unk>, <eos> high
     manifest = verify_token_cache(tmp_path / "served")
     served = TokenCache(tmp_path / "served").manifest["served"]
-    assert served["scoring"] == formats[0] and served["top_k_requested"] == K and served["top_k"] == K
+    assert served["scoring"] == scoring and served["top_k_requested"] == K and served["top_k"] == K
     assert served["model"] == "tiny" and served["base_url"] == "http://fake/v1" and manifest["top_k"] == K
     assert served["usage"]["requests"] == 24 and served["tokens_checked"] == summary.tokens_checked > 0
 
@@ -145,8 +150,8 @@ def test_a_killed_build_asks_only_for_the_rows_it_lacks(teacher, tmp_path):
     healthy = scoring_app(model, tokenizer)
     summary = build(healthy, teacher, tmp_path / "served", shard_tokens=16)
     rows = tokenize_examples(tokenizer, read_examples(teacher[2], tokenizer), 32).sequences
-    assert failing.state.prompts[:10] == [s.tolist() for s in rows[:10]]
-    assert healthy.state.prompts == [s.tolist() for s in rows[done:]]  # in order, no probe, nothing asked twice
+    asked = sorted(map(tuple, healthy.state.prompts))  # each row once, no probe (the rows go shortest first)
+    assert asked == sorted(tuple(s.tolist()) for s in rows[done:])
     assert summary.rows_asked == 24 - done and summary.requests == 24 - done
     assert_same_cache(tmp_path / "served", local)
     again = scoring_app(model, tokenizer)
@@ -200,7 +205,7 @@ def test_a_server_that_cannot_score_is_refused(teacher, tmp_path):
             DistillError, match=r"the server at http://fake/v1 cannot score prompts \(prompt_logprobs: "
         ) as caught:
             build(app, teacher, tmp_path / unsupported)
-        assert "echo: " in str(caught.value) and len(app.state.prompts) == 2
+        assert "echo: " in str(caught.value) and len(app.state.prompts) == 3  # one probe per format
         assert not (tmp_path / unsupported / "partial.json").exists()
     with pytest.raises(DistillError, match="at most 20 log-probs.*many servers give at most 20 log-probs: ask for"):
         build(scoring_app(model, tokenizer), teacher, tmp_path / "many", top_k=21)  # more than it gives: refused
@@ -235,7 +240,9 @@ def test_a_server_with_another_vocabulary_is_refused(teacher, tmp_path, formats)
     app = scoring_app(model, tokenizer, formats=formats, texts=shuffled)
     with pytest.raises(DistillError, match="does not tokenize like the student's tokenizer: row 0, token"):
         build(app, teacher, tmp_path / "served")
-    assert len(app.state.prompts) == 1 + (formats == ("echo",))  # the probe: refused prompt_logprobs, then echo
+    assert len(app.state.prompts) == 1 + 2 * (
+        formats == ("echo",)
+    )  # the probe: prompt_logprobs refused twice, then echo
 
 
 def test_pieces_are_the_texts_tokens_add(teacher, tmp_path):

@@ -37,7 +37,6 @@ asked and kept, and the usage of the run that finished the cache.
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from collections.abc import Callable, Coroutine, Generator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -198,25 +197,33 @@ def _event_loop(client: TeacherClient) -> Iterator[asyncio.AbstractEventLoop]:
 
 
 def _in_order(
-    loop: asyncio.AbstractEventLoop, ask: Callable[[int], Coroutine[Any, Any, Any]], rows: Sequence[int], window: int
+    loop: asyncio.AbstractEventLoop,
+    ask: Callable[[int], Coroutine[Any, Any, Any]],
+    rows: Sequence[int],
+    block: int,
+    length: Callable[[int], int],
 ) -> Generator[tuple[int, Any], None, None]:
-    """(row, answer) for `rows` in order, with up to `window` of them asked ahead; what is still asked when the
-    iterator is closed or fails is cancelled."""
-    pending: deque[tuple[int, asyncio.Task[Any]]] = deque()
-    upcoming = iter(rows)
+    """(row, answer) for `rows` in order. They are asked a block of `block` rows at a time, the next block while
+    this one is read, each block's rows shortest first: requests that reach the server together are of about one
+    length, so the batches it makes of them pad little (as the local build scores rows in length order). What is
+    still asked when the iterator is closed or fails is cancelled."""
+
+    def asked(part: Sequence[int]) -> dict[int, asyncio.Task[Any]]:
+        return {row: loop.create_task(ask(row)) for row in sorted(part, key=length)}
+
+    blocks = [rows[start : start + block] for start in range(0, len(rows), block)]
+    pending = asked(blocks[0]) if blocks else {}
     try:
-        while True:
-            while len(pending) < window and (row := next(upcoming, None)) is not None:
-                pending.append((row, loop.create_task(ask(row))))
-            if not pending:
-                return
-            row, task = pending.popleft()
-            yield row, loop.run_until_complete(task)
+        for index, part in enumerate(blocks):
+            if index + 1 < len(blocks):
+                pending |= asked(blocks[index + 1])  # the next block is asked while this one is read
+            for row in part:
+                yield row, loop.run_until_complete(pending.pop(row))
     finally:
-        for _, task in pending:
+        for task in pending.values():
             task.cancel()
         if pending:
-            loop.run_until_complete(asyncio.gather(*(task for _, task in pending), return_exceptions=True))
+            loop.run_until_complete(asyncio.gather(*pending.values(), return_exceptions=True))
 
 
 class _Scorer:
@@ -334,7 +341,8 @@ class _Scorer:
                 if self.mode is None:
                     self.probe(rows.start)
                 todo = [r for r in range(rows.start, len(self.sequences)) if self.masks[r].any()]
-                self.stream = _in_order(self.loop, self._answer, todo, 2 * self.client.concurrency)
+                length = lambda row: len(self.sequences[row])  # noqa: E731
+                self.stream = _in_order(self.loop, self._answer, todo, 2 * self.client.concurrency, length)
             answers: list[_Row] = []
             for row in range(rows.start, rows.stop):
                 if self.masks[row].any():

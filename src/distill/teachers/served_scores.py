@@ -1,7 +1,7 @@
 """A server's teacher-forced scores of a prompt, as it answers them, read into token ids and log-probs
 (`served_cache` builds a token cache from them). Two formats of `/completions`, asked for in this order:
 
-    prompt_logprobs  vLLM's: {"prompt": [ids], "prompt_logprobs": k, "max_tokens": 1}; the choice's
+    prompt_logprobs  vLLM's: {"prompt": [ids], "prompt_logprobs": k, "max_tokens": 0 (or 1)}; the choice's
                      `prompt_logprobs` is a list, None first, then for each token j a dict {"<id>": {"logprob",
                      "rank", "decoded_token"}} holding token j itself and the k most likely tokens
     echo             OpenAI's legacy: {"prompt": [ids], "echo": true, "logprobs": k, "max_tokens": 0}; the choice's
@@ -25,7 +25,9 @@ from typing import Any
 from distill.engine import PIECE_CONTEXT
 from distill.teachers.api_logprobs import REPLACEMENT, VocabularyText
 
-SCORING = ("prompt_logprobs", "echo")  # the formats asked for, in this order
+# The formats asked for, in this order: prompt_logprobs scoring alone (max_tokens 0: `distill serve`), then with one
+# token generated (servers that refuse 0 without echo, such as vLLM), then echo.
+SCORING = ("prompt_logprobs", "prompt_logprobs+1", "echo")
 Pairs = tuple[list[int], list[float]]  # the ids a server gave at one position, and their log-probs
 
 
@@ -37,7 +39,7 @@ def request(mode: str, ids: list[int], top_k: int) -> dict[str, Any]:
     """The body (less the model) asking for the top-`top_k` log-probs of every token of `ids` in format `mode`."""
     if mode == "echo":
         return {"prompt": ids, "max_tokens": 0, "echo": True, "logprobs": top_k}
-    return {"prompt": ids, "max_tokens": 1, "prompt_logprobs": top_k}
+    return {"prompt": ids, "max_tokens": 1 if mode == "prompt_logprobs+1" else 0, "prompt_logprobs": top_k}
 
 
 def read_answer(
@@ -46,7 +48,7 @@ def read_answer(
     """(the server's text of tokens 1.., the ids and log-probs it gave at entries `wanted`, the most top entries it
     gave at one of them); Unscorable when the answer lacks them or is malformed."""
     try:
-        if mode == "prompt_logprobs":
+        if mode.startswith("prompt_logprobs"):
             return _from_prompt_logprobs(choice, ids, wanted)
         assert vocabulary is not None
         return _from_echo(choice, ids, wanted, vocabulary)
