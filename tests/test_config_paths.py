@@ -126,13 +126,19 @@ def test_the_cli_options_of_generate_and_cache_build_are_their_models_fields():
     from distill.cli import app
 
     command = get_command(app)
-    for path, model, own in (
-        (["generate"], cfg.GenerateOptions, {"prompts", "output", "base_url", "model", "api_key_env"}),
-        (["cache", "build"], cfg.CacheBuildOptions, {"teacher", "data", "directory"}),
+    served = {"base_url", "model", "student", "api_key_env"}  # cache build --base-url: where the teacher is
+    for path, models, own in (
+        (["generate"], [cfg.GenerateOptions], {"prompts", "output", "base_url", "model", "api_key_env"}),
+        (
+            ["cache", "build"],
+            [cfg.CacheBuildOptions, cfg.ServedCacheOptions],
+            {"teacher", "data", "directory"} | served,
+        ),
     ):
         target = command
         for part in path:
             target = target.commands[part]  # type: ignore[attr-defined]
+        fields = set().union(*(model.model_fields for model in models))
         options = {p.name for p in target.params} - own - {"help"}
-        assert options == set(model.model_fields), path
-        assert all(p.default in (None, False, [], ()) for p in target.params if p.name in model.model_fields), path
+        assert options == fields, path
+        assert all(p.default in (None, False, [], ()) for p in target.params if p.name in fields), path

@@ -242,7 +242,9 @@ def test_run_lm_recipe_on_a_small_corpus(tmp_path):
     for name, scores in tasks["scores"].items():
         assert 0 <= scores["lm_continuation"]["acc"] <= 1 and scores["lm_perplexity"]["word_perplexity"] > 1, name
     kept = tasks["retention"]["student-distilled"]["lm_perplexity"]["word_perplexity"]
-    teacher, student = (tasks["scores"][n]["lm_perplexity"]["word_perplexity"] for n in ("teacher", "student-distilled"))
+    teacher, student = (
+        tasks["scores"][n]["lm_perplexity"]["word_perplexity"] for n in ("teacher", "student-distilled")
+    )
     assert kept == pytest.approx(teacher / student)
     assert (tmp_path / "out" / "report.md").is_file()
     assert "Task scores (lm-evaluation-harness)" in (tmp_path / "out" / "report.md").read_text()

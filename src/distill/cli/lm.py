@@ -104,7 +104,8 @@ def _build_local(teacher: str, data: Path, directory: Path, options: cfg.CacheBu
     summary = verify_token_cache(directory)
     out.print(
         f"cache {directory}: {summary['positions']:,} positions of {summary['sequences']:,} sequences, "
-        f"{summary['bytes_per_position']:.1f} bytes each (k = {summary['top_k']}); checksums verified"
+        f"{summary['bytes_per_position']:.1f} bytes each (k = {summary['top_k']}); checksums verified",
+        soft_wrap=True,
     )
 
 
@@ -136,7 +137,8 @@ def _build_served(
     out.print(
         f"cache {directory}: {summary['positions']:,} positions of {summary['sequences']:,} sequences, "
         f"{summary['bytes_per_position']:.1f} bytes each; k = {built.top_k} of the {built.top_k_requested} asked "
-        f"(what {model} at {base_url} returns); {asked}; checksums verified"
+        f"(what {model} at {base_url} returns); {asked}; checksums verified",
+        soft_wrap=True,
     )
 
 
