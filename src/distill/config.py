@@ -25,6 +25,8 @@ from pydantic import (
 from distill.errors import DistillError
 
 Divergence = Literal["forward_kl", "reverse_kl", "jsd", "tvd"]
+Precision = Literal["fp32", "bf16", "fp16"]
+Tracker = Literal["tensorboard", "mlflow", "wandb"]
 
 # ----------------------------------------------------------------------------------------------------------------
 # Bounds: what every config accepts, in one place (the CLI, config files and the service's jobs all validate here).
@@ -181,6 +183,36 @@ class TrainConfig(Strict):
     device: str = Field("cpu", max_length=64)
     strategy: Literal["ddp", "fsdp"] = Field(
         "ddp", description="with several processes (torchrun): replicate (ddp) or shard (fsdp) the student"
+    )
+    precision: Precision = Field(
+        "fp32",
+        description="the student's compute: fp32, bf16 (autocast; also on CPUs) or fp16 (autocast and a "
+        "gradient scaler); weights and optimizer stay float32, losses are computed in float32",
+    )
+    teacher_precision: Precision | None = Field(
+        None, description="a live teacher's precision (its weights cast); null: the student's"
+    )
+    grad_accum_steps: Annotated[int, Field(ge=1, le=4096)] = Field(
+        1,
+        description="batches whose gradients add up before one optimizer step (the effective batch is this x "
+        "batch_size); under DDP the inner ones do not synchronise",
+    )
+    activation_checkpointing: bool = Field(
+        False, description="recompute the student's activations in the backward pass (less memory, more time)"
+    )
+    report_to: list[Tracker] = Field(
+        default_factory=list, max_length=3, description="trackers fed the per-step history: tensorboard, mlflow, wandb"
+    )
+
+
+class LoraSpec(Strict):
+    """A LoRA adapter (Hu et al. 2021) trained instead of the whole student (`peft`): W + (alpha / r) B A."""
+
+    r: Annotated[int, Field(ge=1, le=4096)] = Field(16, description="the rank of each adapter")
+    alpha: Annotated[float, Field(gt=0, le=1e6)] = Field(32.0, description="the scale numerator: updates x alpha / r")
+    dropout: Share = Field(0.05, description="dropout on the adapters' input")
+    target_modules: list[Annotated[str, Field(min_length=1, max_length=200)]] | Literal["all-linear"] = Field(
+        "all-linear", max_length=256, description="the modules adapted, by name (peft's), or all-linear"
     )
 
 
