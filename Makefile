@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= dev,hf,service,eval
+EXTRAS ?= dev,hf,service,eval,track
 
 .PHONY: setup demo test test-all lint bench clean
 
