@@ -19,6 +19,7 @@ from distill.classify import Task, run_classification
 from distill.config import Classes, Length, LossConfig, ModelSpec, Strict, TrainConfig, dump
 from distill.data import ArrayDataset, check_labels, dataset_from_file, infer_num_classes
 from distill.errors import DataError, ShapeMismatchError
+from distill.model_card import student_folders, write_cards
 from distill.stages import RunContext
 from distill.train import train
 
@@ -166,8 +167,11 @@ def run_train_arrays(config: ArraysJobConfig, context: RunContext) -> dict[str, 
         )
         metrics = run_classification(task, context)
     metrics["seconds"] = time.perf_counter() - started
-    report.write(report_of(metrics), output, metrics)
+    rendered = report_of(metrics)
+    report.write(rendered, output, metrics)
     (output / "config.yaml").write_text(dump(config))
+    folders = [output / "model"] if not config.teacher else student_folders(output)
+    write_cards(folders, rendered, dump(config), metrics)
     return metrics
 
 

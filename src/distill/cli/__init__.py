@@ -1,6 +1,6 @@
 """The `distill` command line: `app.py` holds the app, its consoles and what the commands share; each command group
 has a module of its own (`run.py`: run, train, report; `lm.py`: cache, train-lm; `text.py`: serve, generate,
-traces; `evaluate.py`: eval-lm; `service.py`: service, keys, worker), imported here so that each registers its commands on the app.
+traces; `evaluate.py`: eval-lm; `publish.py`: push; `service.py`: service, keys, worker), imported here so that each registers its commands on the app.
 
 Each command parses its options into a config and makes one library call. Errors a user can fix (DistillError,
 bad option values) print one line, `error: ...`, and exit with status 2; an interrupted run says how to resume it.
@@ -24,6 +24,7 @@ from distill.cli import run  # noqa: E402, F401
 from distill.cli import lm  # noqa: E402, F401
 from distill.cli import text  # noqa: E402, F401
 from distill.cli import evaluate  # noqa: E402, F401
+from distill.cli import publish  # noqa: E402, F401
 
 # isort: on
 

@@ -11,6 +11,7 @@ from typing import Any
 from distill import report
 from distill.config import Strict, dump
 from distill.errors import DistillError
+from distill.model_card import student_folders, write_cards
 from distill.stages import RunContext
 
 
@@ -29,14 +30,26 @@ class Recipe:
 
 def run_recipe(recipe: Recipe, config: Strict, run: RunContext) -> dict[str, Any]:
     """Run `recipe` into `run.output` (continuing an earlier attempt there with `run.resume`) and write its
-    metrics.json, report.md, report.html and resolved config.yaml; return the metrics."""
+    metrics.json, report.md, report.html, resolved config.yaml and a model card in every student folder; return the
+    metrics."""
     started = time.perf_counter()
     run.output.mkdir(parents=True, exist_ok=True)
     metrics = recipe.run(config, run)
     metrics["seconds"] = time.perf_counter() - started
-    report.write(recipe.report(metrics), run.output, metrics)
+    rendered = recipe.report(metrics)
+    report.write(rendered, run.output, metrics)
     (run.output / "config.yaml").write_text(dump(config))
+    write_cards(student_folders(run.output), rendered, dump(config), metrics, teacher_name(config))
     return metrics
+
+
+def teacher_name(config: Any) -> str | None:
+    """The teacher a card names as the student's base model: a model name or folder given in the config (the
+    packaged MiniLM by its hub name), None when the recipe trains its own teacher."""
+    teacher = getattr(config, "teacher", None)
+    if not isinstance(teacher, str):
+        return None
+    return "sentence-transformers/all-MiniLM-L6-v2" if teacher == "minilm-l6" else teacher
 
 
 def datasets_folder(config: Any, run: RunContext, recipe: str) -> Path:
