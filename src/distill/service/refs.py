@@ -6,7 +6,8 @@ service takes an id, and resolves it to a path inside its data directory:
 - a field typed as a path (data files, a corpus, prompts): an uploaded file's id, `file-...`;
 - a model (`teacher`, `student`; a path or a model name in the CLI): a finished job's id, `job-...` for the model it
   produced (its `student/`, else its `model/`), or `job-.../NAME` for one of its other models (`models/NAME`,
-  e.g. `job-.../teacher-0`); text recipes also accept the packaged `minilm-l6`;
+  e.g. `job-.../teacher-0`); text recipes also accept the packaged `minilm-l6`; a model given with its settings
+  (train-lm's `student: {model: ..., lora: ...}`) names it in `model`;
 - `cache` (a teacher log-prob cache): the id of a finished `cache-build` job;
 - `data_dir`: never; the service passes its own reference data sets folder.
 
@@ -140,6 +141,8 @@ def resolve(model: type[BaseModel], data: Any, resolver: Resolver, *, models: st
         nested = _nested(annotation)
         if nested is not None and isinstance(value, dict):
             out[name] = resolve(nested, value, resolver, models=models, prefix=field)
+            if name in MODEL_FIELDS and "model" in nested.model_fields and value.get("model") is not None:
+                out[name]["model"] = resolver.model(value["model"], f"{field}.model", models)  # {model: ID, lora: ..}
         elif nested is not None and isinstance(value, list):  # a list of sections (e.g. an evaluate job's tasks)
             out[name] = [
                 resolve(nested, v, resolver, models=models, prefix=f"{field}.{i}") for i, v in enumerate(value)
