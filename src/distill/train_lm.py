@@ -1,6 +1,7 @@
 """`distill train-lm`: a user's causal LM student distilled from a live teacher (same tokenizer) or from a cache of
 its top-k log-probs, on the user's JSONL data (or fine-tuned alone when neither is given); under `torchrun`, the
-same job trains with DDP or FSDP."""
+same job trains with DDP or FSDP. With `student.lora` only LoRA adapters are trained (`distill.lora`), and the
+saved student is the merged model, its adapter beside it."""
 
 from __future__ import annotations
 
@@ -10,27 +11,39 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from distill import hf
-from distill.config import Length, LossConfig, Strict, TrainConfig
+from distill.config import Length, LoraSpec, LossConfig, Strict, TrainConfig
 from distill.distributed import rank
 from distill.errors import DistillError
 from distill.evaluate import lm_scores
 from distill.lm_data import read_examples, tokenize_examples
 from distill.lm_models import weights_bytes
+from distill.lora import ADAPTER, parameter_counts, save_lora_student, with_lora
 from distill.models import count_parameters
-from distill.stages import RunContext
+from distill.stages import RunContext, write_record
 from distill.teachers.local import LocalTeacher
 from distill.teachers.token_cache import TokenCache
-from distill.train import train
+from distill.train import CHECKPOINT, TrainResult, train
+
+STUDENT_RECORD = "student.json"  # beside the checkpoint: the student it was written for
+
+
+class LMStudent(Strict):
+    """The student with its settings: `student: {model: FOLDER, lora: {r: 16, ...}}`."""
+
+    model: str = Field(max_length=1_000, description="a causal LM folder (save_pretrained) or a hub name")
+    lora: LoraSpec | None = Field(
+        None, description="train LoRA adapters (peft) instead of the whole student; the merged model is saved"
+    )
 
 
 class LMJobConfig(Strict):
     """`distill train-lm --config FILE.yaml`: a causal LM student distilled from a live teacher or a log-prob cache."""
 
-    student: str = Field(
-        max_length=1_000, description="the student: a causal LM folder (save_pretrained) or a hub name"
+    student: str | LMStudent = Field(
+        description="the student: a causal LM folder (save_pretrained) or a hub name, or {model, lora}"
     )
     teacher: str | None = Field(None, max_length=1_000, description="a live teacher (same tokenizer); or give `cache`")
     cache: Path | None = Field(None, description="a teacher log-prob cache built by `distill cache build`")
@@ -41,6 +54,19 @@ class LMJobConfig(Strict):
     train: TrainConfig = Field(
         default_factory=lambda: TrainConfig(epochs=1, batch_size=8, lr=5e-5, schedule="cosine", checkpoint_every=200)
     )
+
+    @model_validator(mode="after")
+    def _lora_not_sharded(self) -> LMJobConfig:
+        if self.student_spec().lora is not None and self.train.strategy == "fsdp":
+            raise ValueError(
+                "a LoRA student trains with train.strategy ddp, not fsdp: its adapters are small, so every process "
+                "holds them whole (FSDP of a peft model is not supported here)"
+            )
+        return self
+
+    def student_spec(self) -> LMStudent:
+        """The student as a mapping, whichever form the config gave."""
+        return LMStudent(model=self.student) if isinstance(self.student, str) else self.student
 
 
 def _teacher(config: LMJobConfig, tokenizer: Any, data_id: str, store: Path | None) -> tuple[Any, Any]:
@@ -66,28 +92,62 @@ def run_train_lm(config: LMJobConfig, context: RunContext) -> dict[str, Any]:
     """Distill a causal LM from a live teacher or a cache (or fine-tune it alone when neither is given) into
     `output/student`; return the metrics (also written to metrics.json by the process of rank 0)."""
     started = time.perf_counter()
-    output, store = context.output, context.store
+    output, store, spec = context.output, context.store, config.student_spec()
     output.mkdir(parents=True, exist_ok=True)
-    tokenizer = hf.load_tokenizer(config.student, store)
+    tokenizer = hf.load_tokenizer(spec.model, store)
     data = tokenize_examples(tokenizer, read_examples(config.data, tokenizer), config.max_length)
     source, teacher_model = _teacher(config, tokenizer, data.fingerprint(), store)
-    result = train(hf.load_causal_lm(config.student, store), data, config.train, teacher=source, loss=config.loss,
+    _check_same_student(output / "checkpoints", spec, context.resume)
+    student = hf.load_causal_lm(spec.model, store)
+    if spec.lora is not None:
+        student = with_lora(student, spec.lora, seed=config.train.seed)
+    result = train(student, data, config.train, teacher=source, loss=config.loss,
                    checkpoint_dir=output / "checkpoints", resume=context.resume, reporter=context.reporter,
                    name="student")  # fmt: skip
     if rank() != 0:  # one process writes; under FSDP `state_dict` holds the gathered weights
         return {"recipe": "train-lm", "history": result.history}
-    whole: Any = result.model
-    if result.state_dict is not None:  # trained sharded (FSDP): the gathered weights into an unsharded copy
-        whole = hf.load_causal_lm(config.student, store)
-        whole.load_state_dict(result.state_dict)
     directory = output / "student"
-    whole.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
     metrics: dict[str, Any] = {"recipe": "train-lm", "history": result.history, "student": str(directory),
-                               "params": count_parameters(result.model), "size_bytes": weights_bytes(directory)}  # fmt: skip
+                               "parameters": parameter_counts(result.model)}  # fmt: skip
+    metrics.update(_save_student(result, spec, directory, tokenizer, store))
+    metrics["size_bytes"] = weights_bytes(directory)
     if config.eval_data is not None:
         held_out = tokenize_examples(tokenizer, read_examples(config.eval_data, tokenizer), config.max_length)
         metrics["eval"] = lm_scores(hf.load_causal_lm(directory), held_out, teacher_model)  # the exported student
     metrics["seconds"] = time.perf_counter() - started
     (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def _save_student(
+    result: TrainResult, spec: LMStudent, directory: Path, tokenizer: Any, store: Path | None
+) -> dict[str, Any]:
+    """The trained student written to `directory` as a causal LM folder with its tokenizer (a LoRA student merged,
+    its adapter in `adapter/`); what the metrics say of it."""
+    if spec.lora is not None:
+        merged = save_lora_student(result.model, directory, tokenizer)
+        return {"params": count_parameters(merged), "adapter": str(directory / ADAPTER),
+                "adapter_bytes": weights_bytes(directory / ADAPTER)}  # fmt: skip
+    whole: Any = result.model
+    if result.state_dict is not None:  # trained sharded (FSDP): the gathered weights into an unsharded copy
+        whole = hf.load_causal_lm(spec.model, store)
+        whole.load_state_dict(result.state_dict)
+    whole.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return {"params": count_parameters(result.model)}
+
+
+def _check_same_student(checkpoints: Path, spec: LMStudent, resume: bool) -> None:
+    """A resumed run's student must be the one its checkpoint holds (the model and its LoRA settings): recorded
+    beside the checkpoint (by process 0) when a run starts."""
+    record, wanted = checkpoints / STUDENT_RECORD, spec.model_dump(mode="json")
+    if resume and record.is_file() and (checkpoints / CHECKPOINT).is_file():
+        found = json.loads(record.read_text())
+        if found != wanted:
+            raise DistillError(
+                f"the checkpoint in {checkpoints} was written for the student {json.dumps(found)}, not "
+                f"{json.dumps(wanted)}; resume with the same student, or delete it to start over"
+            )
+    if rank() == 0:
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        write_record(record, wanted)
