@@ -1,5 +1,6 @@
-"""Language-model data: prompt/completion JSONL, chat JSONL and plain text, tokenized for next-token training with
-the loss only on completion tokens.
+"""Language-model data: prompt/completion JSONL, chat JSONL and plain text (or the same columns in anything
+`datasets` reads: parquet, Arrow, JSON, CSV, saved folders, Hub data sets; see `distill.sources`), tokenized for
+next-token training with the loss only on completion tokens.
 
 Accepted JSONL rows (one object per line):
 
@@ -18,7 +19,7 @@ logits at position t are compared with the label at t, so the loss needs no shif
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from distill import sources
 from distill.data import IGNORE, json_lines, read_text
 from distill.errors import DataError
 
@@ -76,20 +78,29 @@ def _chat(messages: Any, where: str, tokenizer: Any) -> Example:
     return Example(prompt, answer)
 
 
-def read_examples(path: Path, tokenizer: Any = None, limit: int | None = None) -> list[Example]:
-    """Examples from a JSONL file (see the module docstring) or a .txt file (one text per non-empty line)."""
+def read_examples(
+    path: Path | str, tokenizer: Any = None, limit: int | None = None, split: str | None = None
+) -> list[Example]:
+    """Examples from a JSONL file (see the module docstring), a .txt file (one text per non-empty line), or anything
+    `datasets` reads (`distill.sources`: parquet, Arrow, JSON, CSV, a saved folder, a Hub id `org/name[:split]`),
+    whose rows have the JSONL rows' columns and pass the same checks. `split` chooses a folder's or Hub data set's
+    split (default train)."""
     path = Path(path)
-    if not path.is_file():
+    rows: Iterator[tuple[str, Any]]
+    if sources.through_datasets(path):
+        rows = sources.dataset_rows(path, split)
+    elif not path.is_file():
         raise DataError(f"data file {path} does not exist")
-    examples: list[Example] = []
-    if path.suffix.lower() == ".txt":
-        texts = [line.strip() for line in read_text(path).splitlines() if line.strip()]
-        examples = [Example("", text) for text in texts[:limit]]
+    elif path.suffix.lower() == ".txt":
+        lines = enumerate(read_text(path).splitlines(), start=1)
+        rows = ((f"line {n} of {path}", {"text": line.strip()}) for n, line in lines if line.strip())
     else:
-        for where, row in json_lines(path):
-            examples.append(parse_row(row, where, tokenizer))
-            if limit is not None and len(examples) >= limit:
-                break
+        rows = json_lines(path)
+    examples: list[Example] = []
+    for where, row in rows:
+        if limit is not None and len(examples) >= limit:
+            break
+        examples.append(parse_row(row, where, tokenizer))
     if not examples:
         raise DataError(f"data file {path} has no examples")
     return examples

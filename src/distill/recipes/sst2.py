@@ -31,6 +31,7 @@ from distill.models import count_parameters
 from distill.progress import Reporter
 from distill.recipes.recipe import Recipe, datasets_folder
 from distill.report import Report, Table, count, learning_curves, num, pct, ratio, seconds
+from distill.sources import HubId, hub_columns, online
 from distill.stages import RunContext, train_or_resume
 from distill.students import derive
 from distill.teachers import CachedTeacher, build_cache
@@ -74,30 +75,59 @@ class Sst2Config(TextStudentsConfig):
     )
 
 
+GLUE_SST2 = {"train": HubId("nyu-mll/glue", "sst2", "train"), "test": HubId("nyu-mll/glue", "sst2", "validation")}
+
+
 def load_sst2(
-    data_dir: Path, train_size: int, seed: int, unlabeled_size: int = 0
+    data_dir: Path | None, train_size: int, seed: int, unlabeled_size: int = 0
 ) -> tuple[list[str], torch.Tensor, list[str], torch.Tensor, list[str]]:
     """Labeled training phrases (`train_size` drawn with `seed`; 0 = all), the 872 test sentences, and up to
-    `unlabeled_size` other training phrases whose labels are dropped (the teacher labels them)."""
-
-    def labeled(path: Path) -> tuple[list[str], torch.Tensor]:
-        table = read_table(path, ["sentence", "label"])
-        try:
-            labels = torch.tensor([int(v) for v in table["label"]])
-        except ValueError:
-            raise DataError(f"{path}: labels must be 0 or 1") from None
-        if bool(((labels < 0) | (labels > 1)).any()):
-            raise DataError(f"{path}: labels must be 0 or 1")
-        return [s.strip() for s in table["sentence"]], labels
-
-    texts, labels = labeled(data_dir / "sst2" / "train.tsv")
+    `unlabeled_size` other training phrases whose labels are dropped (the teacher labels them). From the folder
+    `data_dir` (sst2/train.tsv, sst2/test.tsv), or with None from GLUE's SST-2 on the Hugging Face Hub (online
+    only): its train split (67,349 phrases: the 60,614 of train.tsv and the 6,735 of the folder's dev.tsv) and its
+    validation split (the same 872 sentences as test.tsv)."""
+    if data_dir is None:
+        texts, labels = _glue_sst2(GLUE_SST2["train"])
+        test_texts, test_labels = _glue_sst2(GLUE_SST2["test"])
+    else:
+        texts, labels = _sst2_table(data_dir / "sst2" / "train.tsv")
+        test_texts, test_labels = _sst2_table(data_dir / "sst2" / "test.tsv")
     order = list(range(len(texts)))
     random.Random(seed).shuffle(order)
     chosen, rest = (order[:train_size], order[train_size:]) if train_size else (order, [])
     seen = {texts[i] for i in chosen}
     unlabeled = list(dict.fromkeys(texts[i] for i in rest if texts[i] not in seen))[:unlabeled_size]
-    test_texts, test_labels = labeled(data_dir / "sst2" / "test.tsv")
     return [texts[i] for i in chosen], labels[chosen], test_texts, test_labels, unlabeled
+
+
+def _sst2_table(path: Path) -> tuple[list[str], torch.Tensor]:
+    table = read_table(path, ["sentence", "label"])
+    try:
+        labels = torch.tensor([int(v) for v in table["label"]])
+    except ValueError:
+        raise DataError(f"{path}: labels must be 0 or 1") from None
+    return [s.strip() for s in table["sentence"]], _binary(labels, str(path))
+
+
+def _glue_sst2(hub: HubId) -> tuple[list[str], torch.Tensor]:
+    table = hub_columns(hub, ["sentence", "label"])
+    if not all(isinstance(s, str) for s in table["sentence"]) or not all(isinstance(v, int) for v in table["label"]):
+        raise DataError(f"{hub}: sentences must be strings and labels 0 or 1")
+    return [s.strip() for s in table["sentence"]], _binary(torch.tensor(table["label"], dtype=torch.long), str(hub))
+
+
+def _binary(labels: torch.Tensor, source: str) -> torch.Tensor:
+    if bool(((labels < 0) | (labels > 1)).any()):
+        raise DataError(f"{source}: labels must be 0 or 1")
+    return labels
+
+
+def reference_data(config: TextStudentsConfig, context: RunContext, recipe: str) -> Path | None:
+    """The folder of the reference data sets, or None (GLUE from the Hugging Face Hub) when no folder is given or
+    found and the machine is online; offline, `datasets_folder`'s error (it needs --data-dir)."""
+    if config.data_dir is None and (context.datasets is None or not context.datasets.is_dir()) and online():
+        return None
+    return datasets_folder(config, context, recipe)
 
 
 def freeze_word_embeddings(model: nn.Module) -> nn.Module:
@@ -185,7 +215,7 @@ class Sst2Data:
     kd_data: TextDataset  # labeled + transfer
 
 
-def _data(config: Sst2Config, tokenizer: Any, datasets: Path) -> Sst2Data:
+def _data(config: Sst2Config, tokenizer: Any, datasets: Path | None) -> Sst2Data:
     texts, labels, test_texts, test_labels, unlabeled = load_sst2(
         datasets, config.train_size, config.seed, config.unlabeled_size
     )
@@ -348,7 +378,7 @@ def run(config: Sst2Config, context: RunContext) -> dict[str, Any]:
     """The teacher fine-tuned, every student trained and scored, everything timed; the metrics."""
     context.reporter.stage("data", total=None)
     tokenizer = hf.load_tokenizer(config.teacher, context.store)
-    data = _data(config, tokenizer, datasets_folder(config, context, "sst2"))
+    data = _data(config, tokenizer, reference_data(config, context, "sst2"))
     context.reporter.end()
     teacher, folder, info, teaching = _teaching(config, data, tokenizer, context)
     students = _transformers(config, data, teaching, tokenizer, context)

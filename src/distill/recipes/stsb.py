@@ -25,8 +25,10 @@ from distill.data import TextDataset, read_lines, read_table, tokenize
 from distill.errors import DataError
 from distill.features import FeatureDistiller, hook_names
 from distill.models import count_parameters
-from distill.recipes.recipe import Recipe, datasets_folder
+from distill.recipes.recipe import Recipe
+from distill.recipes.sst2 import GLUE_SST2, reference_data
 from distill.report import Report, Table, count, learning_curves, num, pct, ratio, seconds
+from distill.sources import HubId, hub_columns
 from distill.stages import RunContext, train_or_resume
 from distill.students import derive, uniform_layers
 from distill.teachers.cached import FeatureTable
@@ -57,43 +59,54 @@ class StsbConfig(TextStudentsConfig):
     )
 
 
-def training_sentences(config: StsbConfig, data_dir: Path) -> list[str]:
+GLUE_STSB = {"train": HubId("nyu-mll/glue", "stsb", "train"), "test": HubId("nyu-mll/glue", "stsb", "validation")}
+
+
+def training_sentences(config: StsbConfig, data_dir: Path | None) -> list[str]:
     """Unlabeled sentences: the given file, or the sentences of STS-B train, AG News dev and SST-2 train (never a test
-    split), de-duplicated, `sample_size` of them drawn with the run's seed."""
+    split), de-duplicated, `sample_size` of them drawn with the run's seed. With `data_dir` None, from GLUE on the
+    Hugging Face Hub (online only): STS-B's and SST-2's train splits (no AG News)."""
     if config.sentences is not None:
         pool = read_lines(config.sentences)
+    elif data_dir is None:
+        pairs = hub_columns(GLUE_STSB["train"], ["sentence1", "sentence2"])
+        sst2 = hub_columns(GLUE_SST2["train"], ["sentence"])["sentence"]
+        pool = [s for s in pairs["sentence1"] + pairs["sentence2"] if isinstance(s, str)]
+        pool += [s for s in sst2 if isinstance(s, str) and len(s.split()) >= 6]
     else:
-        pool = []
-        stsb_train = data_dir / "stsb" / "train.tsv"
-        if stsb_train.is_file():
-            names = [
-                "index",
-                "genre",
-                "filename",
-                "year",
-                "old_index",
-                "source1",
-                "source2",
-                "sentence1",
-                "sentence2",
-                "score",
-            ]
-            table = read_table(stsb_train, ["sentence1", "sentence2"], header=False, names=names)
-            pool += table["sentence1"] + table["sentence2"]
-        agnews = data_dir / "agnews" / "dev.tsv"
-        if agnews.is_file():
-            pool += read_table(agnews, ["text"], header=False, names=["text", "label"])["text"]
-        sst2 = data_dir / "sst2" / "train.tsv"
-        if sst2.is_file():
-            pool += [s for s in read_table(sst2, ["sentence"])["sentence"] if len(s.split()) >= 6]
-        if not pool:
-            raise DataError(f"no sentences found under {data_dir} (stsb/, agnews/, sst2/); pass --set sentences=FILE")
+        pool = _folder_sentences(data_dir)
     unique = list(dict.fromkeys(s.strip() for s in pool if s.strip()))
     random.Random(config.seed).shuffle(unique)
     return unique[: config.sample_size] if config.sample_size else unique
 
 
-def stsb_pairs(data_dir: Path) -> tuple[list[str], list[str], torch.Tensor]:
+def _folder_sentences(data_dir: Path) -> list[str]:
+    pool: list[str] = []
+    stsb_train = data_dir / "stsb" / "train.tsv"
+    if stsb_train.is_file():
+        names = ["index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1", "sentence2",
+                 "score"]  # fmt: skip
+        table = read_table(stsb_train, ["sentence1", "sentence2"], header=False, names=names)
+        pool += table["sentence1"] + table["sentence2"]
+    agnews = data_dir / "agnews" / "dev.tsv"
+    if agnews.is_file():
+        pool += read_table(agnews, ["text"], header=False, names=["text", "label"])["text"]
+    sst2 = data_dir / "sst2" / "train.tsv"
+    if sst2.is_file():
+        pool += [s for s in read_table(sst2, ["sentence"])["sentence"] if len(s.split()) >= 6]
+    if not pool:
+        raise DataError(f"no sentences found under {data_dir} (stsb/, agnews/, sst2/); pass --set sentences=FILE")
+    return pool
+
+
+def stsb_pairs(data_dir: Path | None) -> tuple[list[str], list[str], torch.Tensor]:
+    """The scored pairs: the folder's stsb/test.tsv (GLUE's dev split), or with None that split from the Hub."""
+    if data_dir is None:
+        table = hub_columns(GLUE_STSB["test"], ["sentence1", "sentence2", "label"])
+        texts = table["sentence1"] + table["sentence2"]
+        if not all(isinstance(s, str) for s in texts) or not all(isinstance(v, float | int) for v in table["label"]):
+            raise DataError(f"{GLUE_STSB['test']}: sentences must be strings and labels numbers")
+        return table["sentence1"], table["sentence2"], torch.tensor(table["label"], dtype=torch.float32)
     table = read_table(data_dir / "stsb" / "test.tsv", ["sentence1", "sentence2", "score"])
     try:
         scores = torch.tensor([float(s) for s in table["score"]])
@@ -172,7 +185,7 @@ class Setting:
 
 
 def _setting(config: StsbConfig, context: RunContext) -> Setting:
-    datasets = datasets_folder(config, context, "stsb")
+    datasets = reference_data(config, context, "stsb")
     tokenizer = hf.load_tokenizer(config.teacher, context.store)
     teacher = SentenceEncoder(hf.load_encoder(config.teacher, context.store)).eval()
     pad = tokenizer.pad_token_id or 0
