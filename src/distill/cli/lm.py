@@ -185,6 +185,7 @@ def train_lm(
     resume: bool = typer.Option(False, help="Continue a killed run from its checkpoint."),
 ) -> None:
     """Distill a causal LM: from a live teacher, or from a log-prob cache; runs under torchrun (DDP) as it is."""
+    from distill.cli.tracking import tracked
     from distill.distributed import rank
     from distill.stages import RunContext
     from distill.train_lm import LMJobConfig, run_train_lm
@@ -192,7 +193,8 @@ def train_lm(
     job = cfg.load(LMJobConfig, config, list(set_))
     directory = output_dir(output, "lm", resume)
     first = rank() == 0
-    with RichReporter(err, enabled=first) as reporter:
+    with RichReporter(err, enabled=first) as bars, tracked(bars, job, directory, "train-lm", resume, first) as reporter:
         metrics = run_train_lm(job, RunContext(directory, resume, reporter, store_dir()))
+        reporter.finish(metrics)
     if first:
         out.print_json(json.dumps(without(metrics, "history"), default=str))

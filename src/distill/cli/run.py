@@ -11,6 +11,7 @@ from rich.table import Table
 
 from distill import config as cfg
 from distill.cli.app import RichReporter, app, default_data_dir, err, out, output_dir, store_dir, without
+from distill.cli.tracking import tracked
 from distill.errors import DistillError
 
 
@@ -105,22 +106,35 @@ def run(
              "teacher_epochs": teacher_epochs, "seed": seed}  # fmt: skip
     overrides = [f"recipe={name}", *set_] + _flag_overrides(chosen, flags)
     run_config = cfg.load(chosen.config, config, overrides)
-    datasets = getattr(run_config, "data_dir", None) or default_data_dir()
-    if chosen.needs_datasets(run_config) and (datasets is None or not Path(datasets).is_dir()):
+    given = getattr(run_config, "data_dir", None)
+    datasets = given or default_data_dir()
+    missing = datasets is None or not Path(datasets).is_dir()
+    if chosen.needs_datasets(run_config) and missing and (given is not None or not _from_hub(name)):
         raise DistillError(
             f"the {name} recipe needs the reference data sets (sst2/, stsb/, agnews/); pass --data-dir PATH "
             "(see ../shared/data/README.md)"
         )
     directory = output_dir(output, name, resume)
-    with RichReporter(err, enabled=not as_json) as reporter:
+    with RichReporter(err, enabled=not as_json) as bars, tracked(bars, run_config, directory, name, resume) as reporter:
         context = RunContext(directory, resume, reporter, store_dir(), Path(datasets) if datasets else None)
         metrics = run_recipe(chosen, run_config, context)
+        reporter.finish(metrics)
     if as_json:
         out.print_json(json.dumps(without(metrics, "history"), default=str))
     elif name in ("mnist1d", "digits"):
         print_classification(metrics, directory)
     else:
         print_report_tables(chosen.report(metrics), metrics, directory)
+
+
+def _from_hub(recipe: str) -> bool:
+    """Whether the recipe reads its data sets from the Hugging Face Hub when no folder is given or found (GLUE's
+    SST-2 and STS-B: the sst2 and stsb recipes) and the machine is online."""
+    if recipe not in ("sst2", "stsb"):
+        return False
+    from distill.sources import online
+
+    return online()
 
 
 def _flag_overrides(recipe: Any, flags: dict[str, Any]) -> list[str]:
@@ -161,8 +175,9 @@ def train_command(
 
     job = cfg.load(ArraysJobConfig, config, list(set_))
     directory = output_dir(output, "train", resume)
-    with RichReporter(err, enabled=not as_json) as reporter:
+    with RichReporter(err, enabled=not as_json) as bars, tracked(bars, job, directory, "train", resume) as reporter:
         metrics = run_train_arrays(job, RunContext(directory, resume, reporter, store_dir()))
+        reporter.finish(metrics)
     if as_json:
         out.print_json(json.dumps(without(metrics, "history"), default=str))
     elif "model" in metrics:
