@@ -199,6 +199,11 @@ class _ChunkedTokenLoss(torch.autograd.Function):
 
         grads_kd = zeros()
         grads_ce: list[Tensor | None] = zeros() if labels is not None else [None, None, None]
+        # The head's products run in the dtype autocast gives a linear layer (bf16, fp16), cast once here; the
+        # losses and their sums in float32 (`_chunk_term`), the gradients summed in the inputs' dtypes.
+        compute = _compute_dtype(student_hidden)
+        student_hidden, student_head = student_hidden.to(compute), student_head.to(compute)  # (N, H), (V, H)
+        student_bias = None if student_bias is None else student_bias.to(compute)  # (V,)
         n = student_hidden.shape[0]
         total = _mean_denominator(weights, n)
         labeled = None if labels is None else (labels != -100)
@@ -231,7 +236,8 @@ class _ChunkedTokenLoss(torch.autograd.Function):
             if kd_part is None:
                 grads.append(None)
                 continue
-            grads.append(kd_part * grad_kd if ce_part is None else kd_part * grad_kd + ce_part * grad_ce)
+            grad = kd_part * grad_kd if ce_part is None else kd_part * grad_kd + ce_part * grad_ce
+            grads.append(grad.to(kd_part.dtype))  # the float32 scale must not change the input's dtype
         return (*grads, None, None, None, None, None, None)
 
 
@@ -256,18 +262,26 @@ def _chunk_term(
     hidden = student_hidden[rows]  # (C, H)
     with torch.no_grad():
         teacher, token_ids = teacher_chunk(rows)  # (C, V), or (C, K) and (C, K)
-    student_logits = F.linear(hidden, head, bias)  # (C, V)
-    zero = torch.zeros((), dtype=torch.float32, device=student_logits.device)
-    with torch.enable_grad():
-        student_logits.requires_grad_(wants_grad)
-        term = LOSSES[divergence](student_logits, teacher, token_ids=token_ids, mask=weights, **options) * share
-        ce = hard_label_ce(student_logits, labels) * ce_share if labels is not None and ce_share is not None else zero
-        if not wants_grad:
-            return term.detach(), ce.detach()
-        (grad_logits,) = torch.autograd.grad(term, student_logits, retain_graph=labels is not None)  # (C, V)
+    device = hidden.device
+    zero = torch.zeros((), dtype=torch.float32, device=device)
+    with torch.autocast(device.type, enabled=False):
+        # float32 logits whatever the model's dtype: the log-softmax and the divergence never run in bf16 / fp16
+        student_logits = F.linear(hidden, head, bias).float()  # (C, V)
+        with torch.enable_grad():
+            student_logits.requires_grad_(wants_grad)
+            term = LOSSES[divergence](student_logits, teacher, token_ids=token_ids, mask=weights, **options) * share
+            with_ce = labels is not None and ce_share is not None
+            ce = (
+                hard_label_ce(student_logits, labels) * ce_share
+                if labels is not None and ce_share is not None
+                else zero
+            )
+            if not wants_grad:
+                return term.detach(), ce.detach()
+            (grad_logits,) = torch.autograd.grad(term, student_logits, retain_graph=with_ce)  # (C, V)
+            grad_ce = torch.autograd.grad(ce, student_logits)[0] if with_ce and ce.requires_grad else None  # (C, V)
         _add_chunk_grads(grads, grad_logits, hidden, head, rows)
-        if labels is not None and ce_grads is not None and ce.requires_grad:
-            (grad_ce,) = torch.autograd.grad(ce, student_logits)  # (C, V)
+        if grad_ce is not None and ce_grads is not None:
             _add_chunk_grads(ce_grads, grad_ce, hidden, head, rows)
     return term.detach(), ce.detach()
 
@@ -275,10 +289,22 @@ def _chunk_term(
 def _add_chunk_grads(
     grads: list[Tensor | None], grad_logits: Tensor, hidden: Tensor, head: Tensor, rows: slice
 ) -> None:
+    """The chunk's gradients from those of its float32 logits (C, V): products in the head's compute dtype (that
+    of `hidden` (C, H) and `head` (V, H)), added to the sums kept in the inputs' dtypes."""
     grad_hidden, grad_head, grad_bias = grads
+    grad = grad_logits.to(head.dtype)  # (C, V)
     if grad_hidden is not None:
-        grad_hidden[rows] = grad_logits @ head  # (C, H)
+        grad_hidden[rows] = grad @ head  # (C, H)
     if grad_head is not None:
-        grad_head.addmm_(grad_logits.t(), hidden)  # (V, H) += (V, C) @ (C, H)
+        if grad_head.dtype == grad.dtype:
+            grad_head.addmm_(grad.t(), hidden)  # (V, H) += (V, C) @ (C, H)
+        else:
+            grad_head += grad.t() @ hidden  # (V, H) in the compute dtype, summed in the head's (float32)
     if grad_bias is not None:
-        grad_bias += grad_logits.sum(0)  # (V,)
+        grad_bias += grad_logits.sum(0)  # (V,) float32
+
+
+def _compute_dtype(hidden: Tensor) -> torch.dtype:
+    """The dtype of the head's products: autocast's when the caller runs under it, else the hidden states'."""
+    device = hidden.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from distill.compute import DTYPES
 from distill.teachers.protocol import TeacherOutput
 
 
@@ -40,9 +41,22 @@ def to_device(value: Any, device: torch.device) -> Any:
     return value
 
 
+def cast_floating(value: Any, dtype: torch.dtype) -> Any:
+    """`value` (a tensor, or a mapping of them) with its floating-point tensors cast to `dtype` (token ids and masks
+    kept)."""
+    if isinstance(value, Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, Mapping):
+        return {k: cast_floating(v, dtype) for k, v in value.items()}
+    return value
+
+
 class LocalTeacher:
     """Runs `model` in eval mode without gradients; returns its dense log-probabilities (when `has_logits`) and the
-    outputs of the modules named in `capture` (for feature distillation)."""
+    outputs of the modules named in `capture` (for feature distillation), in float32 whatever its precision.
+
+    It computes in the dtype of its weights (`cast`), outside any autocast of the caller: the student may train
+    under bf16 autocast while its teacher stays float32, or the other way round."""
 
     def __init__(
         self,
@@ -59,16 +73,26 @@ class LocalTeacher:
         self.device = torch.device(device)
         self.capture = list(capture)
         self.has_logits = has_logits
+        self.dtype: torch.dtype | None = None  # the precision it was cast to (`cast`); None: as given
+
+    def cast(self, precision: str) -> None:
+        """Run in `precision` (fp32, bf16, fp16) from now on: the weights are cast once, in place (what halves a
+        large teacher's memory in bf16), and floating inputs are cast to match at each call."""
+        self.dtype = DTYPES[precision]
+        self.model.to(dtype=self.dtype)
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, Any]) -> TeacherOutput:
         from distill.features import capture
 
-        inputs = batch["inputs"]
-        with capture(self.model, self.capture) as captured:
-            output = run_model(self.model, to_device(inputs, self.device))
+        inputs = to_device(batch["inputs"], self.device)
+        if self.dtype is not None:
+            inputs = cast_floating(inputs, self.dtype)
+        with capture(self.model, self.capture) as captured, torch.autocast(self.device.type, enabled=False):
+            output = run_model(self.model, inputs)
         logprobs = F.log_softmax(logits_of(output).float(), dim=-1) if self.has_logits else None  # (..., C)
-        return TeacherOutput(logprobs=logprobs, hidden_states=dict(captured) if self.capture else None)
+        hidden = dict(captured) if self.dtype is None else cast_floating(captured, torch.float32)
+        return TeacherOutput(logprobs=logprobs, hidden_states=hidden if self.capture else None)
 
 
 def fingerprint(model: nn.Module) -> str:
