@@ -1,5 +1,5 @@
 """Run under torchrun: a distillation on two processes (gloo, CPU). python -m torch.distributed.run --standalone
---nproc-per-node 2 _ddp_script.py OUT_DIR [--resume]"""
+--nproc-per-node 2 _ddp_script.py OUT_DIR [--resume] [--accumulate N]"""
 
 from __future__ import annotations
 
@@ -27,10 +27,11 @@ def main() -> None:
     teacher_model = mlp(seed=5, width=32)
     train(teacher_model, data, TrainConfig(epochs=3, batch_size=32, lr=1e-2, checkpoint_every=0))
     student = mlp(seed=11)
+    accumulate = int(sys.argv[sys.argv.index("--accumulate") + 1]) if "--accumulate" in sys.argv else 1
     result = train(
         student,
         data,
-        TrainConfig(epochs=4, batch_size=25, lr=1e-2, checkpoint_every=5, seed=3),
+        TrainConfig(epochs=4, batch_size=25, grad_accum_steps=accumulate, lr=1e-2, checkpoint_every=5, seed=3),
         teacher=LocalTeacher(teacher_model, 4),
         loss=LossConfig(temperature=2.0, alpha=0.5),
         evaluate=lambda m: {"test_accuracy": accuracy(predict(m, test.inputs), test.labels)},

@@ -36,3 +36,31 @@ def test_one_process_trains_the_model_itself_and_means_its_own_sums():
     other = mlp(seed=1)
     distributed.load_full_state(other, torch.optim.AdamW(other.parameters()), model_state, optimizer_state, "ddp")
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), other.parameters()))
+
+
+def test_gradient_sync_holds_back_ddp_reductions_on_inner_micro_steps():
+    """A one-process gloo group, so that DDP really wraps the model: its communication hook runs on the backward of
+    a synchronised step only."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1, store=torch.distributed.HashStore())
+    try:
+        ddp = DistributedDataParallel(mlp())
+        reductions = []
+
+        def hook(state, bucket):
+            reductions.append(1)
+            future = torch.futures.Future()
+            future.set_result(bucket.buffer())
+            return future
+
+        ddp.register_comm_hook(None, hook)
+        for sync in (False, False, True):
+            with distributed.gradient_sync(ddp, sync):
+                ddp(torch.randn(4, 8)).sum().backward()
+            assert len(reductions) == (1 if sync else 0)
+        plain = mlp()
+        with distributed.gradient_sync(plain, False):  # not wrapped: nothing to hold back
+            plain(torch.randn(4, 8)).sum().backward()
+    finally:
+        torch.distributed.destroy_process_group()

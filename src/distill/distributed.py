@@ -1,8 +1,8 @@
 """Training on several processes (`torchrun`): the one module that knows about `torch.distributed`.
 
 It joins and leaves the process group, says which process this is (rank) and how many there are (world size), waits
-for the others (barrier), wraps a model for DDP or FSDP, gathers and restores full state dicts, averages gradients
-and means over processes. Everything here is a no-op, or the single-process answer, when no process group is
+for the others (barrier), wraps a model for DDP or FSDP, holds back the gradients' synchronisation on the inner steps
+of an accumulation, gathers and restores full state dicts, averages gradients and means over processes. Everything here is a no-op, or the single-process answer, when no process group is
 initialised: the same code trains on one process or many.
 
 The CLI calls `join_torchrun()` before a command and `leave()` after it; library code asks `rank()` and
@@ -12,7 +12,8 @@ The CLI calls `join_torchrun()` before a command and `leave()` after it; library
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -98,6 +99,27 @@ def wrap(module: nn.Module, device: torch.device, strategy: str = "ddp") -> nn.M
 def unwrap(model: nn.Module) -> Any:
     """The model inside a DistributedDataParallel wrapper (or the model itself; FSDP shards in place)."""
     return getattr(model, "module", model)
+
+
+@contextmanager
+def gradient_sync(model: nn.Module, sync: bool) -> Iterator[None]:
+    """The forward and backward passes inside add their gradients across processes only when `sync`: under
+    gradient accumulation, every micro-batch but the group's last runs with `sync=False` (DDP's `no_sync`, FSDP's
+    `set_requires_gradient_sync(False)`), and the last one's backward reduces the summed gradients once. A model
+    that is not wrapped (one process) has nothing to synchronise."""
+    if sync:
+        yield
+    elif is_fsdp(model):
+        model.set_requires_gradient_sync(False)  # type: ignore[operator]
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)  # type: ignore[operator]
+    elif callable(getattr(model, "no_sync", None)):
+        with model.no_sync():  # type: ignore[operator]
+            yield
+    else:
+        yield
 
 
 def is_fsdp(model: nn.Module) -> bool:

@@ -2,43 +2,51 @@
 
 Every kind of run goes through `train`: a student alone (hard labels only), a student taught by a teacher (soft
 targets, optionally mixed with hard labels), on-policy (GKD) and feature distillation as branches of the same step.
-The loss is a dict of named terms with weights, so logs and reports iterate over it.
+The loss is a dict of named terms with weights (`distill.batch_loss`), so logs and reports iterate over it.
 
 `train` reads as its steps: `_prepare` (inputs checked, the model on its device and wrapped for the processes by
-`distill.distributed`, optimizer, schedule), `_resume`, then per epoch `_train_epoch` (one `_step` per batch: forward,
-backward, clipping, optimizer) and `_end_epoch` (means over processes, evaluation, history, checkpoint).
+`distill.distributed`, the teacher in its precision, optimizer, schedule), `_resume`, then per epoch `_train_epoch`
+(one `_step` per optimizer step: the forward of each micro-batch under autocast, backward, then clipping and the
+optimizer) and `_end_epoch` (means over processes, evaluation, history, checkpoint).
 
-Resume: a checkpoint holds the model, optimizer, schedule, position in the epoch, running loss sums, history and
-the random-number state. Batches are ordered by (seed, epoch), so a run killed at any point and resumed from its
-last checkpoint ends with exactly the metrics of an uninterrupted run.
+Mixed precision, gradient accumulation and activation checkpointing are settings of the same loop
+(`train.precision`, `train.grad_accum_steps`, `train.activation_checkpointing`; see `_step` and `distill.compute`).
+The schedule, `checkpoint_every` and the history count optimizer steps.
+
+Resume: a checkpoint holds the model, optimizer, schedule, gradient scaler, position in the epoch, running loss
+sums, history and the random-number state; it is written between optimizer steps. Batches are ordered by (seed,
+epoch), so a run killed at any point and resumed from its last checkpoint ends with exactly the metrics of an
+uninterrupted run.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from distill import distributed
+from distill import checkpoints, distributed
+from distill.batch_loss import add_units, loss_terms, term_units, unit_of
+from distill.checkpoints import CHECKPOINT, plain
+from distill.compute import activation_checkpointing, autocast, autocast_dtype, gradient_scaler, teacher_in_precision
 from distill.config import LossConfig, TrainConfig
 from distill.data import Dataset, check_labels, epoch_order
-from distill.errors import DistillError, NonFiniteLossError, ShapeMismatchError
-from distill.features import FeatureDistiller, capture
-from distill.lm import is_causal_lm, lm_terms, on_policy_step, student_samples
-from distill.losses import hard_label_ce, hinton_terms, hinton_weights, weighted_total
+from distill.errors import DistillError, NonFiniteLossError
+from distill.features import FeatureDistiller
+from distill.lm import lm_terms, on_policy_step, student_samples
+from distill.losses import weighted_total
+from distill.optim import make_optimizer, make_scheduler
 from distill.progress import NULL, Cancelled, Reporter
-from distill.teachers import Teacher, TeacherOutput
-from distill.teachers.local import logits_of, run_model, to_device
+from distill.teachers import Teacher
+from distill.teachers.local import to_device
 
-CHECKPOINT = "checkpoint.pt"
 Evaluate = Callable[[nn.Module], dict[str, float]]
 
 
@@ -57,125 +65,14 @@ class TrainResult:
         return self.history[-1] if self.history else {}
 
 
-def make_optimizer(modules: Sequence[nn.Module], config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices and convolution kernels only (not on biases, norms or embeddings' rows)."""
-    parameters = [p for m in modules for p in m.parameters() if p.requires_grad]
-    decay = [p for p in parameters if p.dim() >= 2]
-    no_decay = [p for p in parameters if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, foreach=True)
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int) -> Any:
-    """onecycle (Smith 2018), linear warm-up + cosine decay to zero, or warm-up + constant."""
-    if config.schedule == "onecycle":
-        steps = max(total_steps, 4)  # each of its two phases needs a step or more (short runs: tiny data)
-        warmup_share = min(max(config.warmup, 2.0 / steps), 0.5)
-        return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=config.lr, total_steps=steps, pct_start=warmup_share
-        )
-    warmup = int(config.warmup * total_steps)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if config.schedule == "constant":
-            return 1.0
-        progress = (step - warmup) / max(total_steps - warmup, 1)
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The loss of one batch: named terms and their weights
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def loss_terms(
-    model: nn.Module,
-    batch: dict[str, Any],
-    teacher: Teacher | None,
-    loss: LossConfig,
-    features: FeatureDistiller | None = None,
-) -> tuple[dict[str, Tensor], dict[str, float]]:
-    """The named loss terms of one batch and their weights in the total.
-
-    Logit terms (`loss.logits`): `ce` alone without a teacher, else Hinton's `kd` (weight alpha) and `ce` (1 - alpha),
-    over all positions of the output (rows, or tokens of a sequence). Feature terms: one per `loss.features` pair,
-    named `kind:student_module`, weighted as configured.
-    """
-    if loss.logits and features is None and "kd_mask" in batch and loss.chunk_size and is_causal_lm(model):
-        return lm_terms(model, batch, teacher, loss)
-    with capture(model, features.student_hooks if features is not None else []) as captured:
-        output = run_model(model, batch["inputs"])
-    taught = teacher(batch) if teacher is not None else None
-    terms: dict[str, Tensor] = {}
-    weights: dict[str, float] = {}
-    if loss.logits:
-        terms, weights = _logit_terms(logits_of(output), batch, taught, loss)
-    if features is not None:
-        if taught is None or taught.hidden_states is None:
-            raise DistillError("feature distillation needs a live teacher that captures the named modules")
-        inputs = batch["inputs"]
-        mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
-        for pair, (name, value) in zip(features.pairs, features(captured, taught.hidden_states, mask).items()):
-            terms[name], weights[name] = value, pair.weight
-    return terms, weights
-
-
-def _logit_terms(
-    logits: Tensor, batch: dict[str, Any], taught: TeacherOutput | None, loss: LossConfig
-) -> tuple[dict[str, Tensor], dict[str, float]]:
-    """`ce` without a teacher; Hinton's `kd` and `ce` (on the rows that have a label) with one."""
-    student_logits = logits.reshape(-1, logits.shape[-1])  # (N, C): rows, or every token position
-    labels = batch.get("labels")
-    flat_labels = labels.reshape(-1) if labels is not None else None  # (N,)
-    if taught is None:
-        if flat_labels is None:
-            raise DistillError("training without a teacher needs labels")
-        return {"ce": hard_label_ce(student_logits, flat_labels)}, {"ce": 1.0}
-    if taught.logprobs is None:
-        raise DistillError("the teacher gives no log-probs; set loss.logits to false to distill features only")
-    width = taught.logprobs.shape[-1]
-    if not taught.sparse and width != student_logits.shape[-1]:
-        raise ShapeMismatchError(
-            f"the teacher has {width} outputs but the student has {student_logits.shape[-1]}; "
-            "they must predict the same classes"
-        )
-    device = student_logits.device
-    ids = taught.token_ids
-    terms = hinton_terms(
-        student_logits,
-        taught.logprobs.reshape(-1, width).to(device),  # (N, C), or (N, K) when sparse
-        flat_labels,
-        temperature=loss.temperature,
-        token_ids=None if ids is None else ids.reshape(-1, width).to(device),  # (N, K)
-        teacher_temperature=taught.temperature,
-        divergence=loss.divergence,
-        beta=loss.beta,
-        kd_mask=_kd_mask(batch, taught, device),
-    )
-    return terms, hinton_weights(loss.alpha, terms)
-
-
-def _kd_mask(batch: dict[str, Any], taught: TeacherOutput, device: torch.device) -> Tensor | None:
-    """(N,) the positions the divergence counts: the batch's `kd_mask` (scored tokens) and the positions the teacher
-    has a distribution for (`TeacherOutput.mask`); None = all."""
-    kd_mask = batch.get("kd_mask")
-    if taught.mask is not None:  # positions the teacher has no distribution for weigh 0
-        covered = taught.mask.to(device)
-        kd_mask = covered if kd_mask is None else kd_mask & covered
-    return None if kd_mask is None else kd_mask.reshape(-1)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The run, in named steps: set-up and distribution, epochs, one optimisation step
 # ----------------------------------------------------------------------------------------------------------------
 
 
 def _fresh_state() -> dict[str, Any]:
-    """Where a run stands: what a checkpoint holds besides the weights, optimizer and schedule."""
+    """Where a run stands: what a checkpoint holds besides the weights, optimizer and schedule. `step` counts
+    optimizer steps, `batch` the accumulation groups done in the epoch (one optimizer step each)."""
     return {"epoch": 0, "batch": 0, "step": 0, "history": [], "sums": {}, "count": 0, "seconds": 0.0}
 
 
@@ -193,11 +90,13 @@ class _Run:
     features: FeatureDistiller | None
     optimizer: torch.optim.Optimizer
     scheduler: Any
+    scaler: torch.amp.GradScaler  # enabled for fp16 only
+    autocast_dtype: torch.dtype | None  # the student's forward under autocast (None: float32)
     reporter: Reporter
     device: torch.device
     rank: int
     world: int
-    batches_per_epoch: int  # per process
+    batches_per_epoch: int  # optimizer steps (accumulation groups) per epoch and process
     signature: dict[str, Any]  # what a checkpoint must match to be resumed
     path: Path | None  # the checkpoint file
     state: dict[str, Any] = field(default_factory=_fresh_state)
@@ -225,19 +124,21 @@ def train(
     """Train `model` on `data`; with a `teacher`, by soft-target distillation (see `distill.losses.hinton_terms`).
 
     `evaluate(model)` runs at the end of every `config.eval_every` epochs and its figures join the history.
-    With `checkpoint_dir`, a checkpoint is written every `config.checkpoint_every` steps and at each epoch's end;
-    `resume=True` continues from it (a finished run returns at once). Under torchrun every process trains its share
-    of each epoch's batches and process 0 reports and writes.
+    With `checkpoint_dir`, a checkpoint is written every `config.checkpoint_every` optimizer steps and at each
+    epoch's end; `resume=True` continues from it (a finished run returns at once). Under torchrun every process
+    trains its share of each epoch's batches and process 0 reports and writes. `config.precision`,
+    `config.grad_accum_steps` and `config.activation_checkpointing`: see `_step` and `distill.compute`.
     """
     run = _prepare(model, data, config, teacher, loss or LossConfig(), features, reporter, name, checkpoint_dir)
-    if resume:
-        _resume(run)
-    run.reporter.stage(name, total=config.epochs * run.batches_per_epoch)
-    run.reporter.advance(run.state["step"])
-    run.started = time.perf_counter() - run.state["seconds"]
-    for epoch in range(run.state["epoch"], config.epochs):
-        _train_epoch(run, epoch)
-        _end_epoch(run, epoch, evaluate)
+    with activation_checkpointing(model, config.activation_checkpointing):
+        if resume:
+            _resume(run)
+        run.reporter.stage(name, total=config.epochs * run.batches_per_epoch)
+        run.reporter.advance(run.state["step"])
+        run.started = time.perf_counter() - run.state["seconds"]
+        for epoch in range(run.state["epoch"], config.epochs):
+            _train_epoch(run, epoch)
+            _end_epoch(run, epoch, evaluate)
     run.reporter.end()
     model.eval()
     sharded = distributed.sharded(config.strategy)
@@ -260,11 +161,13 @@ def _prepare(
     checkpoint_dir: Path | None,
 ) -> _Run:
     """The run set up: inputs checked, the model on its device and wrapped for the processes (distribution), the
-    optimizer and the schedule."""
+    teacher in its precision, the optimizer, the gradient scaler and the schedule."""
     device = torch.device(config.device)
-    model.to(device)
+    dtype = autocast_dtype(device, config.precision)  # before anything moves: a device that cannot is refused
     rank, world = distributed.rank(), distributed.world_size()
     batches_per_epoch = _check(data, config, teacher, loss, name, world)
+    teacher_in_precision(teacher, config.precision, config.teacher_precision)
+    model.to(device)
     net = distributed.wrap(model, device, config.strategy)  # before the optimizer: FSDP replaces the parameters
     trained = [model] if features is None else [model, features.to(device)]
     optimizer = make_optimizer(trained, config)
@@ -274,14 +177,15 @@ def _prepare(
         path.parent.mkdir(parents=True, exist_ok=True)
     return _Run(
         name=name, model=model, net=net, data=data, config=config, loss=loss, teacher=teacher, features=features,
-        optimizer=optimizer, scheduler=scheduler, reporter=reporter if rank == 0 else NULL,  # one process reports
+        optimizer=optimizer, scheduler=scheduler, scaler=gradient_scaler(device, config.precision),
+        autocast_dtype=dtype, reporter=reporter if rank == 0 else NULL,  # one process reports
         device=device, rank=rank, world=world, batches_per_epoch=batches_per_epoch,
         signature=_signature(data, config, teacher, loss) | {"processes": world}, path=path,
     )  # fmt: skip
 
 
 def _check(data: Dataset, config: TrainConfig, teacher: Teacher | None, loss: LossConfig, name: str, world: int) -> int:
-    """The number of batches each process trains on per epoch, after checking that the run can start."""
+    """The number of optimizer steps each process takes per epoch, after checking that the run can start."""
     if loss.lmbda > 0 and (
         teacher is None or not hasattr(teacher, "model") or "prompt_lengths" not in data.batch(torch.arange(1))
     ):
@@ -294,29 +198,33 @@ def _check(data: Dataset, config: TrainConfig, teacher: Teacher | None, loss: Lo
     labels = getattr(data, "labels", None)
     if teacher is not None and isinstance(labels, Tensor):
         check_labels(labels, teacher.num_classes, "the training data")
-    lengths = getattr(data, "lengths", None)
-    batches_per_epoch = len(epoch_order(len(data), config.batch_size, config.seed, 0, lengths)) // world
-    if batches_per_epoch == 0:
+    groups = len(_epoch_groups(data, config, 0)) // world
+    if groups == 0:
         raise DistillError(f"{len(data)} rows make fewer batches than the {world} processes training on them")
-    return batches_per_epoch
+    return groups
+
+
+def _epoch_groups(data: Dataset, config: TrainConfig, epoch: int) -> list[Tensor]:
+    """The epoch's accumulation groups: batches of `batch_size x grad_accum_steps` rows in an order fixed by (seed,
+    epoch), each split into micro-batches of `batch_size` by `_step` (the last group may be smaller)."""
+    size = config.batch_size * config.grad_accum_steps
+    return epoch_order(len(data), size, config.seed, epoch, getattr(data, "lengths", None))
 
 
 def _train_epoch(run: _Run, epoch: int) -> None:
-    """The steps of one epoch from where the run stands, each process on its share of the epoch's batches."""
+    """The optimizer steps of one epoch from where the run stands, each process on its share of the epoch's
+    groups. A cancelled run stops between steps (no gradient is half accumulated) and leaves a checkpoint."""
     config, state = run.config, run.state
-    order = epoch_order(len(run.data), config.batch_size, config.seed, epoch, getattr(run.data, "lengths", None))
+    order = _epoch_groups(run.data, config, epoch)
     mine = order[run.rank : run.batches_per_epoch * run.world : run.world]  # every process its share, same count
     run.net.train()
     for position in range(state["batch"], len(mine)):
         if run.reporter.cancelled():
             _save_checkpoint(run)
             raise Cancelled(f"{run.name} cancelled at step {state['step']}")
-        # Dropout and sampling draw from a generator fixed by (seed, step, process): a resumed run redraws them.
-        torch.manual_seed(config.seed * 1_000_003 + state["step"] * run.world + run.rank)
-        batch = to_device(run.data.batch(mine[position]), run.device)
-        terms, value = _step(run, batch, epoch)
+        terms, value = _step(run, list(mine[position].split(config.batch_size)), epoch)
         for key, term in terms.items():
-            state["sums"][key] = state["sums"].get(key, 0.0) + float(term.detach())
+            state["sums"][key] = state["sums"].get(key, 0.0) + term
         state["sums"]["loss"] = state["sums"].get("loss", 0.0) + value
         state["count"] += 1
         state["step"] += 1
@@ -327,44 +235,91 @@ def _train_epoch(run: _Run, epoch: int) -> None:
             _save_checkpoint(run)
 
 
-def _step(run: _Run, batch: dict[str, Any], epoch: int) -> tuple[dict[str, Tensor], float]:
-    """One optimisation step: forward (the loss terms), their weighted total, backward, gradient clipping, the
-    optimizer and the schedule. Returns the terms and the total's value.
+def _step(run: _Run, group: list[Tensor], epoch: int) -> tuple[dict[str, float], float]:
+    """One optimizer step over the micro-batches of `group` (row indices): for each, the forward under autocast
+    (the loss terms), backward of their weighted total (scaled for fp16; under DDP without synchronising the
+    gradients but on the last micro-batch); then unscaling, clipping, the optimizer and the schedule. Returns the
+    group's terms and total (what one batch of all its rows would give).
 
-    The one place where a step's arithmetic is decided: mixed precision (autocast, gradient scaling) and gradient
-    accumulation belong here."""
-    terms, weights = _forward(run, batch)
-    total = weighted_total(terms, weights)
-    value = float(total.detach())
-    if not math.isfinite(value):
+    Gradient accumulation: each term of a micro-batch is weighted by its share of the group's units of that term
+    (`distill.batch_loss.term_units`: scored tokens for `kd`, labeled rows or tokens for `ce`, rows for feature
+    terms), so the summed gradient is that of each term's mean over the whole group: `grad_accum_steps` micro-
+    batches of `batch_size` rows give the gradient, the update and the logged loss of one batch of all their rows
+    to float rounding, for the classifier and the LM paths alike. Where a teacher lacks some scored positions (a
+    partial cache) the kd term of a micro-batch is weighted by its scored tokens, not by the covered ones.
+    Without accumulation every share is 1: the step is the plain one."""
+    micro = _micro_batches(run, group)
+    totals = add_units(term_units(b, sampled) for b, sampled in micro)
+    run.optimizer.zero_grad(set_to_none=True)
+    terms_sum: dict[str, float] = {}
+    value = 0.0
+    for j, (batch, sampled) in enumerate(micro):
+        # Dropout draws from a generator fixed by (seed, micro-batch, process): a resumed run redraws it.
+        torch.manual_seed(run.config.seed * 1_000_003 + _micro_index(run, j) * run.world + run.rank)
+        units = term_units(batch, sampled)
+        with distributed.gradient_sync(run.net, j == len(micro) - 1):
+            with autocast(run.device, run.autocast_dtype):
+                terms, weights = _forward(run, batch, sampled)
+            shares = {k: units[unit_of(k)] / totals[unit_of(k)] if totals[unit_of(k)] else 0.0 for k in terms}
+            total = weighted_total(terms, {k: weights[k] * shares[k] for k in terms})
+            _check_finite(run, terms, total, epoch)
+            run.scaler.scale(total).backward()
+        value += float(total.detach())
+        for key, term in terms.items():
+            terms_sum[key] = terms_sum.get(key, 0.0) + shares[key] * float(term.detach())
+    if run.features is not None:  # the projections are not inside the DDP wrapper
+        distributed.average_gradients(run.features.parameters())
+    if run.config.grad_clip:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_([p for m in run.trained for p in m.parameters()], run.config.grad_clip)
+    run.scaler.step(run.optimizer)  # fp16: skipped when a gradient overflowed (and the scale lowered)
+    run.scaler.update()
+    with warnings.catch_warnings():  # the schedule counts steps, skipped ones too; torch warns if the first is
+        warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before")
+        run.scheduler.step()
+    return terms_sum, value
+
+
+def _micro_index(run: _Run, j: int) -> int:
+    """A number for micro-batch `j` of the current step, unique in the run (the step itself without accumulation)."""
+    return run.state["step"] * run.config.grad_accum_steps + j
+
+
+def _micro_batches(run: _Run, group: list[Tensor]) -> list[tuple[dict[str, Any], bool]]:
+    """The group's micro-batches on the device, each with whether it is on-policy (GKD): then the student's own
+    completions of its prompts, sampled before any backward of the group (the weights do not change within it)."""
+    config, loss = run.config, run.loss
+    micro = []
+    for j, index in enumerate(group):
+        batch = to_device(run.data.batch(index), run.device)
+        m = _micro_index(run, j)
+        sampled = on_policy_step(config.seed, m, loss.lmbda)
+        if sampled:
+            with autocast(run.device, run.autocast_dtype):
+                batch = student_samples(
+                    run.net, batch, max_new_tokens=loss.max_new_tokens, temperature=loss.sample_temperature,
+                    seed=config.seed * 7919 + m * run.world + run.rank, pad_id=getattr(run.data, "pad_id", 0),
+                    eos_id=getattr(getattr(run.model, "config", None), "eos_token_id", None),
+                )  # fmt: skip
+        micro.append((batch, sampled))
+    return micro
+
+
+def _check_finite(run: _Run, terms: dict[str, Tensor], total: Tensor, epoch: int) -> None:
+    if not math.isfinite(float(total.detach())):
         detail = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
         raise NonFiniteLossError(
             f"{run.name}: the loss became non-finite at step {run.state['step'] + 1} (epoch {epoch + 1}; {detail}); "
             "lower the learning rate or check the inputs for extreme values"
         )
-    run.optimizer.zero_grad(set_to_none=True)
-    total.backward()
-    if run.features is not None:  # the projections are not inside the DDP wrapper
-        distributed.average_gradients(run.features.parameters())
-    if run.config.grad_clip:
-        torch.nn.utils.clip_grad_norm_([p for m in run.trained for p in m.parameters()], run.config.grad_clip)
-    run.optimizer.step()
-    run.scheduler.step()
-    return terms, value
 
 
-def _forward(run: _Run, batch: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, float]]:
-    """The loss terms of one batch and their weights: on an on-policy step (GKD) on the student's own completions of
-    the batch's prompts, otherwise on the batch."""
-    config, loss, step = run.config, run.loss, run.state["step"]
-    if not on_policy_step(config.seed, step, loss.lmbda):
-        return loss_terms(run.net, batch, run.teacher, loss, run.features)
-    sampled = student_samples(
-        run.net, batch, max_new_tokens=loss.max_new_tokens, temperature=loss.sample_temperature,
-        seed=config.seed * 7919 + step * run.world + run.rank, pad_id=getattr(run.data, "pad_id", 0),
-        eos_id=getattr(getattr(run.model, "config", None), "eos_token_id", None),
-    )  # fmt: skip
-    return lm_terms(run.net, sampled, run.teacher, loss, on_policy=True)
+def _forward(run: _Run, batch: dict[str, Any], on_policy: bool) -> tuple[dict[str, Tensor], dict[str, float]]:
+    """The loss terms of one micro-batch and their weights: on an on-policy batch (the student's own completions,
+    GKD) the divergence alone, otherwise the terms of `loss_terms`."""
+    if on_policy:
+        return lm_terms(run.net, batch, run.teacher, run.loss, on_policy=True)
+    return loss_terms(run.net, batch, run.teacher, run.loss, run.features)
 
 
 def _end_epoch(run: _Run, epoch: int, evaluate: Evaluate | None) -> None:
@@ -392,52 +347,22 @@ def _end_epoch(run: _Run, epoch: int, evaluate: Evaluate | None) -> None:
 
 
 def _signature(data: Dataset, config: TrainConfig, teacher: Teacher | None, loss: LossConfig) -> dict[str, Any]:
-    """What must match for a checkpoint to be resumed by this call."""
+    """What must match for a checkpoint to be resumed by this call: the data's size, the loss (with a teacher) and
+    the training settings that change the arithmetic (precision and accumulation do; where to log, how often to
+    checkpoint or evaluate, the device and activation checkpointing, which recomputes the same values, do not)."""
+    ignored = {"checkpoint_every", "eval_every", "device", "report_to", "activation_checkpointing"}
     return {
         "rows": len(data),
-        "train": config.model_dump(exclude={"checkpoint_every", "eval_every", "device"}),
+        "train": config.model_dump(exclude=ignored),
         "loss": loss.model_dump() if teacher is not None else None,
     }
-
-
-def plain(value: Any) -> Any:
-    """`value` with numpy scalars and arrays made Python numbers and lists (dicts, lists and tuples walked; tensors
-    and plain values kept): what a checkpoint holds must load with `torch.load(weights_only=True)`."""
-    if isinstance(value, dict):
-        return {key: plain(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(plain(item) for item in value)
-    if isinstance(value, (np.generic, np.ndarray)):
-        return value.tolist()
-    return value
-
-
-def _load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
-    """A checkpoint written by `train`, loaded with `weights_only=True`: tensors and plain data only, so a crafted
-    file cannot run code; anything else is a DistillError."""
-    try:
-        saved = torch.load(path, map_location=device, weights_only=True)
-    except Exception:  # a truncated, foreign or crafted file (pickle, zip and torch raise many types)
-        raise DistillError(
-            f"cannot read checkpoint {path}: it is not a distill checkpoint of tensors and plain data (nothing in it "
-            "was run); delete it to start over"
-        ) from None
-    if not isinstance(saved, dict) or not {"signature", "model", "optimizer", "scheduler", "state"} <= set(saved):
-        raise DistillError(f"cannot read checkpoint {path}: it is not a distill checkpoint; delete it to start over")
-    return saved
-
-
-def _save(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)  # atomic: a kill mid-write leaves the previous checkpoint intact
 
 
 def _resume(run: _Run) -> None:
     """Continue from the run's checkpoint when there is one (a finished run's says that no epoch is left)."""
     if run.path is None or not run.path.exists():
         return
-    saved = _load_checkpoint(run.path, run.device)
+    saved = checkpoints.load(run.path, run.device)
     if saved["signature"] != run.signature:
         raise DistillError(
             f"checkpoint {run.path} was written by a run with other data or settings; "
@@ -447,6 +372,8 @@ def _resume(run: _Run) -> None:
     if run.features is not None:
         run.features.load_state_dict(saved["features"])
     run.scheduler.load_state_dict(saved["scheduler"])
+    if saved.get("scaler"):
+        run.scaler.load_state_dict(saved["scaler"])
     run.state = saved["state"]
 
 
@@ -462,7 +389,8 @@ def _save_checkpoint(run: _Run) -> None:
             "features": run.features.state_dict() if run.features is not None else None,
             "optimizer": optimizer_state,
             "scheduler": plain(run.scheduler.state_dict()),
+            "scaler": run.scaler.state_dict(),  # fp16's loss scale ({} when disabled)
             "state": plain(run.state),
         }
-        _save(run.path, payload)
+        checkpoints.save(run.path, payload)
     distributed.barrier()
