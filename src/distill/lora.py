@@ -1,11 +1,13 @@
 """LoRA students (Hu et al. 2021) through `peft`: the student's chosen linear layers keep their weights W frozen and
 learn a low-rank update, W + (alpha / r) B A with A (r, in) and B (out, r), so only the adapters are trained.
 
-`with_lora` wraps a loaded causal LM (peft's `get_peft_model`: the adapters are injected into the model's own
-modules, so the wrapper's forward, `generate` and the base model reached through it all use them); the training
-loop then sees a model whose only trainable parameters are the adapters. `save_lora_student` writes the adapter
-(`adapter/`, peft's format, loadable with `PeftModel.from_pretrained`) and the merged model (W + (alpha / r) B A
-as plain weights) as an ordinary `AutoModelForCausalLM` folder.
+`with_lora` wraps a loaded causal LM (peft's `get_peft_model`). peft injects the adapters into the model's own
+modules, so the training loop is given the model itself (`trained_model`): a plain Hugging Face causal LM whose
+only trainable parameters are the adapters, on which the chunked loss (its base model and output head, reached by
+`base_model_prefix`), `generate` for on-policy samples, DDP and checkpoints work as on any student. (Reached through
+the peft wrapper instead, `base_model_prefix` "model", as Llama's, would name the whole causal LM.)
+`save_lora_student` writes the adapter (`adapter/`, peft's format, loadable with `PeftModel.from_pretrained`) and
+the merged model (W + (alpha / r) B A as plain weights) as an ordinary `AutoModelForCausalLM` folder.
 """
 
 from __future__ import annotations
@@ -52,6 +54,12 @@ def with_lora(model: nn.Module, spec: LoraSpec, *, seed: int = 0) -> Any:
                 f"student.lora.target_modules: {str(error).rstrip('.')}; the student's linear layers are named "
                 f"{', '.join(names)} (or give all-linear)"
             ) from None
+
+
+def trained_model(lora_model: Any) -> nn.Module:
+    """The model inside a peft model, its adapters injected: what the training loop trains."""
+    model: nn.Module = lora_model.get_base_model()
+    return model
 
 
 def _is_linear(module: nn.Module) -> bool:

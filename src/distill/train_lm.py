@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from distill import hf
 from distill.config import Length, LoraSpec, LossConfig, Strict, TrainConfig
@@ -20,7 +20,7 @@ from distill.errors import DistillError
 from distill.evaluate import lm_scores
 from distill.lm_data import read_examples, tokenize_examples
 from distill.lm_models import weights_bytes
-from distill.lora import ADAPTER, parameter_counts, save_lora_student, with_lora
+from distill.lora import ADAPTER, parameter_counts, save_lora_student, trained_model, with_lora
 from distill.models import count_parameters
 from distill.stages import RunContext, write_record
 from distill.teachers.local import LocalTeacher
@@ -54,15 +54,6 @@ class LMJobConfig(Strict):
     train: TrainConfig = Field(
         default_factory=lambda: TrainConfig(epochs=1, batch_size=8, lr=5e-5, schedule="cosine", checkpoint_every=200)
     )
-
-    @model_validator(mode="after")
-    def _lora_not_sharded(self) -> LMJobConfig:
-        if self.student_spec().lora is not None and self.train.strategy == "fsdp":
-            raise ValueError(
-                "a LoRA student trains with train.strategy ddp, not fsdp: its adapters are small, so every process "
-                "holds them whole (FSDP of a peft model is not supported here)"
-            )
-        return self
 
     def student_spec(self) -> LMStudent:
         """The student as a mapping, whichever form the config gave."""
@@ -98,9 +89,10 @@ def run_train_lm(config: LMJobConfig, context: RunContext) -> dict[str, Any]:
     data = tokenize_examples(tokenizer, read_examples(config.data, tokenizer), config.max_length)
     source, teacher_model = _teacher(config, tokenizer, data.fingerprint(), store)
     _check_same_student(output / "checkpoints", spec, context.resume)
-    student = hf.load_causal_lm(spec.model, store)
-    if spec.lora is not None:
-        student = with_lora(student, spec.lora, seed=config.train.seed)
+    student: Any = hf.load_causal_lm(spec.model, store)
+    lora_model = with_lora(student, spec.lora, seed=config.train.seed) if spec.lora is not None else None
+    if lora_model is not None:
+        student = trained_model(lora_model)  # the model itself, its adapters injected
     result = train(student, data, config.train, teacher=source, loss=config.loss,
                    checkpoint_dir=output / "checkpoints", resume=context.resume, reporter=context.reporter,
                    name="student")  # fmt: skip
@@ -109,7 +101,7 @@ def run_train_lm(config: LMJobConfig, context: RunContext) -> dict[str, Any]:
     directory = output / "student"
     metrics: dict[str, Any] = {"recipe": "train-lm", "history": result.history, "student": str(directory),
                                "parameters": parameter_counts(result.model)}  # fmt: skip
-    metrics.update(_save_student(result, spec, directory, tokenizer, store))
+    metrics.update(_save_student(result, lora_model, spec, directory, tokenizer, store))
     metrics["size_bytes"] = weights_bytes(directory)
     if config.eval_data is not None:
         held_out = tokenize_examples(tokenizer, read_examples(config.eval_data, tokenizer), config.max_length)
@@ -120,18 +112,19 @@ def run_train_lm(config: LMJobConfig, context: RunContext) -> dict[str, Any]:
 
 
 def _save_student(
-    result: TrainResult, spec: LMStudent, directory: Path, tokenizer: Any, store: Path | None
+    result: TrainResult, lora_model: Any, spec: LMStudent, directory: Path, tokenizer: Any, store: Path | None
 ) -> dict[str, Any]:
-    """The trained student written to `directory` as a causal LM folder with its tokenizer (a LoRA student merged,
-    its adapter in `adapter/`); what the metrics say of it."""
-    if spec.lora is not None:
-        merged = save_lora_student(result.model, directory, tokenizer)
-        return {"params": count_parameters(merged), "adapter": str(directory / ADAPTER),
-                "adapter_bytes": weights_bytes(directory / ADAPTER)}  # fmt: skip
-    whole: Any = result.model
+    """The trained student written to `directory` as a causal LM folder with its tokenizer (a LoRA student, given
+    as its peft model, merged; its adapter in `adapter/`); what the metrics say of it."""
+    whole: Any = result.model if lora_model is None else lora_model
     if result.state_dict is not None:  # trained sharded (FSDP): the gathered weights into an unsharded copy
         whole = hf.load_causal_lm(spec.model, store)
-        whole.load_state_dict(result.state_dict)
+        whole = whole if spec.lora is None else with_lora(whole, spec.lora)
+        (whole if spec.lora is None else trained_model(whole)).load_state_dict(result.state_dict)
+    if spec.lora is not None:
+        merged = save_lora_student(whole, directory, tokenizer)
+        return {"params": count_parameters(merged), "adapter": str(directory / ADAPTER),
+                "adapter_bytes": weights_bytes(directory / ADAPTER)}  # fmt: skip
     whole.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return {"params": count_parameters(result.model)}
