@@ -94,6 +94,13 @@ def test_target_modules_the_student_lacks_are_refused_with_its_layer_names(files
         with_lora(model, LoraSpec(target_modules=["q_proj"]))
 
 
+def test_without_peft_a_lora_student_asks_for_the_extra(monkeypatch):
+    model, _ = tiny_gpt2(layers=1)
+    monkeypatch.setitem(sys.modules, "peft", None)  # import peft raises ImportError
+    with pytest.raises(DistillError, match=r"LoRA students need peft.*distill\[hf\]"):
+        with_lora(model, LoraSpec())
+
+
 def tiny_llama(directory):
     """A tiny random Llama (base_model_prefix "model", as most LLMs) over the tiny tokenizer, saved."""
     from transformers import LlamaConfig, LlamaForCausalLM
