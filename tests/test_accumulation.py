@@ -196,3 +196,25 @@ def test_ddp_accumulation_synchronises_once_per_step_and_trains_one_model(tmp_pa
     assert ranks[0]["steps"] == 4 * (1000 // 50 // 2)  # groups of 2 x 25 rows, shared by two processes
     history = ranks[0]["history"]
     assert history[-1]["kd"] < history[0]["kd"] and history[-1]["test_accuracy"] > 0.9
+
+
+def test_every_llm_setting_at_once_on_two_processes_under_ddp_and_fsdp(tmp_path):
+    """bf16 student, float32 teacher, accumulation of 2 and activation checkpointing together on two processes
+    (gloo, CPU): DDP (inner micro-steps under no_sync) and FSDP (gradient sync off on them, shards gathered for the
+    checkpoint) train the same run."""
+    histories = {}
+    for strategy in ("ddp", "fsdp"):
+        out = tmp_path / strategy
+        out.mkdir()
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                   str(HERE / "_scale_script.py"), str(out), strategy]  # fmt: skip
+        result = run_distributed(command, clean=None, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stderr[-3000:]
+        first = json.loads((out / "rank0.json").read_text())
+        assert first["steps"] == 3 * 3  # 24 rows in groups of 2 x 2, shared by two processes: 3 steps an epoch
+        histories[strategy] = first["history"]
+        saved = torch.load(out / "ckpt" / "checkpoint.pt", weights_only=True)
+        assert saved["state"]["step"] == 9 and saved["signature"]["train"]["grad_accum_steps"] == 2
+    losses = [record["loss"] for record in histories["ddp"]]
+    assert losses[-1] < 0.85 * losses[0]
+    assert [record["loss"] for record in histories["fsdp"]] == pytest.approx(losses, rel=1e-3)  # bf16 rounding

@@ -249,18 +249,18 @@ def _step(run: _Run, group: list[Tensor], epoch: int) -> tuple[dict[str, float],
     partial cache) the kd term of a micro-batch is weighted by its scored tokens, not by the covered ones.
     Without accumulation every share is 1: the step is the plain one."""
     micro = _micro_batches(run, group)
-    totals = add_units(term_units(b, sampled) for b, sampled in micro)
+    units = [term_units(batch, sampled) for batch, sampled in micro]
+    totals = add_units(units)
     run.optimizer.zero_grad(set_to_none=True)
     terms_sum: dict[str, float] = {}
     value = 0.0
     for j, (batch, sampled) in enumerate(micro):
         # Dropout draws from a generator fixed by (seed, micro-batch, process): a resumed run redraws it.
         torch.manual_seed(run.config.seed * 1_000_003 + _micro_index(run, j) * run.world + run.rank)
-        units = term_units(batch, sampled)
         with distributed.gradient_sync(run.net, j == len(micro) - 1):
             with autocast(run.device, run.autocast_dtype):
                 terms, weights = _forward(run, batch, sampled)
-            shares = {k: units[unit_of(k)] / totals[unit_of(k)] if totals[unit_of(k)] else 0.0 for k in terms}
+            shares = {k: units[j][unit_of(k)] / totals[unit_of(k)] if totals[unit_of(k)] else 0.0 for k in terms}
             total = weighted_total(terms, {k: weights[k] * shares[k] for k in terms})
             _check_finite(run, terms, total, epoch)
             run.scaler.scale(total).backward()
