@@ -115,14 +115,19 @@ def test_a_teacher_precision_needs_a_live_teacher():
         train(mlp(), blobs(32), TrainConfig(epochs=1, teacher_precision="bf16"), teacher=Stored())
 
 
-def test_a_precision_the_device_cannot_run_is_refused_before_training():
+def test_a_device_or_precision_the_machine_cannot_run_is_refused_before_training():
     model = mlp()
-    with pytest.raises(DistillError, match="precision bf16 cannot run on device 'meta'"):
+    with pytest.raises(DistillError, match="cannot run on meta; use cpu, cuda, cuda:N or mps"):
         train(model, blobs(32), TrainConfig(epochs=1, precision="bf16", device="meta"))
-    if not torch.cuda.is_available():  # torch turns autocast off with a warning there: refused, not fp32 in silence
-        with pytest.raises(DistillError, match="precision fp16 cannot run on device 'cuda'.*CUDA is not available"):
+    with pytest.raises(DistillError, match="'gpu0' is not a device"):
+        train(model, blobs(32), TrainConfig(epochs=1, device="gpu0"))
+    if not torch.cuda.is_available():
+        with pytest.raises(DistillError, match="cannot run on cuda: this machine has no CUDA device"):
             train(model, blobs(32), TrainConfig(epochs=1, precision="fp16", device="cuda"))
     assert next(model.parameters()).device.type == "cpu"  # refused before anything moved
+    # torch turns autocast off with a warning where it cannot run: refused, not float32 in silence
+    with pytest.raises(DistillError, match="precision bf16 cannot run on device 'meta'"):
+        autocast_dtype(torch.device("meta"), "bf16")
     assert autocast_dtype(torch.device("cpu"), "bf16") == torch.bfloat16
     assert autocast_dtype(torch.device("cpu"), "fp32") is None
 

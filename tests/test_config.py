@@ -71,6 +71,17 @@ def test_example_recipe_files_are_valid():
     assert job.teacher == [] and job.data.train == root / "../data/train.csv"
     first_line = (root / "own-arrays.yaml").read_text().splitlines()[0]
     assert first_line.startswith("# distill train --config")
+    from distill.train_lm import LMJobConfig
+
+    lm = cfg.load(LMJobConfig, root / "llm-one-node.yaml")  # Hub ids stay ids; nothing is looked up to validate
+    assert (
+        lm.student_spec().model == "meta-llama/Llama-3.2-1B-Instruct"
+        and lm.teacher == "meta-llama/Llama-3.1-8B-Instruct"
+    )
+    assert str(lm.data) == "HuggingFaceH4/ultrachat_200k:default:train_sft"
+    assert (lm.train.precision, lm.train.grad_accum_steps, lm.train.activation_checkpointing) == ("bf16", 8, True)
+    lora = cfg.load(LMJobConfig, root / "llm-one-node.yaml", ["student.lora.r=64"])
+    assert lora.student_spec().lora is not None and lora.student_spec().lora.r == 64
 
 
 def test_a_section_given_in_part_keeps_the_rest_of_its_recipe_default():

@@ -25,6 +25,26 @@ from torch import nn
 
 from distill.errors import DistillError
 
+
+def check_device(device: str) -> torch.device:
+    """`device` as a torch.device, after refusing (DistillError) one that this machine does not have, before any
+    model is loaded or moved."""
+    try:
+        kind = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise DistillError(f"{device!r} is not a device; use cpu, cuda, cuda:N or mps") from None
+    if kind.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (kind.index or 0) >= count:
+            have = f"cuda:0 to cuda:{count - 1}" if count else "no CUDA device"
+            raise DistillError(f"cannot run on {device}: this machine has {have}")
+    elif kind.type == "mps" and not torch.backends.mps.is_available():
+        raise DistillError(f"cannot run on {device}: this machine has no MPS device")
+    elif kind.type not in ("cpu", "cuda", "mps"):
+        raise DistillError(f"cannot run on {device}; use cpu, cuda, cuda:N or mps")
+    return kind
+
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from distill.errors import DistillError
+from distill.sources import hub_id
 
 Divergence = Literal["forward_kl", "reverse_kl", "jsd", "tvd"]
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -204,6 +205,15 @@ class TrainConfig(Strict):
         default_factory=list, max_length=3, description="trackers fed the per-step history: tensorboard, mlflow, wandb"
     )
 
+    def arithmetic(self) -> dict[str, Any]:
+        """The settings that change what training computes, for reusing a checkpoint or a kept model only when
+        they match: precision and accumulation do; where it runs and logs, how often it checkpoints or evaluates, and
+        activation checkpointing (which recomputes the same values) do not."""
+        return self.model_dump(exclude=NOT_ARITHMETIC)
+
+
+NOT_ARITHMETIC = {"checkpoint_every", "eval_every", "device", "report_to", "activation_checkpointing"}
+
 
 class LoraSpec(Strict):
     """A LoRA adapter (Hu et al. 2021) trained instead of the whole student (`peft`): W + (alpha / r) B A."""
@@ -252,6 +262,10 @@ class CacheBuildOptions(Strict):
     temperature: Temperature = Field(1.0, description="temperature of the stored distribution")
     max_length: Annotated[Length, Field(ge=8, le=32_768)] = Field(512, description="tokens per example")
     batch_size: Annotated[BatchSize, Field(le=1024)] = Field(8, description="sequences scored at once")
+    device: str = Field("cpu", max_length=64, description="where the teacher runs: cpu, cuda, cuda:1, mps")
+    precision: Precision = Field(
+        "fp32", description="the teacher's weights: fp32, bf16 or fp16 (half the memory; log-probs still in float32)"
+    )
 
 
 class ServedCacheOptions(Strict):
@@ -453,6 +467,7 @@ def load(model: type[C], path: Path | None, overrides: Sequence[str] = ()) -> C:
 
 
 MODEL_NAMES = ("teacher", "student")  # may be a folder or a hub name: made absolute only when the folder exists
+DATA_SOURCES = ("data", "eval_data")  # may be a file, a folder or a Hub data set id (org/name[:split])
 
 
 def _resolve_paths(model: type[BaseModel], data: dict[str, Any], base: Path) -> dict[str, Any]:
@@ -467,8 +482,11 @@ def _resolve_paths(model: type[BaseModel], data: dict[str, Any], base: Path) -> 
         nested = [a for a in (annotation, *get_args(annotation)) if isinstance(a, type) and issubclass(a, BaseModel)]
         if nested and isinstance(value, dict):
             out[name] = _resolve_paths(nested[0], value, base)
+            inner = value.get("model")  # a model given with its settings: {model: FOLDER, lora: ...}
+            if name in MODEL_NAMES and isinstance(inner, str) and (base / inner).exists():
+                out[name]["model"] = str(base / inner)
         elif _mentions_path(annotation):
-            out[name] = _relative(value, base)
+            out[name] = _relative(value, base, hub=name in DATA_SOURCES)
         elif name in MODEL_NAMES and isinstance(value, str) and (base / value).exists():
             out[name] = str(base / value)
     return out
@@ -478,11 +496,15 @@ def _mentions_path(annotation: Any) -> bool:
     return annotation is Path or any(_mentions_path(a) for a in get_args(annotation))
 
 
-def _relative(value: Any, base: Path) -> Any:
+def _relative(value: Any, base: Path, hub: bool = False) -> Any:
+    """A relative path made relative to `base`; with `hub`, a data set's Hub id (`org/name[:split]`, not a file or
+    folder next to the config file) kept as it is."""
     if isinstance(value, str) and value and not Path(value).is_absolute():
+        if hub and hub_id(value) is not None and not (base / value).exists():
+            return value
         return str(base / value)
     if isinstance(value, list):
-        return [_relative(v, base) for v in value]
+        return [_relative(v, base, hub) for v in value]
     return value
 
 

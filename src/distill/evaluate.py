@@ -155,6 +155,7 @@ def measure_speed(
         calls, start = 0, time.perf_counter()
         while True:
             run_model(fn, inputs)  # type: ignore[arg-type]
+            _synchronize()
             calls += 1
             elapsed = time.perf_counter() - start
             if elapsed >= min_seconds and calls >= 3:
@@ -176,6 +177,12 @@ def measure_speed(
     }
 
 
+def _synchronize() -> None:
+    """Wait for queued GPU work, so that a timing covers it (CUDA runs asynchronously)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def spearman(predicted: Tensor, gold: Tensor) -> float:
     """Spearman rank correlation (ties get their average rank), as reported on STS-B."""
     from scipy.stats import spearmanr
@@ -185,14 +192,18 @@ def spearman(predicted: Tensor, gold: Tensor) -> float:
 
 @torch.no_grad()
 def lm_scores(
-    model: nn.Module, data: LMDataset, teacher: nn.Module | None = None, batch_size: int = 32
+    model: nn.Module,
+    data: LMDataset,
+    teacher: nn.Module | None = None,
+    batch_size: int = 32,
+    device: torch.device | None = None,
 ) -> dict[str, float]:
     """Over the scored tokens of `data`: perplexity = exp(mean CE); with a teacher, the mean KL(teacher || model)
-    and the share of tokens where both rank the same token first."""
+    and the share of tokens where both rank the same token first. Batches go to `device` (where the models are)."""
     model.eval()
     totals = {"ce": 0.0, "kl": 0.0, "agree": 0.0, "tokens": 0.0}
     for index in torch.arange(len(data)).split(batch_size):
-        batch = data.batch(index)
+        batch = data.batch(index) if device is None else to_device(data.batch(index), device)
         mask = batch["kd_mask"]  # (B, T)
         logits = model(**batch["inputs"]).logits.float()[mask]  # (N, V)
         labels = batch["labels"][mask]  # (N,)

@@ -103,8 +103,21 @@ def load_classifier(name_or_path: str | Path, num_labels: int, store: Path | Non
     return _load("AutoModelForSequenceClassification", name_or_path, store, num_labels=num_labels)
 
 
-def load_causal_lm(name_or_path: str | Path, store: Path | None = None) -> nn.Module:
-    return _load("AutoModelForCausalLM", name_or_path, store)
+def load_causal_lm(name_or_path: str | Path, store: Path | None = None, precision: str | None = None) -> nn.Module:
+    """`AutoModelForCausalLM`; with `precision` (fp32, bf16, fp16) its weights are loaded in that dtype, never
+    whole in float32 first (an 8 B teacher in bf16 takes 16 GB, not 32 GB, while it loads)."""
+    if precision is None:
+        return _load("AutoModelForCausalLM", name_or_path, store)
+    from distill.compute import DTYPES
+
+    return _load("AutoModelForCausalLM", name_or_path, store, **{_dtype_argument(): DTYPES[precision]})
+
+
+def _dtype_argument() -> str:
+    """from_pretrained's dtype keyword: `dtype` since transformers 4.56, `torch_dtype` before."""
+    from packaging.version import Version
+
+    return "dtype" if Version(_transformers().__version__) >= Version("4.56") else "torch_dtype"
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -137,22 +150,28 @@ def build_lm_cache(
     temperature: float = 1.0,
     max_length: int = 512,
     batch_size: int = 8,
+    device: str = "cpu",
+    precision: str = "fp32",
     store: Path | None = None,
     reporter: Any = None,
 ) -> dict[str, Any]:
-    """Score a JSONL data file once with a causal LM teacher and store its top-k log-probs (`distill cache build`).
+    """Score a data file (any source `read_examples` takes) once with a causal LM teacher, on `device` with its
+    weights in `precision`, and store its top-k log-probs (`distill cache build`).
 
-    The cache records the teacher's name and revision, the tokenizer's fingerprint and the data's, so a student
-    with another tokenizer or other data is refused when it reads the cache."""
+    The cache records the teacher's name and revision (with its precision when not fp32), the tokenizer's
+    fingerprint and the data's, so a student with another tokenizer or other data is refused when it reads the
+    cache, and a build resumed in another precision does not mix its shards with the first one's."""
     import hashlib
     import json
 
+    from distill.compute import check_device
     from distill.lm_data import read_examples, tokenize_examples
     from distill.progress import NULL
     from distill.teachers.token_cache import build_token_cache, causal_lm_logits
 
+    where = check_device(device)  # before the teacher loads
     tokenizer = load_tokenizer(teacher, store)
-    model: Any = load_causal_lm(teacher, store)
+    model: Any = load_causal_lm(teacher, store, precision).to(where)
     dataset = tokenize_examples(tokenizer, read_examples(data, tokenizer), max_length)
     revision = getattr(model.config, "_commit_hash", None)
     if not revision:
@@ -161,6 +180,7 @@ def build_lm_cache(
         for path in sorted(reference.glob("*.safetensors")) if reference.is_dir() else []:
             digest.update(f"{path.name}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode())
         revision = "local-" + digest.hexdigest()[:16]
+    revision += "" if precision == "fp32" else f"+{precision}"
     return build_token_cache(
         causal_lm_logits(model), [s.numpy() for s in dataset.sequences], directory,
         scored=[dataset.scored(i).numpy() for i in range(len(dataset))], top_k=top_k, temperature=temperature,

@@ -35,7 +35,14 @@ from torch import Tensor, nn
 from distill import checkpoints, distributed
 from distill.batch_loss import add_units, loss_terms, term_units, unit_of
 from distill.checkpoints import CHECKPOINT, plain
-from distill.compute import activation_checkpointing, autocast, autocast_dtype, gradient_scaler, teacher_in_precision
+from distill.compute import (
+    activation_checkpointing,
+    autocast,
+    autocast_dtype,
+    check_device,
+    gradient_scaler,
+    teacher_in_precision,
+)
 from distill.config import LossConfig, TrainConfig
 from distill.data import Dataset, check_labels, epoch_order
 from distill.errors import DistillError, NonFiniteLossError
@@ -162,7 +169,7 @@ def _prepare(
 ) -> _Run:
     """The run set up: inputs checked, the model on its device and wrapped for the processes (distribution), the
     teacher in its precision, the optimizer, the gradient scaler and the schedule."""
-    device = torch.device(config.device)
+    device = check_device(config.device)
     dtype = autocast_dtype(device, config.precision)  # before anything moves: a device that cannot is refused
     rank, world = distributed.rank(), distributed.world_size()
     batches_per_epoch = _check(data, config, teacher, loss, name, world)
@@ -348,12 +355,10 @@ def _end_epoch(run: _Run, epoch: int, evaluate: Evaluate | None) -> None:
 
 def _signature(data: Dataset, config: TrainConfig, teacher: Teacher | None, loss: LossConfig) -> dict[str, Any]:
     """What must match for a checkpoint to be resumed by this call: the data's size, the loss (with a teacher) and
-    the training settings that change the arithmetic (precision and accumulation do; where to log, how often to
-    checkpoint or evaluate, the device and activation checkpointing, which recomputes the same values, do not)."""
-    ignored = {"checkpoint_every", "eval_every", "device", "report_to", "activation_checkpointing"}
+    the training settings that change the arithmetic (`TrainConfig.arithmetic`)."""
     return {
         "rows": len(data),
-        "train": config.model_dump(exclude=ignored),
+        "train": config.arithmetic(),
         "loss": loss.model_dump() if teacher is not None else None,
     }
 

@@ -37,7 +37,11 @@ TOP_K_HELP = (
 
 @cache_app.command("build")
 def cache_build(
-    data: Path = typer.Option(..., help="JSONL: prompt/completion, messages, text or question/answer rows."),
+    data: Path = typer.Option(
+        ...,
+        help="Training data, as train-lm reads it: JSONL (prompt/completion, messages, text or question/answer "
+        "rows), .txt, parquet, Arrow, JSON, CSV, a saved dataset folder or a Hub id org/name[:config][:split].",
+    ),
     directory: Path = typer.Option(..., "--out", help="The cache directory (a killed build resumes in it)."),
     teacher: Optional[str] = typer.Option(
         None, help="The teacher: a causal LM folder (save_pretrained) or a hub name; or a served one (--base-url)."
@@ -60,6 +64,8 @@ def cache_build(
         None, help=option_help(BUILD, "max_length", "tokens per example (longer ones are cut)")
     ),
     batch_size: Optional[int] = typer.Option(None, help=option_help(BUILD, "batch_size")),
+    device: Optional[str] = typer.Option(None, help=option_help(BUILD, "device")),
+    precision: Optional[str] = typer.Option(None, help=option_help(BUILD, "precision")),
     concurrency: Optional[int] = typer.Option(None, help=option_help(SERVED, "concurrency")),
     timeout: Optional[float] = typer.Option(None, help=option_help(SERVED, "timeout")),
     max_retries: Optional[int] = typer.Option(None, help=option_help(SERVED, "max_retries")),
@@ -73,7 +79,7 @@ def cache_build(
     (vLLM's prompt_logprobs, or echo with logprobs), so the teacher never enters this machine's memory. The server
     must share the student's vocabulary (checked token by token); the cache keeps min(k, what the server returns)
     log-probs per token at temperature 1. A killed build resumes without asking again for what it stored."""
-    local = given(temperature=temperature, batch_size=batch_size)
+    local = given(temperature=temperature, batch_size=batch_size, device=device, precision=precision)
     served = given(concurrency=concurrency, timeout=timeout, max_retries=max_retries, price_input=price_input,
                    price_output=price_output)  # fmt: skip
     if (teacher is None) == (base_url is None):

@@ -158,7 +158,7 @@ def fine_tune_teacher(
                 config.train_size,
                 config.seed,
                 config.max_length,
-                config.teacher_train.model_dump(),
+                config.teacher_train.arithmetic(),
                 train_set.fingerprint(),
             ]
         ).encode()

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from distill.asgi import RequestGuard, ServeLimits, error_body, install_error_handlers
 from distill.batcher import Batcher
+from distill.compute import check_device
 from distill.engine import Engine
 from distill.errors import DistillError
 from distill.hf import load_causal_lm, load_tokenizer
@@ -133,23 +133,6 @@ async def _complete(model: _Model, body: CompletionRequest, request: Request) ->
         return FastJSON(head | {"choices": choices, "usage": usage(rows, shape.prompt_tokens())})
 
     return await asyncio.to_thread(respond)
-
-
-def check_device(device: str) -> None:
-    """Refuse (DistillError) a device this machine does not have, before any model is loaded."""
-    try:
-        kind = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise DistillError(f"{device!r} is not a device; use cpu, cuda, cuda:N or mps") from None
-    if kind.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if (kind.index or 0) >= count:
-            have = f"cuda:0 to cuda:{count - 1}" if count else "no CUDA device"
-            raise DistillError(f"cannot serve on {device}: this machine has {have}")
-    elif kind.type == "mps" and not torch.backends.mps.is_available():
-        raise DistillError(f"cannot serve on {device}: this machine has no MPS device")
-    elif kind.type not in ("cpu", "cuda", "mps"):
-        raise DistillError(f"cannot serve on {device}; use cpu, cuda, cuda:N or mps")
 
 
 def _served_model(

@@ -136,7 +136,7 @@ def build_served_cache(
     shard_tokens: int = SHARD_TOKENS,
     reporter: Reporter = NULL,
 ) -> ServedCacheSummary:
-    """Score the JSONL `data` (tokenized by `tokenizer`, the student's) with the teacher `client` serves and store
+    """Score the data `data` (tokenized by `tokenizer`, the student's) with the teacher `client` serves and store
     the top-`top_k` log-probs of the completions' tokens as a token cache in `directory` (module docstring).
     DistillError when the server cannot score prompts or its vocabulary is not the tokenizer's; CacheError when
     `directory` holds another cache; TeacherClientError when a request fails for good (run again to resume).
