@@ -3,12 +3,14 @@ that carries its run's report: what was kept and what was saved (the report's ta
 same student alone, retention, size, speed), the loss, the data and the whole config.
 
 The metadata says what the Hub and `huggingface_hub.ModelCard` read: `library_name` (transformers for a Hugging Face
-folder, distill for the built-in MLP/CNN), `pipeline_tag` where one applies, `base_model` (the teacher, when it is a
-model name or folder the reader can look up), `tags` (knowledge-distillation, distill and the recipe).
+folder, distill for the built-in MLP/CNN), `pipeline_tag` where one applies, `base_model` (the model the student
+started from or was distilled from, when it is a Hub name: a local folder means nothing to a reader of the Hub),
+`tags` (knowledge-distillation, distill, the recipe, lora for a student trained through LoRA adapters).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,28 +19,29 @@ import yaml
 from distill.report import Report, markdown_table
 
 CARD = "README.md"
+HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")  # org/name
 PIPELINES = {"lm": "text-generation", "reasoning": "text-generation", "train-lm": "text-generation",
              "sst2": "text-classification", "stsb": "sentence-similarity"}  # fmt: skip
 
 
-def metadata(folder: Path, metrics: dict[str, Any], teacher: str | None) -> dict[str, Any]:
+def metadata(folder: Path, metrics: dict[str, Any], base_model: str | None) -> dict[str, Any]:
     """The card's YAML metadata for the student saved in `folder`."""
     recipe = str(metrics.get("recipe", "distill"))
     hugging_face = (folder / "config.json").is_file()
     data: dict[str, Any] = {
         "library_name": "transformers" if hugging_face else "distill",
-        "tags": ["knowledge-distillation", "distill", recipe],
+        "tags": ["knowledge-distillation", "distill", recipe] + (["lora"] if metrics.get("adapter") else []),
     }
     if hugging_face and recipe in PIPELINES:
         data["pipeline_tag"] = PIPELINES[recipe]
-    if teacher:
-        data["base_model"] = teacher
+    if base_model and HUB_NAME.match(base_model) and not Path(base_model).exists():
+        data["base_model"] = base_model
     return data
 
 
-def card(folder: Path, report: Report, config_yaml: str, metrics: dict[str, Any], teacher: str | None = None) -> str:
+def card(folder: Path, report: Report, config_yaml: str, metrics: dict[str, Any], base_model: str | None = None) -> str:
     """The model card's text: metadata, the report (summary and tables), the loss, the data and the config."""
-    parts = ["---", yaml.safe_dump(metadata(folder, metrics, teacher), sort_keys=False).rstrip(), "---", ""]
+    parts = ["---", yaml.safe_dump(metadata(folder, metrics, base_model), sort_keys=False).rstrip(), "---", ""]
     parts += [f"# {folder.name}: a student distilled by distill", "", report.description, ""]
     parts += [f"- {line}" for line in report.summary] + [""]
     for table in report.tables:
@@ -59,19 +62,19 @@ def _loss_line(loss: dict[str, Any]) -> str:
     if alpha is None or temperature is None:
         return "See the config below."
     return (
-        f"{alpha} x T^2 x {divergence}(teacher_T || student_T) + {1 - float(alpha):.2f} x CE(labels), "
+        f"{alpha} x T^2 x {divergence}(teacher_T || student_T) + {1 - float(alpha):.2f} x CE(targets), "
         f"T = {temperature} (Hinton et al. 2015)."
     )
 
 
 def write_cards(
-    folders: list[Path], report: Report, config_yaml: str, metrics: dict[str, Any], teacher: str | None = None
+    folders: list[Path], report: Report, config_yaml: str, metrics: dict[str, Any], base_model: str | None = None
 ) -> list[Path]:
     """A card in each student folder that exists; the cards written."""
     written = []
     for folder in folders:
         if folder.is_dir():
-            (folder / CARD).write_text(card(folder, report, config_yaml, metrics, teacher), encoding="utf-8")
+            (folder / CARD).write_text(card(folder, report, config_yaml, metrics, base_model), encoding="utf-8")
             written.append(folder / CARD)
     return written
 

@@ -11,23 +11,27 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
+import torch
 from pydantic import Field
 
 from distill import hf
-from distill.config import Length, LoraSpec, LossConfig, Strict, TrainConfig
+from distill import report as reports
+from distill.config import Length, LoraSpec, LossConfig, Strict, TrainConfig, dump
 from distill.distributed import rank
 from distill.errors import DistillError
-from distill.evaluate import lm_scores
 from distill.lm_data import read_examples, tokenize_examples
 from distill.lm_models import weights_bytes
 from distill.lora import ADAPTER, parameter_counts, save_lora_student, trained_model, with_lora
+from distill.model_card import write_cards
 from distill.models import count_parameters
 from distill.stages import RunContext, write_record
 from distill.teachers.local import LocalTeacher
 from distill.teachers.token_cache import TokenCache
 from distill.train import CHECKPOINT, TrainResult, train
+from distill.train_lm_report import held_out_scores, report
 
 STUDENT_RECORD = "student.json"  # beside the checkpoint: the student it was written for
+Split = Annotated[str, Field(max_length=100, pattern=r"^[\w.-]+$")]
 
 
 class LMStudent(Strict):
@@ -47,8 +51,13 @@ class LMJobConfig(Strict):
     )
     teacher: str | None = Field(None, max_length=1_000, description="a live teacher (same tokenizer); or give `cache`")
     cache: Path | None = Field(None, description="a teacher log-prob cache built by `distill cache build`")
-    data: Path = Field(description="training JSONL: prompt/completion, messages, text or question/answer rows")
-    eval_data: Path | None = Field(None, description="held-out JSONL for perplexity, agreement and KL")
+    data: Path = Field(
+        description="training data: JSONL (prompt/completion, messages, text or question/answer rows), .txt, "
+        "parquet, Arrow, JSON or CSV files, a saved dataset folder, or a Hub data set org/name[:config][:split]"
+    )
+    data_split: Split | None = Field(None, description="the split of a saved DatasetDict folder (default train)")
+    eval_data: Path | None = Field(None, description="held-out data (as `data`) for perplexity, agreement and KL")
+    eval_split: Split | None = Field(None, description="the split of a saved DatasetDict folder for eval_data")
     max_length: Annotated[Length, Field(ge=8)] = Field(512, description="tokens per example (longer ones are cut)")
     loss: LossConfig = Field(default_factory=lambda: LossConfig(temperature=1.0, alpha=0.5))
     train: TrainConfig = Field(
@@ -66,7 +75,8 @@ def _teacher(config: LMJobConfig, tokenizer: Any, data_id: str, store: Path | No
         raise DistillError("give either a live teacher or a cache, not both")
     if config.teacher is not None:
         hf.check_same_vocabulary(hf.load_tokenizer(config.teacher, store), tokenizer)
-        model: Any = hf.load_causal_lm(config.teacher, store)
+        precision = config.train.teacher_precision or config.train.precision  # loaded in it: never whole in fp32
+        model: Any = hf.load_causal_lm(config.teacher, store, None if precision == "fp32" else precision)
         return LocalTeacher(model, int(model.config.vocab_size)), model
     if config.cache is None:
         return None, None
@@ -86,7 +96,8 @@ def run_train_lm(config: LMJobConfig, context: RunContext) -> dict[str, Any]:
     output, store, spec = context.output, context.store, config.student_spec()
     output.mkdir(parents=True, exist_ok=True)
     tokenizer = hf.load_tokenizer(spec.model, store)
-    data = tokenize_examples(tokenizer, read_examples(config.data, tokenizer), config.max_length)
+    data = tokenize_examples(tokenizer, read_examples(config.data, tokenizer, split=config.data_split),
+                             config.max_length)  # fmt: skip
     source, teacher_model = _teacher(config, tokenizer, data.fingerprint(), store)
     _check_same_student(output / "checkpoints", spec, context.resume)
     student: Any = hf.load_causal_lm(spec.model, store)
@@ -100,15 +111,40 @@ def run_train_lm(config: LMJobConfig, context: RunContext) -> dict[str, Any]:
         return {"recipe": "train-lm", "history": result.history}
     directory = output / "student"
     metrics: dict[str, Any] = {"recipe": "train-lm", "history": result.history, "student": str(directory),
-                               "parameters": parameter_counts(result.model)}  # fmt: skip
+                               "parameters": parameter_counts(result.model), "description": _description(config, data),
+                               "taught_by": _taught_by(config), "loss": config.loss.model_dump(),
+                               "train": config.train.model_dump(mode="json")}  # fmt: skip
     metrics.update(_save_student(result, lora_model, spec, directory, tokenizer, store))
     metrics["size_bytes"] = weights_bytes(directory)
     if config.eval_data is not None:
-        held_out = tokenize_examples(tokenizer, read_examples(config.eval_data, tokenizer), config.max_length)
-        metrics["eval"] = lm_scores(hf.load_causal_lm(directory), held_out, teacher_model)  # the exported student
+        examples = read_examples(config.eval_data, tokenizer, split=config.eval_split)
+        held_out = tokenize_examples(tokenizer, examples, config.max_length)
+        device = torch.device(config.train.device)
+        metrics["eval_models"] = held_out_scores(directory, teacher_model, held_out, device, config.teacher)
+        scores = ("perplexity", "tokens", "kl_to_teacher", "agreement")  # of the exported student; not its timing
+        metrics["eval"] = {k: v for k, v in metrics["eval_models"]["student"].items() if k in scores}
     metrics["seconds"] = time.perf_counter() - started
-    (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    _write_report(config, metrics, output, directory)
     return metrics
+
+
+def _write_report(config: LMJobConfig, metrics: dict[str, Any], output: Path, directory: Path) -> None:
+    """metrics.json, report.md and report.html, config.yaml, and the student's model card."""
+    rendered = report(metrics)
+    reports.write(rendered, output, metrics)
+    (output / "config.yaml").write_text(dump(config))
+    write_cards([directory], rendered, dump(config), metrics, base_model=config.student_spec().model)
+
+
+def _description(config: LMJobConfig, data: Any) -> str:
+    held_out = f"; held out: {config.eval_data}" if config.eval_data is not None else ""
+    return f"{config.student_spec().model} trained on {config.data} ({len(data):,} examples){held_out}."
+
+
+def _taught_by(config: LMJobConfig) -> str:
+    if config.teacher is not None:
+        return f"the live teacher {config.teacher}"
+    return f"the cache {config.cache}" if config.cache is not None else "nothing (fine-tuned alone)"
 
 
 def _save_student(
