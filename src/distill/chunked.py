@@ -45,9 +45,11 @@ def chunked_token_loss(
         loss = sum_i w_i D(p_i || q_i) / max(sum_i w_i, 1)       (the plain mean over N when weights is None)
 
     where D is any divergence of LOSSES at temperature T (forward KL, reverse KL, the generalised JSD_beta of GKD,
-    Agarwal et al. 2024, TVD), so the value equals LOSSES[divergence](z_s, teacher, mask=weights, ...) on the full
-    logits. The teacher is dense hidden states + head (raw logits, so `teacher_temperature` must stay 1), or dense
-    (N, V) log-probs at `teacher_temperature`, or sparse top-K (N, K) log-probs at T with their `token_ids`.
+    Agarwal et al. 2024, TVD, ULD of Boizard et al. 2024), so the value equals LOSSES[divergence](z_s, teacher,
+    mask=weights, ...) on the full logits. The teacher is dense hidden states + head (raw logits, so
+    `teacher_temperature` must stay 1), or dense (N, V) log-probs at `teacher_temperature`, or sparse top-K (N, K)
+    log-probs at T with their `token_ids`. For "uld" the teacher may have another vocabulary: a head (V_t, H_t), or
+    (N, K) log-probs of any width without ids.
 
     The positions are taken `chunk_size` at a time: the chunk's student logits and teacher distribution are formed,
     its term of the loss is computed by LOSSES, and its gradient with respect to `student_hidden`, `student_head`
@@ -99,15 +101,16 @@ def chunked_kd_and_ce(
     if teacher_hidden is not None and teacher_temperature != 1.0:
         raise ValueError("teacher_temperature describes given teacher_logprobs; a teacher head yields raw logits")
     n, vocab = _check_chunked_shapes(student_hidden, student_head, student_bias, weights, "student")
-    _check_teacher_shapes(n, vocab, teacher_hidden, teacher_head, teacher_bias, teacher_logprobs, token_ids)
+    teacher_vocab = None if divergence == "uld" else vocab  # ULD compares sorted distributions: any teacher width
+    _check_teacher_shapes(n, teacher_vocab, teacher_hidden, teacher_head, teacher_bias, teacher_logprobs, token_ids)
 
     def teacher_chunk(rows: slice) -> tuple[Tensor, Tensor | None]:
         """The teacher's log-probs for a chunk of positions (and its top-K ids when sparse)."""
         if teacher_logprobs is not None:
             return teacher_logprobs[rows], None if token_ids is None else token_ids[rows]
         assert teacher_hidden is not None and teacher_head is not None
-        logits = F.linear(teacher_hidden[rows], teacher_head, teacher_bias).float()  # (C, V)
-        return F.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1), None  # (C, V) at T
+        logits = F.linear(teacher_hidden[rows], teacher_head, teacher_bias).float()  # (C, V_t), V_t = V but for uld
+        return F.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1), None  # (C, V_t) at T
 
     options = {
         "temperature": temperature,
@@ -125,7 +128,7 @@ def chunked_kd_and_ce(
 
 def _check_teacher_shapes(
     n: int,
-    vocab: int,
+    vocab: int | None,
     teacher_hidden: Tensor | None,
     teacher_head: Tensor | None,
     teacher_bias: Tensor | None,
@@ -133,16 +136,18 @@ def _check_teacher_shapes(
     token_ids: Tensor | None,
 ) -> None:
     """The teacher, as hidden states (N, H) + head (V, H) or as log-probs (N, V) / top-K (N, K), fits the student's
-    N positions and V classes."""
+    N positions and V classes (any number of classes when `vocab` is None: the teacher of `uld`)."""
     if teacher_hidden is not None and teacher_head is not None:
-        if (teacher_hidden.shape[0], teacher_head.shape[0]) != (n, vocab):
+        classes = teacher_head.shape[0] if vocab is None else vocab
+        if (teacher_hidden.shape[0], teacher_head.shape[0]) != (n, classes):
+            student = f"{n} positions" + ("" if vocab is None else f" and {vocab} classes")
             raise ShapeMismatchError(
-                f"student has {n} positions and {vocab} classes, teacher has {teacher_hidden.shape[0]} positions "
+                f"student has {student}, teacher has {teacher_hidden.shape[0]} positions "
                 f"and {teacher_head.shape[0]} classes"
             )
         _check_chunked_shapes(teacher_hidden, teacher_head, teacher_bias, None, "teacher")
     elif teacher_logprobs is not None:
-        expected = (n, vocab) if token_ids is None else (n, teacher_logprobs.shape[-1])
+        expected = (n, vocab) if token_ids is None and vocab is not None else (n, teacher_logprobs.shape[-1])
         if tuple(teacher_logprobs.shape) != expected:
             raise ShapeMismatchError(
                 f"teacher log-probs have shape {tuple(teacher_logprobs.shape)} but the student has {n} positions "

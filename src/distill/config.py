@@ -25,7 +25,7 @@ from pydantic import (
 from distill.errors import DistillError
 from distill.sources import hub_id
 
-Divergence = Literal["forward_kl", "reverse_kl", "jsd", "tvd"]
+Divergence = Literal["forward_kl", "reverse_kl", "jsd", "tvd", "uld"]
 Precision = Literal["fp32", "bf16", "fp16"]
 Tracker = Literal["tensorboard", "mlflow", "wandb"]
 

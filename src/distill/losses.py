@@ -9,7 +9,12 @@ A teacher is given either
 * **sparse**: its top-K log-probabilities and their class ids, shapes (N, K) and (N, K). The student's log-probs
   are gathered at those ids and one *tail bucket* holds the remaining mass on both sides, so both distributions
   live on K + 1 buckets and every divergence below applies unchanged. With K == V the tail is empty and the sparse
-  loss equals the dense one.
+  loss equals the dense one. An id of -1 marks an *empty* entry (padding, e.g. a teacher token with no counterpart
+  in the student's vocabulary): its bucket is LOG_FLOOR on both sides and both tails hold the mass outside the
+  valid ids, so the loss equals that of the same row without the entry.
+
+`uld` (Boizard et al. 2024) is the exception: it compares the two distributions' sorted probabilities, so its
+teacher may have any number K of entries (another vocabulary) and the ids play no part.
 
 Every divergence returns the mean over the rows selected by `mask` (all rows when `mask` is None). Log-probabilities
 are floored at LOG_FLOOR (e^-100, about 4e-44) so that a zero-probability bucket contributes zero instead of NaN.
@@ -66,7 +71,8 @@ def sparse_pair(
 
     The teacher's top-K log-probs must already be at temperature T (a cache records the temperature it was built at;
     the tail's shape at another temperature is unknown). The student's tail is the exact log-sum-exp of its
-    log-probs outside the K ids, so no probability mass is invented on either side.
+    log-probs outside the K ids, so no probability mass is invented on either side. An id of -1 is an empty entry:
+    LOG_FLOOR on both sides, left out of both tails' complements, so it changes nothing.
     """
     if teacher_logprobs.shape != token_ids.shape:
         raise ShapeMismatchError(
@@ -77,23 +83,41 @@ def sparse_pair(
             f"student outputs {tuple(student_logits.shape)} but teacher top-k ids are {tuple(token_ids.shape)}"
         )
     vocab = student_logits.shape[-1]
-    ids = token_ids.long()
-    if ids.numel() and (int(ids.max()) >= vocab or int(ids.min()) < 0):
-        raise ShapeMismatchError(f"teacher token id {int(ids.max())} is outside the student's {vocab} classes")
+    ids = token_ids.long()  # (N, K)
+    _check_ids(ids, vocab)
+    empty = ids < 0  # (N, K), the -1 entries
     student_all = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (N, V)
-    student_top = student_all.gather(-1, ids)  # (N, K)
-    chosen = torch.zeros_like(student_all, dtype=torch.bool).scatter_(-1, ids, True)  # (N, V)
-    # A finite fill keeps the gradient finite when every class is chosen (K == V).
-    student_tail = torch.logsumexp(student_all.masked_fill(chosen, torch.finfo(student_all.dtype).min), dim=-1)  # (N,)
+    student_top = student_all.gather(-1, ids.clamp_min(0)).masked_fill(empty, LOG_FLOOR)  # (N, K)
+    student_tail = _tail_logsumexp(student_all, ids.masked_fill(empty, vocab))  # (N,)
 
-    teacher_top = teacher_logprobs.float()  # (N, K)
-    tail_mass = 1.0 - teacher_top.exp().sum(-1)  # (N,)
+    teacher_top = teacher_logprobs.float().masked_fill(empty, LOG_FLOOR)  # (N, K)
+    tail_mass = 1.0 - teacher_top.exp().masked_fill(empty, 0.0).sum(-1)  # (N,)
     tail_mass = torch.where(tail_mass > TAIL_EPS, tail_mass, torch.zeros_like(tail_mass))
     teacher_tail = torch.log(tail_mass)  # (N,), -inf when empty
 
     student = torch.cat([student_top, student_tail.unsqueeze(-1)], dim=-1)  # (N, K+1)
     teacher = torch.cat([teacher_top, teacher_tail.unsqueeze(-1)], dim=-1)  # (N, K+1)
     return student, teacher
+
+
+def _check_ids(ids: Tensor, vocab: int) -> None:
+    """Every id is a class of the student's `vocab`, or -1 for an empty entry."""
+    if not ids.numel():
+        return
+    if int(ids.max()) >= vocab:
+        raise ShapeMismatchError(f"teacher token id {int(ids.max())} is outside the student's {vocab} classes")
+    if int(ids.min()) < -1:
+        raise ShapeMismatchError(f"teacher token id {int(ids.min())} is invalid (-1 marks an empty entry)")
+
+
+def _tail_logsumexp(student_all: Tensor, slots: Tensor) -> Tensor:
+    """log of the student's mass outside the classes in `slots` (N, K), where the value V (one past the last class)
+    marks an empty entry: the chosen mask is scattered into V + 1 columns and the extra one dropped. (N, V) -> (N,)"""
+    vocab = student_all.shape[-1]
+    chosen = student_all.new_zeros((*student_all.shape[:-1], vocab + 1), dtype=torch.bool)  # (N, V+1)
+    chosen = chosen.scatter_(-1, slots, True)[..., :vocab]  # (N, V)
+    # A finite fill keeps the gradient finite when every class is chosen (K == V).
+    return torch.logsumexp(student_all.masked_fill(chosen, torch.finfo(student_all.dtype).min), dim=-1)  # (N,)
 
 
 def buckets(
@@ -159,6 +183,24 @@ def tvd_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
     """Total variation distance, 0.5 * sum_i |p_i - q_i|, per row (Wen et al. 2023, "f-Divergence Minimization for
     Sequence-Level Knowledge Distillation")."""
     return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+
+
+def uld_rows(p_sorted: Tensor, log_q: Tensor) -> Tensor:
+    """The Universal Logit Distillation distance of Boizard et al. 2024 per row, between the teacher's probabilities
+    sorted in decreasing order p_sorted (N, K) and the student's log-probs log_q (N, V), K and V free:
+
+        ULD(p, q) = sum_r |q_(r) - p_(r)|     over ranks r, the shorter vector padded with zeros
+                  = sum_{r <= k} |q_(r) - p_(r)| + sum_{r > k} q_(r) + sum_{r > k} p_(r),    k = min(K, V)
+
+    with sum_{r > k} q_(r) = 1 - sum_{r <= k} q_(r), so only the student's top k is needed, not a full sort.
+    (N, K), (N, V) -> (N,)
+    """
+    k = min(p_sorted.shape[-1], log_q.shape[-1])
+    q_top = log_q.topk(k, dim=-1).values.exp()  # (N, k), decreasing
+    ranked = (q_top - p_sorted[..., :k]).abs().sum(-1)  # (N,)
+    if k < log_q.shape[-1]:  # K < V: the teacher has no ranks beyond k, the student's hold 1 - sum of its top k
+        return ranked + (1.0 - q_top.sum(-1))
+    return ranked + p_sorted[..., k:].sum(-1)  # K >= V: the student has none beyond k (exactly, not by rounding)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -232,6 +274,54 @@ def tvd(
     return _mean(tvd_rows(teacher, student), mask)
 
 
+def uld(
+    student_logits: Tensor,
+    teacher_logprobs: Tensor,
+    *,
+    token_ids: Tensor | None = None,
+    temperature: float = 1.0,
+    teacher_temperature: float = 1.0,
+    mask: Tensor | None = None,
+    beta: float = 0.5,
+) -> Tensor:
+    """The Universal Logit Distillation loss of Boizard et al. 2024 ("Towards Cross-Tokenizer Distillation: the
+    Universal Logit Distillation Loss for LLMs", arXiv 2402.12030): the Wasserstein-1 distance between teacher and
+    student distributions over *different* vocabularies, which under the paper's uniform transport cost is
+
+        ULD(p, q) = sum_r |q_(r) - p_(r)|,     q = softmax(z_s / T) (N, V), p the teacher's (N, K) at T
+
+    over the ranks r of each one's probabilities sorted in decreasing order, the shorter vector padded with zeros
+    (`uld_rows`). The teacher is its K most likely tokens' log-probs (any K, any order; beyond K it counts as zero)
+    or its full distribution. Given at another `teacher_temperature`, they are rescaled to T and renormalised,
+    which is exact only for a full distribution: a truncated top-K must be given at T. `token_ids` play no part
+    (a sparse cache's top-K works as it is; -1 entries have LOG_FLOOR log-probs, zero mass). `beta` is ignored.
+    """
+    if student_logits.shape[:-1] != teacher_logprobs.shape[:-1]:
+        raise ShapeMismatchError(
+            f"student outputs {tuple(student_logits.shape)} but teacher outputs {tuple(teacher_logprobs.shape)}"
+        )
+    if token_ids is not None and token_ids.shape != teacher_logprobs.shape:
+        raise ShapeMismatchError(
+            f"teacher top-k log-probs {tuple(teacher_logprobs.shape)} and ids {tuple(token_ids.shape)} differ"
+        )
+    student = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (N, V)
+    teacher = _uld_teacher(teacher_logprobs, temperature, teacher_temperature)  # (N, K)
+    return _mean(uld_rows(teacher, student), mask)
+
+
+def _uld_teacher(teacher_logprobs: Tensor, temperature: float, teacher_temperature: float) -> Tensor:
+    """The teacher's probabilities at T sorted in decreasing order. (N, K) -> (N, K)"""
+    teacher = teacher_logprobs.float()  # (N, K)
+    if not math.isclose(teacher_temperature, temperature, rel_tol=1e-6):
+        if teacher.numel() and float(teacher.exp().sum(-1).min()) < 1.0 - 1e-3:
+            raise ShapeMismatchError(
+                f"the teacher's log-probs at temperature {teacher_temperature} cover only part of its mass, so they "
+                f"cannot be rescaled to the loss temperature {temperature}; give its top-K at {temperature}"
+            )
+        teacher = F.log_softmax(teacher * (teacher_temperature / temperature), dim=-1)  # (N, K) at T
+    return teacher.exp().sort(dim=-1, descending=True).values  # (N, K)
+
+
 Divergence = Callable[..., Tensor]
 
 LOSSES: dict[str, Divergence] = {
@@ -239,6 +329,7 @@ LOSSES: dict[str, Divergence] = {
     "reverse_kl": reverse_kl,
     "jsd": jsd,
     "tvd": tvd,
+    "uld": uld,
 }
 
 
