@@ -197,11 +197,14 @@ def lm_scores(
     teacher: nn.Module | None = None,
     batch_size: int = 32,
     device: torch.device | None = None,
+    byte_lengths: Tensor | None = None,
 ) -> dict[str, float]:
     """Over the scored tokens of `data`: perplexity = exp(mean CE); with a teacher, the mean KL(teacher || model)
-    and the share of tokens where both rank the same token first. Batches go to `device` (where the models are)."""
+    and the share of tokens where both rank the same token first; with `byte_lengths` (V,) (each token's length in
+    bytes of text, 0 for a special token), bits per byte = sum CE / ln 2 / bytes predicted, which compares models
+    of different tokenizers. Batches go to `device` (where the models are)."""
     model.eval()
-    totals = {"ce": 0.0, "kl": 0.0, "agree": 0.0, "tokens": 0.0}
+    totals = {"ce": 0.0, "kl": 0.0, "agree": 0.0, "tokens": 0.0, "bytes": 0.0}
     for index in torch.arange(len(data)).split(batch_size):
         batch = data.batch(index) if device is None else to_device(data.batch(index), device)
         mask = batch["kd_mask"]  # (B, T)
@@ -209,14 +212,20 @@ def lm_scores(
         labels = batch["labels"][mask]  # (N,)
         totals["ce"] += float(F.cross_entropy(logits, labels, reduction="sum"))
         totals["tokens"] += float(mask.sum())
+        if byte_lengths is not None:
+            totals["bytes"] += float(byte_lengths.to(labels.device)[labels].sum())
         if teacher is not None:
             teacher.eval()
-            teacher_logits = teacher(**batch["inputs"]).logits.float()[mask]  # (N, V)
-            log_p, log_q = F.log_softmax(teacher_logits, -1), F.log_softmax(logits, -1)
+            teacher_logits = teacher(**batch["inputs"]).logits.float()[mask]  # (N, V_t)
+            common = min(teacher_logits.shape[-1], logits.shape[-1])  # tables padded to other sizes: the shared rows
+            teacher_logits, ours = teacher_logits[:, :common], logits[:, :common]  # (N, V)
+            log_p, log_q = F.log_softmax(teacher_logits, -1), F.log_softmax(ours, -1)
             totals["kl"] += float((log_p.exp() * (log_p - log_q)).sum())
-            totals["agree"] += float((teacher_logits.argmax(-1) == logits.argmax(-1)).sum())
+            totals["agree"] += float((teacher_logits.argmax(-1) == ours.argmax(-1)).sum())
     n = max(totals["tokens"], 1.0)
     scores = {"perplexity": math.exp(totals["ce"] / n), "tokens": int(totals["tokens"])}
+    if byte_lengths is not None:
+        scores["bits_per_byte"] = totals["ce"] / math.log(2) / max(totals["bytes"], 1.0)
     if teacher is not None:
         scores.update(kl_to_teacher=totals["kl"] / n, agreement=totals["agree"] / n)
     return scores

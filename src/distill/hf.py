@@ -159,8 +159,9 @@ def build_lm_cache(
     weights in `precision`, and store its top-k log-probs (`distill cache build`).
 
     The cache records the teacher's name and revision (with its precision when not fp32), the tokenizer's
-    fingerprint and the data's, so a student with another tokenizer or other data is refused when it reads the
-    cache, and a build resumed in another precision does not mix its shards with the first one's."""
+    fingerprint and the data's, so a build resumed in another precision does not mix its shards with the first
+    one's and a student reading it is checked against them; the teacher's tokenizer is saved in `tokenizer/`, so a
+    student of another tokenizer can be aligned with it (`distill.teachers.cross`)."""
     import hashlib
     import json
 
@@ -181,10 +182,12 @@ def build_lm_cache(
             digest.update(f"{path.name}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode())
         revision = "local-" + digest.hexdigest()[:16]
     revision += "" if precision == "fp32" else f"+{precision}"
-    return build_token_cache(
+    summary = build_token_cache(
         causal_lm_logits(model), [s.numpy() for s in dataset.sequences], directory,
         scored=[dataset.scored(i).numpy() for i in range(len(dataset))], top_k=top_k, temperature=temperature,
         teacher_name=str(teacher), teacher_revision=revision, tokenizer_hash=tokenizer_fingerprint(tokenizer),
         vocab_size=int(model.config.vocab_size), data_id=dataset.fingerprint(), batch_size=batch_size,
         reporter=reporter or NULL,
     )  # fmt: skip
+    tokenizer.save_pretrained(Path(directory) / "tokenizer")  # a student of another tokenizer aligns with it
+    return summary

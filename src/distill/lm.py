@@ -70,7 +70,7 @@ def lm_terms(
     if output.logprobs is None:
         raise DistillError("the teacher gives no log-probs for token-level distillation")
     width = output.logprobs.shape[-1]
-    if output.token_ids is None and width != weight.shape[0]:
+    if output.token_ids is None and width != weight.shape[0] and loss.divergence != "uld":
         raise ShapeMismatchError(
             f"the teacher's vocabulary has {width} tokens but the student's {weight.shape[0]}; logits cannot be "
             "compared token by token: distill through generated text instead (distill generate)"
@@ -141,7 +141,7 @@ def student_samples(
         n = int(lengths[b])
         sequences.append(ids[b, :n].tolist() + new)
         prompt_lengths.append(n)
-    return _sampled_batch(sequences, prompt_lengths, pad_id, ids.device) | {"index": batch["index"]}
+    return _sampled_batch(sequences, prompt_lengths, pad_id, ids.device) | {"index": batch["index"], "sampled": True}
 
 
 def _left_padded_prompts(ids: Tensor, lengths: Tensor, pad_id: int) -> tuple[Tensor, Tensor]:

@@ -6,7 +6,6 @@ saved student is the merged model, its adapter beside it."""
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -16,7 +15,7 @@ from pydantic import Field
 
 from distill import hf
 from distill import report as reports
-from distill.config import Length, LoraSpec, LossConfig, Strict, TrainConfig, dump
+from distill.config import Length, LoraSpec, LossConfig, Strict, TopK, TrainConfig, dump
 from distill.distributed import rank
 from distill.errors import DistillError
 from distill.lm_data import read_examples, tokenize_examples
@@ -25,10 +24,9 @@ from distill.lora import ADAPTER, parameter_counts, save_lora_student, trained_m
 from distill.model_card import write_cards
 from distill.models import count_parameters
 from distill.stages import RunContext, write_record
-from distill.teachers.local import LocalTeacher
-from distill.teachers.token_cache import TokenCache
 from distill.train import CHECKPOINT, TrainResult, train
-from distill.train_lm_report import held_out_scores, report
+from distill.train_lm_report import byte_lengths, held_out_scores, report
+from distill.train_lm_teacher import lm_teacher
 
 STUDENT_RECORD = "student.json"  # beside the checkpoint: the student it was written for
 Split = Annotated[str, Field(max_length=100, pattern=r"^[\w.-]+$")]
@@ -64,29 +62,13 @@ class LMJobConfig(Strict):
         default_factory=lambda: TrainConfig(epochs=1, batch_size=8, lr=5e-5, schedule="cosine", checkpoint_every=200)
     )
 
+    teacher_top_k: TopK = Field(
+        64, description="a teacher with another tokenizer: its k likeliest next tokens carried to the student's"
+    )
+
     def student_spec(self) -> LMStudent:
         """The student as a mapping, whichever form the config gave."""
         return LMStudent(model=self.student) if isinstance(self.student, str) else self.student
-
-
-def _teacher(config: LMJobConfig, tokenizer: Any, data_id: str, store: Path | None) -> tuple[Any, Any]:
-    """(what teaches: a live teacher or the cache, or None; the live teacher's model, for the held-out KL)."""
-    if config.teacher is not None and config.cache is not None:
-        raise DistillError("give either a live teacher or a cache, not both")
-    if config.teacher is not None:
-        hf.check_same_vocabulary(hf.load_tokenizer(config.teacher, store), tokenizer)
-        precision = config.train.teacher_precision or config.train.precision  # loaded in it: never whole in fp32
-        model: Any = hf.load_causal_lm(config.teacher, store, None if precision == "fp32" else precision)
-        return LocalTeacher(model, int(model.config.vocab_size)), model
-    if config.cache is None:
-        return None, None
-    cache = TokenCache(config.cache, expect={"tokenizer_hash": hf.tokenizer_fingerprint(tokenizer), "data_id": data_id})
-    if not math.isclose(cache.temperature, config.loss.temperature):
-        raise DistillError(
-            f"the cache was built at temperature {cache.temperature} but loss.temperature is "
-            f"{config.loss.temperature}; set them equal (the tail of a top-k cache cannot be re-tempered)"
-        )
-    return cache, None
 
 
 def run_train_lm(config: LMJobConfig, context: RunContext) -> dict[str, Any]:
@@ -96,15 +78,15 @@ def run_train_lm(config: LMJobConfig, context: RunContext) -> dict[str, Any]:
     output, store, spec = context.output, context.store, config.student_spec()
     output.mkdir(parents=True, exist_ok=True)
     tokenizer = hf.load_tokenizer(spec.model, store)
-    data = tokenize_examples(tokenizer, read_examples(config.data, tokenizer, split=config.data_split),
-                             config.max_length)  # fmt: skip
-    source, teacher_model = _teacher(config, tokenizer, data.fingerprint(), store)
+    examples = read_examples(config.data, tokenizer, split=config.data_split)
+    data = tokenize_examples(tokenizer, examples, config.max_length)
     _check_same_student(output / "checkpoints", spec, context.resume)
     student: Any = hf.load_causal_lm(spec.model, store)
+    taught = lm_teacher(config, tokenizer, examples, data, student.get_output_embeddings().weight.shape[0], store)
     lora_model = with_lora(student, spec.lora, seed=config.train.seed) if spec.lora is not None else None
     if lora_model is not None:
         student = trained_model(lora_model)  # the model itself, its adapters injected
-    result = train(student, data, config.train, teacher=source, loss=config.loss,
+    result = train(student, data, config.train, teacher=taught.source, loss=config.loss,
                    checkpoint_dir=output / "checkpoints", resume=context.resume, reporter=context.reporter,
                    name="student")  # fmt: skip
     if rank() != 0:  # one process writes; under FSDP `state_dict` holds the gathered weights
@@ -115,13 +97,25 @@ def run_train_lm(config: LMJobConfig, context: RunContext) -> dict[str, Any]:
                                "taught_by": _taught_by(config), "loss": config.loss.model_dump(),
                                "train": config.train.model_dump(mode="json")}  # fmt: skip
     metrics.update(_save_student(result, lora_model, spec, directory, tokenizer, store))
+    metrics.update(taught.metrics())
     metrics["size_bytes"] = weights_bytes(directory)
     if config.eval_data is not None:
         examples = read_examples(config.eval_data, tokenizer, split=config.eval_split)
         held_out = tokenize_examples(tokenizer, examples, config.max_length)
         device = torch.device(config.train.device)
-        metrics["eval_models"] = held_out_scores(directory, teacher_model, held_out, device, config.teacher)
-        scores = ("perplexity", "tokens", "kl_to_teacher", "agreement")  # of the exported student; not its timing
+        teacher_held_out = None
+        if taught.teacher_data is not None and taught.model is not None:  # another tokenizer: its own tokens
+            teacher_held_out = tokenize_examples(taught.tokenizer, examples, config.max_length)
+        lengths = (byte_lengths(tokenizer), None if taught.tokenizer is None else byte_lengths(taught.tokenizer))
+        metrics["eval_models"] = held_out_scores(directory, taught.model, held_out, device, config.teacher,
+                                                 teacher_data=teacher_held_out, byte_lengths=lengths)  # fmt: skip
+        scores = (
+            "perplexity",
+            "bits_per_byte",
+            "tokens",
+            "kl_to_teacher",
+            "agreement",
+        )  # of the exported student; not its timing
         metrics["eval"] = {k: v for k, v in metrics["eval_models"]["student"].items() if k in scores}
     metrics["seconds"] = time.perf_counter() - started
     _write_report(config, metrics, output, directory)
