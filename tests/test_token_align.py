@@ -20,6 +20,7 @@ from distill.token_align import (  # noqa: E402
     carry_top_k,
     coverage,
     decode_pieces,
+    prefix_map,
     text_bytes,
     token_bytes,
     vocab_map,
@@ -368,3 +369,30 @@ def test_carry_top_k_maps_and_floors():
     assert past.tolist() == [[-1, 0]]
     with pytest.raises(ValueError, match="expected"):
         carry_top_k(torch.zeros(2, 3), torch.zeros(2, 4, dtype=torch.long), table)
+
+
+def test_prefix_map_sends_a_word_the_student_lacks_to_its_longest_student_prefix(toks):
+    teacher, student = toks["bpe_a"], toks["sp"]
+    exact, prefix = vocab_map(teacher, student).student_ids.tolist(), prefix_map(teacher, student)
+    t_table, s_table = token_bytes(teacher), token_bytes(student)
+    ids = prefix.student_ids.tolist()
+    assert prefix.mapped == sum(j >= 0 for j in ids) > sum(j >= 0 for j in exact)
+    for i, j in enumerate(ids):
+        if exact[i] >= 0:
+            assert j == exact[i]  # a twin stays the twin
+        elif j >= 0:  # else the longest student token the teacher token's bytes start with
+            piece, found = t_table[i], s_table[j]
+            assert piece is not None and found is not None and piece.startswith(found)
+            longer = [s for s in s_table if s and piece.startswith(s) and len(s) > len(found)]
+            assert not longer, (piece, found, longer)
+    assert len(set(j for j in ids if j >= 0)) < prefix.mapped  # many teacher tokens to one student token
+
+
+def test_carry_top_k_sums_entries_carried_to_one_student_token():
+    table = torch.tensor([3, 3, 1, -1])  # (V_t,): teacher 0 and 1 both start with student token 3
+    logprobs = torch.log(torch.tensor([[0.5, 0.2, 0.1, 0.05], [0.4, 0.3, 0.2, 0.1]]))  # (N, K)
+    ids = torch.tensor([[0, 1, 2, 3], [2, 3, 1, -1]])  # (N, K)
+    out_logprobs, out_ids = carry_top_k(logprobs, ids, table)
+    assert out_ids.tolist() == [[3, -1, 1, -1], [1, -1, 3, -1]]
+    torch.testing.assert_close(out_logprobs[out_ids >= 0].exp(), torch.tensor([0.7, 0.1, 0.4, 0.2]))
+    assert bool((out_logprobs[out_ids < 0] == LOG_FLOOR).all())

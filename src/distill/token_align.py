@@ -234,7 +234,47 @@ def carry_top_k(teacher_logprobs: Tensor, teacher_ids: Tensor, student_ids: Tens
     carried = table[teacher_ids.clamp(0, max(table.numel() - 1, 0))]  # (N, K)
     carried = torch.where(inside, carried, torch.full_like(carried, -1))  # (N, K)
     logprobs = torch.where(carried >= 0, teacher_logprobs, torch.full_like(teacher_logprobs, LOG_FLOOR))  # (N, K)
-    return logprobs, carried
+    return _merge_duplicates(logprobs, carried)
+
+
+def _merge_duplicates(logprobs: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
+    """Entries of a row (N, K) carried to the same student id (a many-to-one map) summed into the first of them,
+    the others emptied (id -1, LOG_FLOOR); rows without duplicates come back unchanged."""
+    rows, k = ids.shape
+    width = (int(ids.max()) if ids.numel() else 0) + 2  # keys: row * width + id + 1, distinct per (row, id)
+    keys = torch.arange(rows, device=ids.device)[:, None] * width + ids + 1  # (N, K)
+    unique, inverse = torch.unique(keys.flatten(), return_inverse=True)  # (U,), (N*K,)
+    if len(unique) == keys.numel():
+        return logprobs, ids
+    order = torch.arange(keys.numel(), device=ids.device)  # (N*K,)
+    first = torch.full((len(unique),), keys.numel(), device=ids.device).scatter_reduce_(0, inverse, order, "amin")
+    total = torch.zeros(len(unique), device=ids.device).scatter_add_(0, inverse, logprobs.flatten().float().exp())
+    keep = (first[inverse] == order) & (ids.flatten() >= 0)  # (N*K,)
+    merged = torch.where(keep, total[inverse].clamp_min(1e-45).log(), torch.full_like(total[inverse], LOG_FLOOR))
+    kept_ids = torch.where(keep, ids.flatten(), torch.full_like(ids.flatten(), -1))
+    return merged.clamp_min(LOG_FLOOR).view(rows, k).to(logprobs.dtype), kept_ids.view(rows, k)
+
+
+def prefix_map(teacher_tokenizer: PreTrainedTokenizerFast, student_tokenizer: PreTrainedTokenizerFast) -> VocabMap:
+    """`vocab_map`, with each teacher token that has no twin sent to the student token of its longest byte prefix
+    (the student's first token where it spells those bytes; many teacher tokens to one student token), so the
+    mass the teacher gives a word the student spells in pieces goes to the piece the student would start it with,
+    not to the tail. Teacher tokens with no student prefix at all stay unmapped."""
+    exact = vocab_map(teacher_tokenizer, student_tokenizer)
+    teacher_pieces, student_pieces = token_bytes(teacher_tokenizer), token_bytes(student_tokenizer)
+    student_of = _preferred_ids(student_tokenizer, student_pieces)
+    longest = max((len(piece) for piece in student_of), default=0)
+    out = exact.student_ids.tolist()
+    for i, piece in enumerate(teacher_pieces):
+        if out[i] >= 0 or not piece:
+            continue
+        for length in range(min(len(piece), longest), 0, -1):
+            j = student_of.get(piece[:length])
+            if j is not None:
+                out[i] = j
+                break
+    return VocabMap(torch.tensor(out, dtype=torch.long), sum(j >= 0 for j in out), exact.teacher_size,
+                    exact.student_size)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------
