@@ -95,6 +95,11 @@ def test_a_cache_of_the_teachers_tokenizer_teaches_another_student_as_the_live_t
     assert output.token_ids is not None and int(output.token_ids.max()) < len(student_tok)
     covered = output.token_ids[output.mask]  # (P, K): carried ids, -1 where the teacher's token has no twin
     assert bool((covered >= 0).any()) and bool((covered == -1).any())
+    prefix = CrossTokenizerTeacher(cache, teacher_tok, student_tok, vocabulary="prefix", **common)(batch)
+    assert prefix.token_ids is not None and torch.equal(prefix.mask, output.mask)
+    exact = from_cache(batch)  # the mass the student's tokens get: the prefix map adds the words it lacks
+    mass = [o.logprobs[o.mask].exp().masked_fill(o.token_ids[o.mask] < 0, 0).sum(-1) for o in (exact, prefix)]
+    assert bool((mass[1] >= mass[0] - 1e-5).all()) and float(mass[1].mean()) > float(mass[0].mean())
     uld = CrossTokenizerTeacher(cache, teacher_tok, student_tok, uld=True, **common)(batch)
     assert uld.token_ids is None and uld.mask is not None
     values = uld.logprobs[uld.mask]  # (P, K): sorted, most likely first
@@ -201,3 +206,24 @@ def test_train_lm_with_a_padded_teacher_of_the_same_tokenizer(pair, tmp_path):
     assert trained.returncode == 0, trained.stderr
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert 0 < metrics["dropped_mass"] < 1e-6 and "Padded vocabularies" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_on_policy_training_re_tokenizes_the_students_samples_and_a_cache_is_refused(pair, tmp_path):
+    _, teacher, teacher_tok, _, student_tok = pair
+    from distill.config import TrainConfig
+    from distill.train import train
+
+    prompted = EXAMPLES[:8] * 2  # the student samples completions of prompts
+    teacher_data = tokenize_examples(teacher_tok, prompted, 48)
+    data = tokenize_examples(student_tok, prompted, 48)
+    common = {"teacher_data": teacher_data, "max_length": 48, "top_k": 8}
+    live = CrossTokenizerTeacher(LocalTeacher(teacher, len(teacher_tok)), teacher_tok, student_tok, **common)
+    loss = LossConfig(temperature=1.0, alpha=0.5, chunk_size=16, lmbda=1.0, max_new_tokens=8)
+    result = train(gpt2(student_tok, SIZE, 64, seed=7), data, TrainConfig(epochs=1, batch_size=8), teacher=live,
+                   loss=loss)  # fmt: skip
+    assert result.steps == 2 and all(h["kd"] > 0 for h in result.history) and live.positions > 0
+    cache = cache_of(teacher, teacher_data, teacher_tok, tmp_path / "cache", top_k=8)
+    stored = CrossTokenizerTeacher(cache, teacher_tok, student_tok, **common)
+    with pytest.raises(DistillError, match="needs a live teacher"):
+        train(gpt2(student_tok, SIZE, 64, seed=7), data, TrainConfig(epochs=1, batch_size=8), teacher=stored,
+              loss=loss)  # fmt: skip

@@ -168,7 +168,7 @@ def _sampled_batch(
     for b, sequence in enumerate(sequences):
         out_ids[b, : len(sequence)] = torch.tensor(sequence)
         out_attention[b, : len(sequence)] = 1
-        p = prompt_lengths[b]
+        p = max(prompt_lengths[b], 1)  # a row without a prompt token: its first token has nothing to follow
         labels[b, p - 1 : len(sequence) - 1] = torch.tensor(sequence[p:])
     return {
         "inputs": {"input_ids": out_ids.to(device), "attention_mask": out_attention.to(device)},

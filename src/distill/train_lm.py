@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field
@@ -64,6 +64,11 @@ class LMJobConfig(Strict):
 
     teacher_top_k: TopK = Field(
         64, description="a teacher with another tokenizer: its k likeliest next tokens carried to the student's"
+    )
+    teacher_map: Literal["exact", "prefix"] = Field(
+        "exact",
+        description="a teacher with another tokenizer: its tokens carried to student tokens of the same bytes, the "
+        "rest to the tail (exact), or the rest to the student token of their longest byte prefix (prefix)",
     )
 
     def student_spec(self) -> LMStudent:

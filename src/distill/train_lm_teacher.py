@@ -35,9 +35,12 @@ class Taught:
         """What the report says of the pairing: the alignment's coverage, or the mass of dropped padding rows."""
         if isinstance(self.source, CrossTokenizerTeacher):
             pairing = "the j-th completion token of both (ULD)" if self.source.uld else "aligned by bytes"
+            pairing += ", prefix map" if self.source.vocabulary == "prefix" and not self.source.uld else ""
             mapped = self.source.map.mapped / max(self.source.map.teacher_size, 1)
+            tokenizers = {"teacher_tokenizer": hf.tokenizer_fingerprint(self.source.teacher_tokenizer),
+                          "student_tokenizer": hf.tokenizer_fingerprint(self.source.student_tokenizer)}  # fmt: skip
             return {"alignment": {"coverage": self.source.coverage, "pairing": pairing, "vocab_mapped": mapped,
-                                  "top_k": self.source.top_k}}  # fmt: skip
+                                  "top_k": self.source.top_k, **tokenizers}}  # fmt: skip
         if isinstance(self.source, PaddedVocabTeacher):
             return {"dropped_mass": self.source.dropped_mass}
         return {}
@@ -83,7 +86,7 @@ def _for_student(config: Any, inner: Any, teacher_tokenizer: Any, tokenizer: Any
     try:
         cross = CrossTokenizerTeacher(inner, teacher_tokenizer, tokenizer, teacher_data=teacher_data,
                                       max_length=config.max_length, top_k=config.teacher_top_k,
-                                      uld=config.loss.divergence == "uld")  # fmt: skip
+                                      uld=config.loss.divergence == "uld", vocabulary=config.teacher_map)  # fmt: skip
     except DistillError as error:
         raise DistillError(
             f"teacher and student tokenizers differ and cannot be aligned by text ({error}); give the student the "

@@ -7,7 +7,9 @@
   row's completion tokens are aligned by byte offsets (`distill.token_align.align`), and at a student position
   whose next token starts where a teacher token starts (both models have read exactly the same bytes) the teacher's
   top-k next tokens are carried to the student's vocabulary through the exact map of equal byte strings; teacher
-  tokens without a student counterpart fall into the tail bucket of the sparse losses (ids -1). The other positions
+  tokens without a student counterpart fall into the tail bucket of the sparse losses (ids -1), or, with
+  `vocabulary="prefix"`, go to the student token of their longest byte prefix (`token_align.prefix_map`: the mass
+  of a word the student spells in pieces goes to the piece it starts with). The other positions
   weigh 0 in the divergence (the hard-label loss keeps them); the share aligned is counted (`coverage`).
   For the Universal Logit Distillation loss (`loss.divergence: uld`, Boizard et al. 2024) the pairing is the
   paper's instead: the j-th completion token of both, the teacher's top-k probabilities sorted.
@@ -29,7 +31,7 @@ from distill.errors import DistillError
 from distill.lm_data import Example, LMDataset, tokenize_examples
 from distill.losses import LOG_FLOOR
 from distill.teachers.protocol import Teacher, TeacherOutput
-from distill.token_align import align, carry_top_k, decode_pieces, token_bytes, vocab_map
+from distill.token_align import align, carry_top_k, decode_pieces, prefix_map, token_bytes, vocab_map
 
 PADDING_MASS = 1e-3  # the most probability a teacher may put on embedding rows the student does not have
 
@@ -41,6 +43,11 @@ class PaddedVocabTeacher:
     def __init__(self, inner: Teacher, vocab_size: int, tolerance: float = PADDING_MASS):
         self.inner, self.num_classes, self.tolerance = inner, vocab_size, tolerance
         self.dropped_mass = 0.0
+
+    @property
+    def model(self) -> Any:
+        """The live teacher's model (AttributeError for a cache, which cannot score the student's samples)."""
+        return self.inner.model  # type: ignore[attr-defined]
 
     def __call__(self, batch: dict[str, Any]) -> TeacherOutput:
         output = self.inner(batch)
@@ -84,18 +91,34 @@ class CrossTokenizerTeacher:
     docstring). `teacher_data` is the training data tokenized by the teacher, row for row with the student's."""
 
     def __init__(self, inner: Teacher, teacher_tokenizer: Any, student_tokenizer: Any, *, teacher_data: LMDataset,
-                 max_length: int, top_k: int, uld: bool = False):  # fmt: skip
-        self.inner, self.teacher_tokenizer, self.teacher_data = inner, teacher_tokenizer, teacher_data
-        self.max_length, self.top_k, self.uld = max_length, top_k, uld
-        self.map = vocab_map(teacher_tokenizer, student_tokenizer)
+                 max_length: int, top_k: int, uld: bool = False, vocabulary: str = "exact"):  # fmt: skip
+        self.inner, self.teacher_data = inner, teacher_data
+        self.teacher_tokenizer, self.student_tokenizer = teacher_tokenizer, student_tokenizer
+        self.max_length, self.top_k, self.uld, self.vocabulary = max_length, top_k, uld, vocabulary
+        self.map = (prefix_map if vocabulary == "prefix" else vocab_map)(teacher_tokenizer, student_tokenizer)
         self.num_classes = self.map.student_size
         self.teacher_pieces, self.student_pieces = token_bytes(teacher_tokenizer), token_bytes(student_tokenizer)
         self.aligned, self.positions = 0, 0
 
     @property
+    def model(self) -> Any:
+        """The live teacher's model (AttributeError for a cache, which cannot score the student's samples)."""
+        return self.inner.model  # type: ignore[attr-defined]
+
+    @property
     def coverage(self) -> float:
         """The share of scored student positions that had a teacher distribution so far."""
         return self.aligned / self.positions if self.positions else 0.0
+
+    def data_coverage(self, data: LMDataset, batch_size: int = 256) -> float:
+        """The share of `data`'s scored positions (the student's tokenization of `teacher_data`'s rows) that get a
+        teacher distribution, without running the teacher."""
+        paired, scored = 0, 0
+        for index in torch.arange(len(data)).split(batch_size):
+            batch = data.batch(index)
+            paired += len(self._pairs(batch, self._teacher_batch(batch)))
+            scored += int(batch["kd_mask"].sum())
+        return paired / scored if scored else 0.0
 
     def __call__(self, batch: dict[str, Any]) -> TeacherOutput:
         teacher_batch = self._teacher_batch(batch)
@@ -123,6 +146,8 @@ class CrossTokenizerTeacher:
         """The batch in the teacher's tokenization: its rows of `teacher_data`, or a sampled batch's text re-read."""
         if not batch.get("sampled", False):
             return self.teacher_data.batch(batch["index"].cpu())
+        if not hasattr(self.inner, "model"):
+            raise DistillError("a cache cannot score the student's own samples: on-policy needs a live teacher")
         ids, lengths = batch["inputs"]["input_ids"].cpu(), batch["inputs"]["attention_mask"].sum(-1).cpu()
         examples = []
         for row, n, p in zip(ids.tolist(), lengths.tolist(), batch["prompt_lengths"].tolist()):
