@@ -30,12 +30,44 @@ def train_tokenizer(texts: list[str], vocab_size: int, directory: Path) -> Any:
     return tokenizer
 
 
-def run_tokenizer(texts: list[str], vocab_size: int, folder: Path, resume: bool) -> Any:
-    """A run's BPE tokenizer in `folder`: loaded when a resumed run trained it already, else trained on `texts`."""
+def train_unigram_tokenizer(texts: list[str], vocab_size: int, directory: Path) -> Any:
+    """A SentencePiece-style tokenizer trained on `texts`, as Llama-2 and T5 have and GPT-2 does not: a unigram
+    model over pieces where "▁" stands for a space (Metaspace, one before every word), and byte fallback (a
+    character it has no piece for is spelled as <0xNN> byte tokens, never <unk>); saved in `directory`."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["</s>", "<pad>", "<unk>"]
+    unigram = Tokenizer(models.Unigram())
+    unigram.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size - 256, special_tokens=specials, unk_token="<unk>")
+    unigram.train_from_iterator(texts, trainer)
+    spec = json.loads(unigram.to_str())
+    known = {piece for piece, _ in spec["model"]["vocab"]}
+    spec["model"]["vocab"] += [[f"<0x{b:02X}>", -1e3] for b in range(256) if f"<0x{b:02X}>" not in known]
+    spec["model"]["byte_fallback"] = True
+    backend = Tokenizer.from_str(json.dumps(spec))
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="</s>", bos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+def run_tokenizer(texts: list[str], vocab_size: int, folder: Path, resume: bool, kind: str = "bpe") -> Any:
+    """A run's tokenizer in `folder` (`kind` bpe: byte-level BPE; unigram: SentencePiece-style): loaded when a
+    resumed run trained it already, else trained on `texts`."""
     if resume and (folder / "tokenizer.json").is_file():
         from transformers import PreTrainedTokenizerFast  # the folder holds the tokenizer alone (no model config)
 
         return PreTrainedTokenizerFast.from_pretrained(folder)
+    if kind == "unigram":
+        return train_unigram_tokenizer(texts, vocab_size, folder)
     return train_tokenizer(texts, vocab_size, folder)
 
 

@@ -79,6 +79,11 @@ def run(
     epochs: Optional[int] = typer.Option(None, help="Epochs of the distilled students."),
     teacher_epochs: Optional[int] = typer.Option(None, help="Epochs of each teacher (fine-tuning for sst2)."),
     seed: Optional[int] = typer.Option(None, help="Random seed of data order, initialisation and samples."),
+    student_tokenizer: Optional[str] = typer.Option(
+        None,
+        help="(lm) same (default), or other: the students get a tokenizer of their own (a SentencePiece-style "
+        "unigram) and learn from the teacher token by token, aligned by text; the report compares bits per byte.",
+    ),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file with any of these settings."),
     set_: list[str] = typer.Option([], "--set", help="Override a config key, e.g. --set loss.temperature=4."),
     output: Optional[Path] = typer.Option(
@@ -103,7 +108,7 @@ def run(
     flags = {"teachers": teachers, "ensemble": ensemble, "student_width": student_width, "teacher": teacher,
              "sample_size": sample_size, "data_dir": data_dir, "temperature": temperature, "alpha": alpha,
              "divergence": divergence, "transfer_size": transfer_size, "epochs": epochs,
-             "teacher_epochs": teacher_epochs, "seed": seed}  # fmt: skip
+             "teacher_epochs": teacher_epochs, "seed": seed, "student_tokenizer": student_tokenizer}  # fmt: skip
     overrides = [f"recipe={name}", *set_] + _flag_overrides(chosen, flags)
     run_config = cfg.load(chosen.config, config, overrides)
     given = getattr(run_config, "data_dir", None)

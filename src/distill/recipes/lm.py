@@ -65,6 +65,17 @@ class LMConfig(Strict):
     student_train: TrainConfig = Field(
         default_factory=lambda: TrainConfig(epochs=3, batch_size=32, lr=2e-3, schedule="cosine", warmup=0.05)
     )
+    student_tokenizer: Literal["same", "other"] = Field(
+        "same",
+        description="other: the students get their own tokenizer (a SentencePiece-style unigram of "
+        "student_vocab_size) and learn from the teacher through alignment by text (distill.teachers.cross)",
+    )
+    student_vocab_size: Vocab = Field(1024, description="the students' vocabulary when student_tokenizer is other")
+    student_sample_size: Rows = Field(
+        0,
+        description="(student_tokenizer other) the students learn from the first this many of the teacher's texts, "
+        "as a student is distilled on less data than its teacher saw; 0 = all",
+    )
     tasks: Rows = Field(
         200,
         description="held-out texts each task of lm-evaluation-harness gets (continuation choice, perplexity); 0 = no tasks",
@@ -110,14 +121,16 @@ def corpus(config: LMConfig, data_dir: Path | None) -> list[str]:
 
 
 def _fit(name: str, config: LMConfig, size: dict[str, int], tokenizer: Any, data: LMDataset, context: RunContext,
-         *, teacher: Any, train_config: TrainConfig, seed: int) -> tuple[nn.Module, dict[str, Any]]:  # fmt: skip
+         *, teacher: Any, train_config: TrainConfig, seed: int,
+         loss: LossConfig | None = None) -> tuple[nn.Module, dict[str, Any]]:  # fmt: skip
     """A fresh GPT-2 of `size` trained (or loaded when a resumed run finished it) into output/models/name, with
-    the tokenizer beside it."""
+    the tokenizer beside it; with `loss` (default the config's)."""
     from transformers import GPT2LMHeadModel
 
     def fit() -> tuple[nn.Module, dict[str, Any]]:
         result = train(gpt2(tokenizer, size, config.max_length, seed), data, train_config, teacher=teacher,
-                       loss=config.loss, checkpoint_dir=context.output / "checkpoints" / name, resume=context.resume,
+                       loss=loss or config.loss, checkpoint_dir=context.output / "checkpoints" / name,
+                       resume=context.resume,
                        reporter=context.reporter, name=name)  # fmt: skip
         return result.model, {"history": result.history, "seconds": result.seconds, "steps": result.steps}
 
@@ -208,6 +221,11 @@ def run(config: LMConfig, context: RunContext) -> dict[str, Any]:
     texts = corpus(config, config.data_dir or context.datasets)
     held_out_count = max(200, len(texts) // 20)
     train_texts, held_out_texts = texts[held_out_count:], texts[:held_out_count]
+    if config.student_tokenizer == "other":
+        from distill.recipes.lm_cross import run_other_tokenizer
+
+        context.reporter.end()
+        return run_other_tokenizer(config, context, train_texts, held_out_texts, fit=_fit, cache=_cache)
     tokenizer = run_tokenizer(train_texts, config.vocab_size, context.output / "tokenizer", context.resume)
     data = tokenize_examples(tokenizer, [Example("", t) for t in train_texts], config.max_length)
     held_out = tokenize_examples(tokenizer, [Example("", t) for t in held_out_texts], config.max_length)
@@ -239,6 +257,10 @@ def run(config: LMConfig, context: RunContext) -> dict[str, Any]:
 
 def report(metrics: dict[str, Any]) -> Report:
     """The LM report: held-out perplexity, KL and agreement of the teacher and the students, speed, the cache."""
+    if metrics.get("student_tokenizer") == "other":
+        from distill.recipes.lm_cross import report_other_tokenizer
+
+        return report_other_tokenizer(metrics)
     rows_in = metrics["models"]
     header = [
         "model",
@@ -310,6 +332,7 @@ RECIPE = Recipe(
         "temperature": "loss.temperature",
         "alpha": "loss.alpha",
         "divergence": "loss.divergence",
+        "student_tokenizer": "student_tokenizer",
     },
     needs_datasets=lambda config: config.corpus is None,
 )
