@@ -227,3 +227,39 @@ def test_on_policy_training_re_tokenizes_the_students_samples_and_a_cache_is_ref
     with pytest.raises(DistillError, match="needs a live teacher"):
         train(gpt2(student_tok, SIZE, 64, seed=7), data, TrainConfig(epochs=1, batch_size=8), teacher=stored,
               loss=loss)  # fmt: skip
+
+
+def test_the_lm_recipe_with_a_student_of_another_tokenizer(tmp_path):
+    import random
+
+    words = ["the", "a", "cat", "dog", "movie", "film", "plays", "runs", "is", "was", "good", "bad", "very", "café"]
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(5, 12))) for _ in range(400)]
+    (tmp_path / "corpus.txt").write_text("\n".join(lines) + "\n")
+    settings = [
+        "corpus=corpus.txt", "vocab_size=300", "student_vocab_size=300", "student_sample_size=100", "max_length=24",
+        "top_k=8", "teacher.layers=1", "teacher.width=32", "teacher.heads=2", "student.layers=1",
+        "student.width=16", "student.heads=2", "teacher_train.epochs=1", "student_train.epochs=1",
+    ]  # fmt: skip
+    args = ["run", "--recipe", "lm", "--student-tokenizer", "other", "--output", "out", "--json"]
+    result = distill_cli(*args, *[a for s in settings for a in ("--set", s)], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(result.stdout)
+    assert set(metrics["models"]) == {
+        "teacher",
+        "student-alone",
+        "student-seq-kd",
+        "student-uld",
+        "student-aligned",
+        "student-aligned-prefix",
+        "same-tokenizer-alone",
+        "same-tokenizer-distilled",
+    }
+    for name, row in metrics["models"].items():
+        assert row["bits_per_byte"] > 0 and row["step_seconds"] > 0, name
+    assert metrics["models"]["student-aligned"]["tokenizer"].startswith("unigram")
+    assert 0.2 < metrics["alignment"]["coverage"] < 1 and metrics["alignment"]["prefix_mapped"] > 0.9
+    assert "(100 for the students)" in metrics["description"]
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "bits per byte" in report and "student-aligned" in report
+    assert (tmp_path / "out" / "cache" / "tokenizer" / "tokenizer.json").is_file()
