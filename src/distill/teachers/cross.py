@@ -151,7 +151,8 @@ class CrossTokenizerTeacher:
         ids, lengths = batch["inputs"]["input_ids"].cpu(), batch["inputs"]["attention_mask"].sum(-1).cpu()
         examples = []
         for row, n, p in zip(ids.tolist(), lengths.tolist(), batch["prompt_lengths"].tolist()):
-            prompt, completion = ([self.student_pieces[t] for t in part] for part in (row[:p], row[p:n]))
+            pieces = [self.student_pieces[t] if t < len(self.student_pieces) else None for t in row[:n]]  # padding rows
+            prompt, completion = pieces[:p], pieces[p:]
             examples.append(Example(decode_pieces(prompt), decode_pieces(completion)))
         return tokenize_examples(self.teacher_tokenizer, examples, self.max_length).batch(torch.arange(len(examples)))
 
