@@ -57,35 +57,29 @@ def lm_teacher(config: Any, tokenizer: Any, examples: Sequence[Example], data: L
         precision = config.train.teacher_precision or config.train.precision  # loaded in it: never whole in fp32
         model: Any = hf.load_causal_lm(config.teacher, store, None if precision == "fp32" else precision)
         inner = LocalTeacher(model, int(model.config.vocab_size))
-        teacher_data = _in_teacher_tokens(config, teacher_tokenizer, tokenizer, examples, data)
-        return _for_student(config, inner, teacher_tokenizer, tokenizer, teacher_data, student_vocab, model)
+        same = hf.tokenizer_fingerprint(teacher_tokenizer) == hf.tokenizer_fingerprint(tokenizer)
+        teacher_data = data if same else tokenize_examples(teacher_tokenizer, examples, config.max_length)
+        return _for_student(config, inner, teacher_tokenizer, tokenizer, teacher_data, student_vocab, model, same)
     if config.cache is None:
         return Taught()
     teacher_tokenizer = cache_tokenizer(config.cache, tokenizer, store)
-    teacher_data = _in_teacher_tokens(config, teacher_tokenizer, tokenizer, examples, data)
-    cache = TokenCache(config.cache, expect={"tokenizer_hash": hf.tokenizer_fingerprint(teacher_tokenizer),
-                                             "data_id": teacher_data.fingerprint()})  # fmt: skip
+    teacher_hash = hf.tokenizer_fingerprint(teacher_tokenizer)
+    same = teacher_hash == hf.tokenizer_fingerprint(tokenizer)
+    teacher_data = data if same else tokenize_examples(teacher_tokenizer, examples, config.max_length)
+    cache = TokenCache(config.cache, expect={"tokenizer_hash": teacher_hash, "data_id": teacher_data.fingerprint()})
     if not math.isclose(cache.temperature, config.loss.temperature):
         raise DistillError(
             f"the cache was built at temperature {cache.temperature} but loss.temperature is "
             f"{config.loss.temperature}; set them equal (the tail of a top-k cache cannot be re-tempered)"
         )
-    return _for_student(config, cache, teacher_tokenizer, tokenizer, teacher_data, student_vocab, None)
-
-
-def _in_teacher_tokens(config: Any, teacher_tokenizer: Any, tokenizer: Any, examples: Sequence[Example],
-                       data: LMDataset) -> LMDataset:  # fmt: skip
-    """The training data as the teacher reads it: `data` itself when they share a tokenizer."""
-    if hf.tokenizer_fingerprint(teacher_tokenizer) == hf.tokenizer_fingerprint(tokenizer):
-        return data
-    return tokenize_examples(teacher_tokenizer, examples, config.max_length)
+    return _for_student(config, cache, teacher_tokenizer, tokenizer, teacher_data, student_vocab, None, same)
 
 
 def _for_student(config: Any, inner: Any, teacher_tokenizer: Any, tokenizer: Any, teacher_data: LMDataset,
-                 student_vocab: int, model: Any) -> Taught:  # fmt: skip
-    """`inner` as is (one vocabulary), cut to the student's rows (one tokenizer, padded tables), or aligned
+                 student_vocab: int, model: Any, same: bool) -> Taught:  # fmt: skip
+    """`inner` as is (one vocabulary), cut to the student's rows (`same` tokenizer, padded tables), or aligned
     (`teacher_data`: the training data in the teacher's tokens)."""
-    if hf.tokenizer_fingerprint(teacher_tokenizer) == hf.tokenizer_fingerprint(tokenizer):
+    if same:
         if inner.num_classes == student_vocab:
             return Taught(inner, model, teacher_tokenizer)
         return Taught(PaddedVocabTeacher(inner, student_vocab), model, teacher_tokenizer)
