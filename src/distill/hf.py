@@ -131,16 +131,6 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return digest.hexdigest()
 
 
-def check_same_vocabulary(teacher_tokenizer: Any, student_tokenizer: Any) -> None:
-    """Logit distillation compares distributions over the same vocabulary; refuse anything else."""
-    if tokenizer_fingerprint(teacher_tokenizer) != tokenizer_fingerprint(student_tokenizer):
-        raise DistillError(
-            f"teacher and student tokenizers differ ({len(teacher_tokenizer)} vs {len(student_tokenizer)} tokens, "
-            "or the same size with other ids): logits cannot be compared token by token; distill through "
-            "generated text instead (distill generate), or give the student the teacher's tokenizer"
-        )
-
-
 def build_lm_cache(
     teacher: str | Path,
     data: Path,
