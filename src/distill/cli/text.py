@@ -15,7 +15,7 @@ import os
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -121,26 +121,77 @@ def generate(
     price_input: Optional[float] = typer.Option(None, help=option_help(GEN, "price_input")),
     price_output: Optional[float] = typer.Option(None, help=option_help(GEN, "price_output")),
     limit: Optional[int] = typer.Option(None, help=option_help(GEN, "limit")),
+    estimate: bool = typer.Option(
+        False, "--estimate", help="Only estimate the run: send a few prompts, print its expected tokens, cost, time."
+    ),
+    estimate_prompts: Optional[int] = typer.Option(
+        None, help="Prompts the estimate sends, drawn at random (1 to 1000, default: 8)."
+    ),
+    max_cost: Optional[float] = typer.Option(
+        None, help="Stop before the output file's cost (all runs) would pass this amount; needs the prices."
+    ),
 ) -> None:
     """Ask a teacher behind an OpenAI-compatible API for answers and keep them as training data.
 
     Every answer is appended as soon as it arrives, under an id that hashes the prompt, model, sampling settings
     and sample index: a killed run, run again, asks only for what is missing. With --cot, follow with
     `distill traces` to keep only the traces whose final answer verifies. The options' defaults and bounds are
-    those of the service's generate jobs (`distill.config.GenerateOptions`).
+    those of the service's generate jobs (`distill.config.GenerateOptions`). --estimate writes no answers; with
+    --max-cost a run that reaches the budget stops cleanly (budget_reached in the summary), and a rerun with a larger
+    budget continues it.
     """
     from distill.generate.answers import generate_with, read_prompts
+    from distill.generate.budget import check_max_cost
+    from distill.generate.estimate import DEFAULT_SAMPLE_PROMPTS, check_sample_prompts, estimate_with
 
+    if max_cost is not None:
+        check_max_cost(max_cost, "--max-cost")
+    sample_prompts = check_sample_prompts(
+        DEFAULT_SAMPLE_PROMPTS if estimate_prompts is None else estimate_prompts, "--estimate-prompts"
+    )
     options = checked_options(GEN, given(
         n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop, seed=seed,
         top_logprobs=top_logprobs, cot=cot or None, template=template, endpoint=endpoint, concurrency=concurrency,
         timeout=timeout, max_retries=max_retries, price_input=price_input, price_output=price_output, limit=limit,
     ))  # fmt: skip
     records = read_prompts(prompts, limit=options.limit)
+    key = os.environ.get(api_key_env) or None
+    if estimate:
+        expected = estimate_with(options, records, base_url.rstrip("/"), model, key, output, sample_prompts, max_cost)
+        err.print(estimate_line(expected))
+        out.print_json(json.dumps(asdict(expected)))
+        return
     with RichReporter(err) as reporter:
-        summary = generate_with(options, records, base_url.rstrip("/"), model, os.environ.get(api_key_env) or None,
-                                output, reporter)  # fmt: skip
+        summary = generate_with(options, records, base_url.rstrip("/"), model, key, output, reporter, max_cost)
+    if summary.budget_reached:
+        err.print(
+            f"stopped at the cost limit: {summary.total_cost:.4f} spent of {max_cost:g} on {output}; "
+            f"{summary.not_asked} samples not asked (rerun with a larger --max-cost to continue)"
+        )
     out.print_json(json.dumps({**asdict(summary), "rate": summary.rate}, default=str))
+
+
+def estimate_line(expected: Any) -> str:
+    """One line that says what `distill generate --estimate` expects (a `distill.generate.estimate.Estimate`)."""
+    budget = ""
+    if expected.max_cost is not None:
+        budget = f", {'within' if expected.within_budget else 'OVER'} the budget of {expected.max_cost:g}"
+    return (
+        f"expected for {expected.samples:,} samples ({expected.requests:,} requests): {expected.tokens:,} tokens "
+        f"({expected.prompt_tokens:,} prompt, {expected.completion_tokens:,} completion), cost {expected.cost:.4f}"
+        f"{budget}, about {duration(expected.seconds)} at {expected.concurrency} requests in flight; still to ask: "
+        f"{expected.remaining_samples:,} samples, cost {expected.remaining_cost:.4f}, {duration(expected.remaining_seconds)}"
+        f" (measured on {expected.sampled_prompts} prompts, which cost {expected.sample_cost:.4f})"
+    )
+
+
+def duration(seconds: float) -> str:
+    """`1 h 02 min`, `3 min 05 s` or `12.3 s`."""
+    if seconds >= 3600:
+        return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
+    if seconds >= 60:
+        return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
+    return f"{seconds:.1f} s"
 
 
 @app.command()

@@ -16,79 +16,43 @@ One output row per sample:
      "gold"                                           when the prompt row had a reference answer
      "question"                                       the prompt before the template, when one was applied}
 
-Accepted prompt rows (JSONL, one object per line; or a .txt file with one prompt per line):
-
-    {"prompt": "...", "gold"?: ...}            sent as a user message (or as is to /completions)
-    {"question": "...", "answer": "..."}       GSM8K: the question is the prompt, the answer is kept as gold
-    {"messages": [{"role", "content"}, ...]}   a conversation; a last assistant message is dropped (the teacher
-                                               writes that turn)
+The prompts are read by `distill.generate.prompts` (re-exported here). With `max_cost` the run also keeps to a
+budget over the whole output file (`distill.generate.budget`): it stops before the request that would pass it,
+keeps what it wrote, and says so in its summary (`budget_reached`); a rerun with a larger budget continues.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, TypeVar
 
 from distill.config import GenerateOptions
-from distill.data import json_lines, read_text
 from distill.errors import DataError, DistillError
-from distill.generate.client import Completion, TeacherClient, TeacherClientError
+from distill.generate.budget import CostBudget, check_max_cost
+from distill.generate.client import Completion, Prices, TeacherClient, TeacherClientError, Usage
+from distill.generate.output import read_done, read_output, sample_row
+from distill.generate.prompts import PromptRecord, apply_template, parse_prompt, read_prompts
+from distill.generate.request import Endpoint, RequestParams, ask, sample_id
 from distill.progress import NULL, Cancelled, Reporter
 
-Endpoint = Literal["chat", "completions"]
+__all__ = ["Endpoint", "GenerateSummary", "PromptRecord", "RequestParams", "agenerate", "apply_template", "generate",
+           "generate_with", "parse_prompt", "read_done", "read_prompts", "sample_id"]  # fmt: skip
 
-
-@dataclass(frozen=True)
-class RequestParams:
-    """How the teacher samples. `top_logprobs`: None keeps no log-probs, 0 the sampled tokens', K > 0 also the top K.
-    With a `seed`, a request for samples i.. uses seed + i, so samples asked one per request differ."""
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_tokens: int | None = None
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    top_logprobs: int | None = None
-
-
-@dataclass(frozen=True)
-class PromptRecord:
-    """One prompt: a plain `prompt` or a conversation (`messages`), with the reference answer when known."""
-
-    prompt: str | None = None
-    messages: tuple[tuple[str, str], ...] | None = None
-    """(role, content) pairs."""
-    gold: str | None = None
-    question: str | None = None
-    """The prompt before a template rewrote it (set by `apply_template`)."""
-
-    @property
-    def text(self) -> str:
-        """The prompt, or the last user message of a conversation."""
-        if self.prompt is not None:
-            return self.prompt
-        return next((content for role, content in reversed(self.messages or ()) if role == "user"), "")
-
-    def with_text(self, text: str) -> PromptRecord:
-        """The same record with the prompt (or the last user message) replaced."""
-        if self.prompt is not None or not self.messages:
-            return replace(self, prompt=text)
-        messages = list(self.messages)
-        last = max(i for i, (role, _) in enumerate(messages) if role == "user")
-        messages[last] = ("user", text)
-        return replace(self, messages=tuple(messages))
+T = TypeVar("T")
 
 
 @dataclass
 class GenerateSummary:
     """What a `generate` run did: samples `written`, `skipped` (already in the file, or a repeated prompt),
-    `failed` (their request gave up; a rerun asks again), the teacher's usage and the time it took."""
+    `failed` (their request gave up; a rerun asks again), the teacher's usage and `cost` of this run, and the time
+    it took. `total_cost` is the cost of the whole output file so far (earlier runs' rows included), which is what
+    `max_cost` limits; `budget_reached` is True when the run stopped at that limit, leaving `not_asked` samples
+    for a rerun with a larger budget."""
 
     path: Path
     written: int = 0
@@ -100,6 +64,10 @@ class GenerateSummary:
     completion_tokens: int = 0
     cost: float = 0.0
     elapsed: float = 0.0
+    total_cost: float = 0.0
+    max_cost: float | None = None
+    budget_reached: bool = False
+    not_asked: int = 0
 
     @property
     def rate(self) -> float:
@@ -108,150 +76,14 @@ class GenerateSummary:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Prompts in
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def read_prompts(path: Path, limit: int | None = None) -> list[PromptRecord]:
-    """Prompt records from a JSONL file (see the module docstring) or a .txt file (one prompt per line)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"prompt file {path} does not exist")
-    records: list[PromptRecord] = []
-    if path.suffix.lower() == ".txt":
-        texts = [line.strip() for line in read_text(path).splitlines() if line.strip()]
-        records = [PromptRecord(prompt=text) for text in texts[:limit]]
-    elif limit is None or limit > 0:
-        for where, row in json_lines(path):  # stops at the limit: lines after it are not read
-            records.append(parse_prompt(row, where))
-            if limit is not None and len(records) >= limit:
-                break
-    if not records:
-        raise DataError(f"prompt file {path} has no prompts")
-    return records
-
-
-def parse_prompt(row: Any, where: str) -> PromptRecord:
-    """One JSONL object as a prompt record; a DataError naming the line for anything else."""
-    if not isinstance(row, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    gold = row.get("gold", row.get("answer"))
-    if gold is not None and not isinstance(gold, str | int | float):
-        raise DataError(f"{where}: the gold answer must be a string or a number")
-    gold = None if gold is None else str(gold)
-    for key in ("prompt", "question"):
-        if key in row:
-            if not isinstance(row[key], str) or not row[key]:
-                raise DataError(f"{where}: {key} must be a non-empty string")
-            return PromptRecord(prompt=row[key], gold=gold)
-    if "messages" in row:
-        messages = row["messages"]
-        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-            raise DataError(f"{where}: messages must be a list of {{role, content}} objects")
-        pairs = [(m.get("role"), m.get("content")) for m in messages]
-        if any(role not in ("system", "user", "assistant") or not isinstance(text, str) for role, text in pairs):
-            raise DataError(f"{where}: each message needs a role (system, user, assistant) and a string content")
-        if pairs and pairs[-1][0] == "assistant":
-            pairs = pairs[:-1]
-        if not pairs or pairs[-1][0] != "user":
-            raise DataError(f"{where}: the conversation must end with a user message for the teacher to answer")
-        return PromptRecord(messages=tuple((str(r), str(t)) for r, t in pairs), gold=gold)
-    keys = ", ".join(sorted(row)) or "none"
-    raise DataError(f"{where}: needs a prompt, question or messages key (has {keys})")
-
-
-def apply_template(template: str) -> Callable[[PromptRecord], PromptRecord]:
-    """A transform that puts each prompt into a template where `{question}` stands, e.g. "{question}\nThink step
-    by step and end with #### <answer>." Plain replacement: other braces in the template (\\boxed{}) stay as they are.
-    """
-    if "{question}" not in template:
-        raise DistillError(f"the prompt template {template!r} must contain '{{question}}' where the prompt goes")
-
-    def transform(record: PromptRecord) -> PromptRecord:
-        text = record.text
-        return replace(record.with_text(template.replace("{question}", text)), question=text)
-
-    return transform
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Ids and the output file
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def sample_id(record: PromptRecord, model: str, params: RequestParams, endpoint: Endpoint, index: int) -> str:
-    """The content hash that names one sample."""
-    key = {
-        "prompt": record.prompt,
-        "messages": None if record.messages is None else [list(m) for m in record.messages],
-        "model": model,
-        "endpoint": endpoint,
-        "params": asdict(params),
-        "sample": index,
-    }
-    return hashlib.sha256(json.dumps(key, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-
-
-def read_done(path: Path) -> set[str]:
-    """The ids already in an output file. A last line without its newline (cut off by a kill mid-write) is removed
-    from the file, so its sample is asked again; any other unreadable line is an error."""
-    done: set[str] = set()
-    if not path.exists():
-        return done
-    keep = size = 0
-    with path.open("rb") as handle:
-        for number, line in enumerate(handle, start=1):
-            size += len(line)
-            if not line.endswith(b"\n"):
-                break  # the last line, unfinished
-            keep = size
-            if not line.strip():
-                continue
-            try:
-                done.add(str(json.loads(line)["id"]))
-            except (ValueError, KeyError, TypeError, RecursionError):
-                raise DataError(f"line {number} of {path} is not a sample row; fix or remove the file") from None
-    if keep < size:
-        with path.open("r+b") as handle:
-            handle.truncate(keep)
-    return done
-
-
-def _row(record: PromptRecord, sample: str, index: int, completion: Completion, model: str) -> dict[str, Any]:
-    row: dict[str, Any] = {"id": sample}
-    if record.messages is not None:
-        row["messages"] = [{"role": role, "content": content} for role, content in record.messages]
-    else:
-        row["prompt"] = record.prompt
-    row.update(
-        completion=completion.text,
-        sample_index=index,
-        finish_reason=completion.finish_reason,
-        model=model,
-        usage={
-            "prompt_tokens": completion.prompt_tokens,
-            "completion_tokens": completion.completion_tokens,
-            "cost": completion.cost,
-        },
-    )
-    if completion.logprobs is not None:
-        row["top_logprobs"] = completion.logprobs.to_json()
-    if completion.reasoning is not None:
-        row["reasoning"] = completion.reasoning
-    if record.gold is not None:
-        row["gold"] = record.gold
-    if record.question is not None:
-        row["question"] = record.question
-    return row
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
-class _Job:
+class Job:
+    """One request still to make: samples `indices` of a prompt, to be written under `ids`."""
+
     record: PromptRecord
     indices: list[int]
     ids: list[str]
@@ -267,31 +99,30 @@ class _Run:
     summary: GenerateSummary
     max_failures: int
     started: float
+    budget: CostBudget | None = None
     failed_requests: int = 0
 
-    async def work(self, jobs: Iterator[_Job]) -> None:
+    async def work(self, jobs: Iterator[Job]) -> None:
         for job in jobs:
             if self.reporter.cancelled():
                 raise Cancelled("generation cancelled; rerun to resume")
-            await self.one(job)
+            if self.budget is None:
+                await self.one(job)
+                continue
+            reserved = await self.budget.reserve(len(job.indices))
+            if reserved is None:  # the budget is reached: this job and the rest stay for a rerun
+                self.summary.not_asked += len(job.indices) + sum(len(rest.indices) for rest in jobs)
+                return
+            completions: list[Completion] = []
+            try:
+                completions = await self.one(job)
+            finally:
+                await self.budget.release(reserved, len(completions), sum(c.cost for c in completions))
 
-    async def one(self, job: _Job) -> None:
-        p, model = self.params, self.client.model
-        seed = None if p.seed is None else p.seed + job.indices[0]
-        options: dict[str, Any] = {
-            "n": len(job.indices),
-            "temperature": p.temperature,
-            "top_p": p.top_p,
-            "max_tokens": p.max_tokens,
-            "stop": list(p.stop) or None,
-            "seed": seed,
-            "top_logprobs": p.top_logprobs,
-        }
+    async def one(self, job: Job) -> list[Completion]:
+        """Ask for a job's samples and write them; [] when its request gave up (left for a rerun)."""
         try:
-            if self.endpoint == "completions":
-                completions = await self.client.complete(job.record.text, **options)
-            else:
-                completions = await self.client.chat(_messages(job.record), **options)
+            completions = await ask(self.client, self.endpoint, job.record, self.params, job.indices)
         except TeacherClientError as error:
             if not error.retryable:
                 raise
@@ -303,9 +134,11 @@ class _Run:
                     f"{self.failed_requests} teacher requests failed for good, so generation stopped (rerun to resume "
                     f"once the teacher API is healthy); the last: {error}"
                 ) from error
-            return
+            return []
+        model = self.client.model
         for index, sample, completion in zip(job.indices, job.ids, completions):
-            self.handle.write(json.dumps(_row(job.record, sample, index, completion, model), ensure_ascii=False) + "\n")
+            row = sample_row(job.record, sample, index, completion, model)
+            self.handle.write(json.dumps(row, ensure_ascii=False) + "\n")
             self.handle.flush()
         self.summary.written += len(completions)
         usage = self.client.usage
@@ -316,12 +149,30 @@ class _Run:
             tokens=float(usage.prompt_tokens + usage.completion_tokens),
             cost=usage.cost,
         )
+        return completions
 
 
-def _messages(record: PromptRecord) -> list[dict[str, str]]:
-    if record.messages is not None:
-        return [{"role": role, "content": content} for role, content in record.messages]
-    return [{"role": "user", "content": record.prompt or ""}]
+def prepare(
+    prompts: Sequence[PromptRecord | str],
+    n: int,
+    endpoint: Endpoint,
+    template: str | None = None,
+    transform: Callable[[PromptRecord], PromptRecord] | None = None,
+) -> list[PromptRecord]:
+    """The prompt records as they will be sent: checked against `n` and the endpoint, the template applied (before
+    `transform`)."""
+    if n < 1:
+        raise DistillError(f"n must be at least 1, got {n}")
+    if endpoint not in ("chat", "completions"):
+        raise DistillError(f"endpoint must be 'chat' or 'completions', got {endpoint!r}")
+    records = [PromptRecord(prompt=p) if isinstance(p, str) else p for p in prompts]
+    if endpoint == "completions" and any(r.messages is not None for r in records):
+        raise DataError("conversations (messages) need the chat endpoint, not completions")
+    if template is not None:
+        records = [apply_template(template)(r) for r in records]
+    if transform is not None:
+        records = [transform(r) for r in records]
+    return records
 
 
 def plan(
@@ -332,9 +183,9 @@ def plan(
     endpoint: Endpoint,
     done: set[str],
     samples_per_request: int,
-) -> tuple[list[_Job], int]:
+) -> tuple[list[Job], int]:
     """The requests still to make and the number of samples skipped (done already or repeated)."""
-    jobs: list[_Job] = []
+    jobs: list[Job] = []
     skipped = 0
     seen = set(done)
     for record in prompts:
@@ -348,7 +199,7 @@ def plan(
                 missing.append((index, sample))
         for start in range(0, len(missing), samples_per_request):
             chunk = missing[start : start + samples_per_request]
-            jobs.append(_Job(record, [i for i, _ in chunk], [s for _, s in chunk]))
+            jobs.append(Job(record, [i for i, _ in chunk], [s for _, s in chunk]))
     return jobs, skipped
 
 
@@ -366,6 +217,7 @@ async def agenerate(
     samples_per_request: int | None = None,
     concurrency: int | None = None,
     max_failures: int = 10,
+    max_cost: float | None = None,
 ) -> GenerateSummary:
     """Ask `client` for `n` samples of every prompt and append them to `out_path` (see the module docstring).
 
@@ -375,49 +227,72 @@ async def agenerate(
     samples_per_request: samples asked per request (n by default; 1 for servers without n > 1)
     concurrency:         requests in flight (the client's limit by default)
     max_failures:        requests that may give up (their samples are left for a rerun) before the run stops
+    max_cost:            the most the whole output file may cost (earlier runs included), in the client's prices
+                         (see `distill.generate.budget`); it needs a price, or nothing would count against it
     """
-    if n < 1:
-        raise DistillError(f"n must be at least 1, got {n}")
-    if endpoint not in ("chat", "completions"):
-        raise DistillError(f"endpoint must be 'chat' or 'completions', got {endpoint!r}")
-    records = [PromptRecord(prompt=p) if isinstance(p, str) else p for p in prompts]
-    if endpoint == "completions" and any(r.messages is not None for r in records):
-        raise DataError("conversations (messages) need the chat endpoint, not completions")
-    if template is not None:
-        records = [apply_template(template)(r) for r in records]
-    if transform is not None:
-        records = [transform(r) for r in records]
+    records = prepare(prompts, n, endpoint, template, transform)
+    if max_cost is not None:
+        check_max_cost(max_cost)
+        if client.prices.input_per_million == 0 and client.prices.output_per_million == 0:
+            raise DistillError("a cost limit needs the teacher's prices (price_input / price_output): all are 0")
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    done = read_done(out_path)
+    done, earlier_cost = read_output(out_path)
     jobs, skipped = plan(records, client.model, n, params, endpoint, done, samples_per_request or n)
-    summary = GenerateSummary(out_path, skipped=skipped)
+    summary = GenerateSummary(out_path, skipped=skipped, total_cost=earlier_cost, max_cost=max_cost)
     if done:
         reporter.event("resume", rows_in_file=len(done), skipped=skipped)
     before, started = client.usage.snapshot(), time.monotonic()
+
+    def spent() -> float:
+        return earlier_cost + client.usage.since(before).cost
+
+    budget = None if max_cost is None else CostBudget(max_cost, spent, earlier_cost, len(done))
     reporter.stage("generate", total=sum(len(job.indices) for job in jobs))
     try:
         with out_path.open("a", encoding="utf-8") as handle:
-            run = _Run(client, params, endpoint, handle, reporter, summary, max_failures, started)
-            shared = iter(jobs)
-            workers = [asyncio.ensure_future(run.work(shared)) for _ in range(concurrency or client.concurrency)]
-            try:
-                await asyncio.gather(*workers)
-            finally:
-                for worker in workers:
-                    worker.cancel()
-                await asyncio.gather(*workers, return_exceptions=True)
+            run = _Run(client, params, endpoint, handle, reporter, summary, max_failures, started, budget)
+            await _work_all(run, jobs, concurrency or client.concurrency)
     finally:
-        used = client.usage.since(before)
-        summary.requests, summary.retries = used.requests, used.retries
-        summary.prompt_tokens, summary.completion_tokens, summary.cost = (
-            used.prompt_tokens,
-            used.completion_tokens,
-            used.cost,
-        )
-        summary.elapsed = time.monotonic() - started
+        _close(summary, client.usage.since(before), earlier_cost, started)
         reporter.end()
+    summary.budget_reached = budget is not None and budget.reached
+    if summary.budget_reached:
+        reporter.event("budget_reached", total_cost=summary.total_cost, not_asked=summary.not_asked)
     return summary
+
+
+async def _work_all(run: _Run, jobs: list[Job], concurrency: int) -> None:
+    """`concurrency` workers share the jobs; the first error stops them all."""
+    shared = iter(jobs)
+    workers = [asyncio.ensure_future(run.work(shared)) for _ in range(concurrency)]
+    try:
+        await asyncio.gather(*workers)
+    finally:
+        for worker in workers:
+            worker.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+
+
+def _close(summary: GenerateSummary, used: Usage, earlier_cost: float, started: float) -> None:
+    summary.requests, summary.retries = used.requests, used.retries
+    summary.prompt_tokens, summary.completion_tokens, summary.cost = (
+        used.prompt_tokens,
+        used.completion_tokens,
+        used.cost,
+    )
+    summary.total_cost = earlier_cost + used.cost
+    summary.elapsed = time.monotonic() - started
+
+
+def run_async(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """The coroutine `make()` in an event loop of its own, on uvloop (uvicorn[standard], extra `service`) when
+    installed: less client CPU per request."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(make())
+    return uvloop.run(make())
 
 
 def generate(
@@ -434,6 +309,7 @@ def generate(
     samples_per_request: int | None = None,
     concurrency: int | None = None,
     max_failures: int = 10,
+    max_cost: float | None = None,
 ) -> GenerateSummary:
     """`agenerate` in an event loop of its own (for synchronous callers such as the CLI); closes the client's
     connections at the end."""
@@ -441,27 +317,47 @@ def generate(
     async def run() -> GenerateSummary:
         try:
             return await agenerate(
-                prompts,
-                client,
-                out_path,
-                n,
-                params,
-                reporter,
-                template=template,
-                transform=transform,
-                endpoint=endpoint,
-                samples_per_request=samples_per_request,
-                concurrency=concurrency,
-                max_failures=max_failures,
-            )
+                prompts, client, out_path, n, params, reporter, template=template, transform=transform,
+                endpoint=endpoint, samples_per_request=samples_per_request, concurrency=concurrency,
+                max_failures=max_failures, max_cost=max_cost,
+            )  # fmt: skip
         finally:
             await client.aclose()
 
-    try:  # uvloop (uvicorn[standard], extra `service`) when installed: less client CPU per request
-        import uvloop
-    except ImportError:
-        return asyncio.run(run())
-    return uvloop.run(run())
+    return run_async(run)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# With the settings of `distill generate`
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def client_with(options: GenerateOptions, base_url: str, model: str, api_key: str | None) -> TeacherClient:
+    """The teacher's client as `options` set it (concurrency, timeout, retries, prices)."""
+    return TeacherClient(
+        base_url,
+        model,
+        api_key=api_key,
+        concurrency=options.concurrency,
+        timeout=options.timeout,
+        max_retries=options.max_retries,
+        prices=Prices(input_per_million=options.price_input, output_per_million=options.price_output),
+    )
+
+
+def params_with(options: GenerateOptions) -> RequestParams:
+    """The sampling parameters of `options`."""
+    return RequestParams(
+        temperature=options.temperature, top_p=options.top_p, max_tokens=options.max_tokens,
+        stop=tuple(options.stop), seed=options.seed, top_logprobs=options.top_logprobs,
+    )  # fmt: skip
+
+
+def template_with(options: GenerateOptions) -> str | None:
+    """The prompt template of `options`: its own, else `--cot`'s, else none."""
+    from distill.generate.cot import DEFAULT_COT_TEMPLATE
+
+    return options.template or (DEFAULT_COT_TEMPLATE if options.cot else None)
 
 
 def generate_with(
@@ -472,26 +368,13 @@ def generate_with(
     api_key: str | None,
     out_path: Path,
     reporter: Reporter = NULL,
+    max_cost: float | None = None,
 ) -> GenerateSummary:
     """`generate` with the settings of `distill generate` (its options, or a service's generate job): the client,
-    the sampling parameters and the prompt template (`--cot`'s unless a template is given) all from `options`."""
-    from distill.generate.client import Prices
-    from distill.generate.cot import DEFAULT_COT_TEMPLATE
-
-    client = TeacherClient(
-        base_url,
-        model,
-        api_key=api_key,
-        concurrency=options.concurrency,
-        timeout=options.timeout,
-        max_retries=options.max_retries,
-        prices=Prices(input_per_million=options.price_input, output_per_million=options.price_output),
-    )
-    params = RequestParams(
-        temperature=options.temperature, top_p=options.top_p, max_tokens=options.max_tokens,
-        stop=tuple(options.stop), seed=options.seed, top_logprobs=options.top_logprobs,
-    )  # fmt: skip
-    template = options.template or (DEFAULT_COT_TEMPLATE if options.cot else None)
+    the sampling parameters and the prompt template (`--cot`'s unless a template is given) all from `options`;
+    `max_cost` limits what the output file may cost."""
+    client = client_with(options, base_url, model, api_key)
     return generate(
-        prompts, client, out_path, options.n, params, reporter, template=template, endpoint=options.endpoint
-    )
+        prompts, client, out_path, options.n, params_with(options), reporter, template=template_with(options),
+        endpoint=options.endpoint, max_cost=max_cost,
+    )  # fmt: skip
