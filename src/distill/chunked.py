@@ -8,6 +8,7 @@ computed when, and keeps each chunk's gradients so that the chunk's logits can b
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,6 +17,13 @@ from torch import Tensor
 
 from distill.errors import ShapeMismatchError
 from distill.losses import LOSSES, hard_label_ce
+
+# The divergence runs on blocks of positions of at most this many (block, V) elements (16 MiB in float32): autograd's
+# handful of (block, V) intermediates then stay below glibc's largest mmap threshold (32 MiB), so their memory comes
+# back from the heap instead of fresh pages (each first touch a page fault), and they stay small beside the chunk's
+# one (C, V) buffer. On a CPU thread this makes the divergence's element-wise work 4-5x faster than on whole
+# (1024, 32000) chunks (benchmarks/lm_loss_memory.py).
+BLOCK_ELEMENTS = 1 << 22
 
 
 def chunked_token_loss(
@@ -51,12 +59,16 @@ def chunked_token_loss(
     log-probs at T with their `token_ids`. For "uld" the teacher may have another vocabulary: a head (V_t, H_t), or
     (N, K) log-probs of any width without ids.
 
-    The positions are taken `chunk_size` at a time: the chunk's student logits and teacher distribution are formed,
-    its term of the loss is computed by LOSSES, and its gradient with respect to `student_hidden`, `student_head`
-    and `student_bias` (those that require grad) is taken at once; the head and bias gradients are summed over
-    chunks. Backward only scales these stored gradients by the incoming gradient. The teacher never gets gradients.
-    Like LOSSES, the value has no T^2 factor (see `soft_target_term`). At N = 4096, V = 32000 the default chunk cuts the
-    peak memory of forward + backward by 73 % against the full logits (benchmarks/lm_loss_memory.py).
+    The positions are taken `chunk_size` at a time: the chunk's student logits (C, V) are formed by one product
+    into a buffer that every chunk reuses; then, a block of at most BLOCK_ELEMENTS (rows x V) at a time, the
+    teacher's distribution is formed (its head product too, for a teacher given as hidden states), the block's term
+    of the loss is computed by LOSSES with autograd on the block alone, and its logit gradient overwrites the block's
+    logits in the buffer. The chunk's gradients with respect to `student_hidden`, `student_head` and `student_bias`
+    (those that require grad) are then two products with the buffer; the head and bias gradients are summed over
+    chunks. So at any time one (C, V) buffer (two with `labels`) and a block's few (rows, V) tensors exist, never
+    the (N, V) logits; backward only scales the stored gradients by the incoming gradient. The teacher never gets
+    gradients. Like LOSSES, the value has no T^2 factor (see `soft_target_term`). The memory and speed against the
+    full logits are measured by benchmarks/lm_loss_memory.py.
 
     See `chunked_kd_and_ce` for the divergence and the hard-label cross-entropy from one pass over the chunks.
     """
@@ -193,44 +205,45 @@ class _ChunkedTokenLoss(torch.autograd.Function):
         chunk_size: int,
         labels: Tensor | None,  # (N,)
     ) -> tuple[Tensor, Tensor]:
-        wants_hidden, wants_head, wants_bias = ctx.needs_input_grad[:3]
-
-        def zeros() -> list[Tensor | None]:
-            return [
-                torch.zeros_like(student_hidden) if wants_hidden else None,  # (N, H)
-                torch.zeros_like(student_head) if wants_head else None,  # (V, H)
-                torch.zeros_like(student_bias) if wants_bias and student_bias is not None else None,  # (V,)
-            ]
-
-        grads_kd = zeros()
-        grads_ce: list[Tensor | None] = zeros() if labels is not None else [None, None, None]
+        wants = tuple(ctx.needs_input_grad[:3])
+        grads_kd = _Grads.zeros(student_hidden, student_head, student_bias, wants)
+        grads_ce = _Grads.zeros(student_hidden, student_head, student_bias, wants if labels is not None else ())
         # The head's products run in the dtype autocast gives a linear layer (bf16, fp16), cast once here; the
-        # losses and their sums in float32 (`_chunk_term`), the gradients summed in the inputs' dtypes.
+        # losses and their sums in float32 (`_block_terms`), the gradients summed in the inputs' dtypes.
         compute = _compute_dtype(student_hidden)
         student_hidden, student_head = student_hidden.to(compute), student_head.to(compute)  # (N, H), (V, H)
         student_bias = None if student_bias is None else student_bias.to(compute)  # (V,)
-        n = student_hidden.shape[0]
-        total = _mean_denominator(weights, n)
-        labeled = None if labels is None else (labels != -100)
-        total_labeled = None if labeled is None else _mean_denominator(labeled, n)
-        kd = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
-        ce = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
-        for start in range(0, n, chunk_size):
-            rows = slice(start, min(start + chunk_size, n))
-            # LOSSES gives the chunk's own (weighted) mean; times the chunk's share of the total weight it becomes
-            # the chunk's term of the full mean.
-            chunk_weights = None if weights is None else weights[rows]
-            share = _mean_denominator(chunk_weights, rows.stop - rows.start) / total
-            ce_share = None
-            if labeled is not None and total_labeled is not None:
-                ce_share = _mean_denominator(labeled[rows], rows.stop - rows.start) / total_labeled
-            chunk_kd, chunk_ce = _chunk_term(
-                student_hidden, student_head, student_bias, teacher_chunk, rows, chunk_weights, share, grads_kd,
-                divergence, options, None if labels is None else labels[rows], ce_share, grads_ce,
-            )  # fmt: skip
-            kd += chunk_kd
-            ce += chunk_ce
-        ctx.save_for_backward(*grads_kd, *grads_ce)
+        n, vocab, device = student_hidden.shape[0], student_head.shape[0], student_hidden.device
+        scale = _Scale(weights, labels, n)
+        kd = torch.zeros((), dtype=torch.float32, device=device)
+        ce = torch.zeros((), dtype=torch.float32, device=device)
+        wants_grad = any(wants)
+        # Two (C, V) buffers in the head's dtype, reused by every chunk: the student's logits, which the divergence's
+        # logit gradients overwrite block by block, and the cross-entropy's logit gradients.
+        rows_max = min(chunk_size, n)
+        logits_buffer = torch.empty((rows_max, vocab), dtype=compute, device=device)  # (C, V)
+        ce_buffer = torch.empty_like(logits_buffer) if labels is not None and wants_grad else None  # (C, V)
+        block = block_rows(chunk_size, vocab)
+        with torch.autocast(device.type, enabled=False):
+            for start in range(0, n, chunk_size):
+                rows = slice(start, min(start + chunk_size, n))
+                hidden = student_hidden[rows]  # (C, H)
+                logits = _head_product(hidden, student_head, student_bias, logits_buffer)  # (C, V)
+                grad_ce = None if ce_buffer is None else ce_buffer[: rows.stop - rows.start]  # (C, V)
+                for first in range(rows.start, rows.stop, block):
+                    sub = slice(first, min(first + block, rows.stop))
+                    local = slice(sub.start - rows.start, sub.stop - rows.start)
+                    block_kd, block_ce = _block_terms(
+                        logits[local], grad_ce, local, teacher_chunk, sub, scale, divergence, options,
+                        None if labels is None else labels[sub], wants_grad, (grads_kd.bias, grads_ce.bias),
+                    )  # fmt: skip
+                    kd += block_kd
+                    ce += block_ce
+                if wants_grad:  # `logits` now holds the divergence's logit gradients, `grad_ce` the cross-entropy's
+                    grads_kd.add_chunk(logits, hidden, student_head, rows)
+                    if grad_ce is not None:
+                        grads_ce.add_chunk(grad_ce, hidden, student_head, rows)
+        ctx.save_for_backward(*grads_kd.tensors(), *grads_ce.tensors())
         return kd, ce
 
     @staticmethod
@@ -246,67 +259,111 @@ class _ChunkedTokenLoss(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None)
 
 
-def _chunk_term(
-    student_hidden: Tensor,  # (N, H)
-    head: Tensor,  # (V, H)
-    bias: Tensor | None,  # (V,)
+def block_rows(chunk_size: int, vocab: int) -> int:
+    """Positions per block of the divergence: at most BLOCK_ELEMENTS (rows, V) elements, and at most a chunk."""
+    return max(1, min(chunk_size, BLOCK_ELEMENTS // max(vocab, 1)))
+
+
+@dataclass
+class _Grads:
+    """One term's gradients with respect to the student's hidden states (N, H), head (V, H) and bias (V,), summed
+    over chunks in the inputs' dtypes; None where no gradient is wanted."""
+
+    hidden: Tensor | None
+    head: Tensor | None
+    bias: Tensor | None
+
+    @classmethod
+    def zeros(cls, hidden: Tensor, head: Tensor, bias: Tensor | None, wants: tuple[bool, ...]) -> _Grads:
+        wanted = [bool(w) for w in wants] + [False] * (3 - len(wants))
+        return cls(
+            torch.zeros_like(hidden) if wanted[0] else None,  # (N, H)
+            torch.zeros_like(head) if wanted[1] else None,  # (V, H)
+            torch.zeros_like(bias) if wanted[2] and bias is not None else None,  # (V,)
+        )
+
+    def tensors(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        return self.hidden, self.head, self.bias
+
+    def add_chunk(self, grad: Tensor, hidden: Tensor, head: Tensor, rows: slice) -> None:
+        """The chunk's gradients from those of its logits `grad` (C, V), in the head's compute dtype (that of
+        `hidden` (C, H) and `head` (V, H)), added to the sums. (The bias's are added block by block, in float32.)"""
+        if self.hidden is not None:
+            self.hidden[rows] = grad @ head  # (C, H)
+        if self.head is not None:
+            if self.head.dtype == grad.dtype:
+                self.head.addmm_(grad.t(), hidden)  # (V, H) += (V, C) @ (C, H)
+            else:
+                self.head += grad.t() @ hidden  # (V, H) in the compute dtype, summed in the head's (float32)
+
+
+class _Scale:
+    """What turns a block's own mean (LOSSES and `hard_label_ce` average over their rows) into its term of the mean
+    over all N positions: the block's share of the total weight (of the labeled positions, for the cross-entropy)."""
+
+    def __init__(self, weights: Tensor | None, labels: Tensor | None, n: int):
+        self.weights, self.n = weights, n
+        self.total = _mean_denominator(weights, n)
+        self.labeled = None if labels is None else labels != -100  # (N,)
+        self.total_labeled = None if self.labeled is None else _mean_denominator(self.labeled, n)
+
+    def kd(self, rows: slice) -> tuple[Tensor | None, Tensor | float]:
+        """The block's weights (C,) and its share of the divergence's total weight."""
+        weights = None if self.weights is None else self.weights[rows]
+        return weights, _mean_denominator(weights, rows.stop - rows.start) / self.total
+
+    def ce(self, rows: slice) -> Tensor | float:
+        """The block's share of the labeled positions."""
+        assert self.labeled is not None and self.total_labeled is not None
+        return _mean_denominator(self.labeled[rows], rows.stop - rows.start) / self.total_labeled
+
+
+def _head_product(hidden: Tensor, head: Tensor, bias: Tensor | None, buffer: Tensor) -> Tensor:
+    """hidden (C, H) @ head (V, H)^T + bias, written into the first C rows of `buffer` (C_max, V)."""
+    out = buffer[: hidden.shape[0]]  # (C, V)
+    if bias is None:
+        return torch.mm(hidden, head.t(), out=out)
+    return torch.addmm(bias, hidden, head.t(), out=out)
+
+
+def _block_terms(
+    logits: Tensor,  # (S, V), the block's rows of the chunk's logits buffer
+    grad_ce: Tensor | None,  # (C, V), the chunk's cross-entropy gradient buffer
+    local: slice,
     teacher_chunk: Callable[[slice], tuple[Tensor, Tensor | None]],
     rows: slice,
-    weights: Tensor | None,  # (C,)
-    share: Tensor | float,
-    grads: list[Tensor | None],
+    scale: _Scale,
     divergence: str,
     options: dict[str, float],
-    labels: Tensor | None = None,  # (C,)
-    ce_share: Tensor | float | None = None,
-    ce_grads: list[Tensor | None] | None = None,
+    labels: Tensor | None,  # (S,)
+    wants_grad: bool,
+    bias_grads: tuple[Tensor | None, Tensor | None],
 ) -> tuple[Tensor, Tensor]:
-    """The chunk `rows`'s terms of the divergence and of the cross-entropy; adds their gradients to `grads` and
-    `ce_grads` (hidden rows, head, bias). Its (C, V) tensors are freed on return, before the next chunk's."""
-    wants_grad = any(g is not None for g in grads)
-    hidden = student_hidden[rows]  # (C, H)
+    """The block `rows`'s terms of the divergence and of the cross-entropy, computed by LOSSES and `hard_label_ce`
+    with autograd on the block alone. Their gradients with respect to the block's logits replace `logits` and fill
+    `grad_ce[local]`; their sums over the block's rows are added to the bias gradients (kd, ce)."""
     with torch.no_grad():
-        teacher, token_ids = teacher_chunk(rows)  # (C, V), or (C, K) and (C, K)
-    device = hidden.device
-    zero = torch.zeros((), dtype=torch.float32, device=device)
-    with torch.autocast(device.type, enabled=False):
-        # float32 logits whatever the model's dtype: the log-softmax and the divergence never run in bf16 / fp16
-        student_logits = F.linear(hidden, head, bias).float()  # (C, V)
-        with torch.enable_grad():
-            student_logits.requires_grad_(wants_grad)
-            term = LOSSES[divergence](student_logits, teacher, token_ids=token_ids, mask=weights, **options) * share
-            with_ce = labels is not None and ce_share is not None
-            ce = (
-                hard_label_ce(student_logits, labels) * ce_share
-                if labels is not None and ce_share is not None
-                else zero
-            )
-            if not wants_grad:
-                return term.detach(), ce.detach()
-            (grad_logits,) = torch.autograd.grad(term, student_logits, retain_graph=with_ce)  # (C, V)
-            grad_ce = torch.autograd.grad(ce, student_logits)[0] if with_ce and ce.requires_grad else None  # (C, V)
-        _add_chunk_grads(grads, grad_logits, hidden, head, rows)
-        if grad_ce is not None and ce_grads is not None:
-            _add_chunk_grads(ce_grads, grad_ce, hidden, head, rows)
+        teacher, token_ids = teacher_chunk(rows)  # (S, V), or (S, K) and (S, K)
+    weights, share = scale.kd(rows)
+    # float32 logits whatever the model's dtype: the log-softmax and the divergence never run in bf16 / fp16
+    student_logits = logits.detach().float()  # (S, V), the buffer itself when it is float32
+    with torch.enable_grad():
+        student_logits.requires_grad_(wants_grad)
+        term = LOSSES[divergence](student_logits, teacher, token_ids=token_ids, mask=weights, **options) * share
+        ce = hard_label_ce(student_logits, labels) * scale.ce(rows) if labels is not None else term.new_zeros(())
+        if not wants_grad:
+            return term.detach(), ce.detach()
+        (grad_kd,) = torch.autograd.grad(term, student_logits, retain_graph=labels is not None)  # (S, V)
+        grad_labels = torch.autograd.grad(ce, student_logits)[0] if labels is not None else None  # (S, V)
+    logits.copy_(grad_kd)  # the logits are not needed any more: the buffer carries the gradient to the products
+    kd_bias, ce_bias = bias_grads
+    if kd_bias is not None:
+        kd_bias += grad_kd.sum(0)  # (V,)
+    if grad_labels is not None and grad_ce is not None:
+        grad_ce[local].copy_(grad_labels)
+        if ce_bias is not None:
+            ce_bias += grad_labels.sum(0)  # (V,)
     return term.detach(), ce.detach()
-
-
-def _add_chunk_grads(
-    grads: list[Tensor | None], grad_logits: Tensor, hidden: Tensor, head: Tensor, rows: slice
-) -> None:
-    """The chunk's gradients from those of its float32 logits (C, V): products in the head's compute dtype (that
-    of `hidden` (C, H) and `head` (V, H)), added to the sums kept in the inputs' dtypes."""
-    grad_hidden, grad_head, grad_bias = grads
-    grad = grad_logits.to(head.dtype)  # (C, V)
-    if grad_hidden is not None:
-        grad_hidden[rows] = grad @ head  # (C, H)
-    if grad_head is not None:
-        if grad_head.dtype == grad.dtype:
-            grad_head.addmm_(grad.t(), hidden)  # (V, H) += (V, C) @ (C, H)
-        else:
-            grad_head += grad.t() @ hidden  # (V, H) in the compute dtype, summed in the head's (float32)
-    if grad_bias is not None:
-        grad_bias += grad_logits.sum(0)  # (V,) float32
 
 
 def _compute_dtype(hidden: Tensor) -> torch.dtype:
