@@ -49,16 +49,24 @@ so one large request does not stall the others. Concurrent requests are batched 
 sends `data: {chunk}` server-sent events in OpenAI's chunk format and ends with `data: [DONE]`. A client that
 disconnects, streaming or not, cancels its generation: its rows stop at the next step of their batch.
 
+With a `CascadeSetup` the server is an LM cascade: the student answers when its confidence reaches a threshold
+(given, or chosen on a validation file), the teacher's OpenAI-compatible endpoint otherwise (`serve.cascade`).
+
 The package: `requests` (bodies, limits, errors), `prompts` (token ids and engine rows), `responses` (shapes),
-`streams` (watching the client, server-sent events), `app` (routes, `serve`, `serve_in_thread`).
+`streams` (watching the client, server-sent events), `app` (routes, `serve`, `serve_in_thread`); the cascade's
+`escalate` (the teacher's endpoint), `calibrate` (the threshold on a validation file), `cascade` (setup, decision,
+counts) and `cascade_answers` (its responses).
 """
 
 from distill.asgi import ServeLimits
 from distill.serve.app import check_device, create_app, serve, serve_in_thread
+from distill.serve.cascade import CascadeSetup
+from distill.serve.escalate import TeacherEndpoint
 from distill.serve.requests import APIError, ChatRequest, CompletionRequest, Message, chat_prompt, check_limits
 
 __all__ = [
     "APIError",
+    "CascadeSetup",
     "ChatRequest",
     "CompletionRequest",
     "Message",
@@ -69,4 +77,5 @@ __all__ = [
     "create_app",
     "serve",
     "serve_in_thread",
+    "TeacherEndpoint",
 ]

@@ -4,14 +4,13 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,27 +23,14 @@ from distill.compute import check_device
 from distill.engine import Engine
 from distill.errors import DistillError
 from distill.hf import load_causal_lm, load_tokenizer
+from distill.serve import cascade_answers
+from distill.serve.cascade import Cascade, CascadeSetup, build
 from distill.serve.prompts import encode_texts, read_prompts, sampling_rows
 from distill.serve.requests import APIError, ChatRequest, CompletionRequest, chat_prompt, check_limits
-from distill.serve.responses import Completions, chat_choice, usage
+from distill.serve.responses import CLIENT_GONE, Completions, FastJSON, chat_choice, usage
 from distill.serve.streams import chat_stream, completion_stream, generated
 
-CLIENT_GONE = 499  # the status of an answer nobody receives (the client left before it was ready)
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's legacy default for max_tokens
-
-
-class FastJSON(Response):
-    """A JSON response encoded by orjson where it is installed (a prompt's log-probs are thousands of numbers), else
-    by the standard library, compactly."""
-
-    media_type = "application/json"
-
-    def render(self, content: Any) -> bytes:
-        try:
-            import orjson
-        except ImportError:
-            return json.dumps(content, separators=(",", ":"), allow_nan=False).encode()
-        return bytes(orjson.dumps(content))
 
 
 def _api_error(_: Request, error: Exception) -> JSONResponse:
@@ -66,6 +52,7 @@ class _Model:
     engine: Engine
     batcher: Batcher
     limits: ServeLimits
+    cascade: Cascade | None = None
 
     def check(self, requested: str) -> None:
         if requested != self.name:
@@ -98,6 +85,8 @@ async def _chat(model: _Model, body: ChatRequest, request: Request) -> Response:
     top = (body.top_logprobs or 0) if body.logprobs else None
     rows = sampling_rows(engine, [prompt], body, max_tokens, model.limits.max_tokens, top)
     head = _head("chat", model.name)
+    if model.cascade is not None:
+        return await cascade_answers.chat(model.cascade, model.batcher, rows, body, head, top, len(prompt.ids), request)
     if body.stream:
         return chat_stream(model.batcher, rows, head, top, len(prompt.ids), body.include_usage())
     if not await generated(request, model.batcher, rows):
@@ -123,6 +112,8 @@ async def _complete(model: _Model, body: CompletionRequest, request: Request) ->
     ranked = body.prompt_logprobs is not None  # vLLM's prompt_logprobs show each token's rank
     rows = sampling_rows(engine, prompts, body, body.max_tokens, default, body.logprobs, body.prompt_top(), ranked)
     shape, head = Completions(body, prompts, engine.tokenizer, engine.token_text), _head("completion", model.name)
+    if model.cascade is not None:
+        return await cascade_answers.complete(model.cascade, model.batcher, rows, body, head, shape, request)
     if body.stream:
         return completion_stream(model.batcher, rows, head, shape, body.include_usage())
     if not await generated(request, model.batcher, rows):
@@ -162,16 +153,24 @@ def create_app(
     max_batch_size: int = 16,
     batch_wait_ms: float = 5.0,
     limits: ServeLimits = ServeLimits(),
+    cascade: CascadeSetup | None = None,
 ) -> FastAPI:
     """The FastAPI app serving the causal LM in `model_path` (save_pretrained layout, with its tokenizer), each
-    request held to `limits` (the body size by `asgi.RequestGuard`, the rest before tokenizing)."""
+    request held to `limits` (the body size by `asgi.RequestGuard`, the rest before tokenizing); with `cascade`, as
+    the student of an LM cascade (`serve.cascade`; its threshold is chosen here when the setup gives a validation
+    file instead)."""
     model = _served_model(model_path, model_name, device, max_batch_size, batch_wait_ms, limits)
+    if cascade is not None:
+        model = replace(model, cascade=build(cascade, model.engine))
     card = {"id": model.name, "object": "model", "created": int(time.time()), "owned_by": "distill"}
+    card |= {"kind": "cascade"} if cascade is not None else {}
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
         await model.batcher.close()
+        if model.cascade is not None:
+            await model.cascade.teacher.aclose()
 
     app = FastAPI(title=f"distill serve: {model.name}", lifespan=lifespan)
     app.add_exception_handler(APIError, _api_error)
@@ -187,6 +186,13 @@ def create_app(
     def get_model(model_id: str) -> dict[str, Any]:
         model.check(model_id)
         return card
+
+    @app.get("/v1/cascade")
+    def cascade_statistics() -> dict[str, Any]:
+        """The cascade's teacher, confidence measure, threshold, validation figures and live counts."""
+        if model.cascade is None:
+            raise APIError(404, "this server serves a model, not a cascade (start it with --teacher-url)", "not_found")
+        return model.cascade.public()
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatRequest, request: Request) -> Response:
@@ -224,6 +230,7 @@ def serve(
     batch_wait_ms: float = 5.0,
     limits: ServeLimits = ServeLimits(),
     log_level: str = "info",
+    cascade: CascadeSetup | None = None,
 ) -> None:
     """Serve the model in `model_path` over HTTP until interrupted (uvicorn, one process). The device and the address
     are checked before the model loads: a device this machine lacks, a port out of range or in use is a DistillError
@@ -235,7 +242,7 @@ def serve(
     try:
         app = create_app(
             model_path, model_name=model_name, device=device, max_batch_size=max_batch_size,
-            batch_wait_ms=batch_wait_ms, limits=limits,
+            batch_wait_ms=batch_wait_ms, limits=limits, cascade=cascade,
         )  # fmt: skip
         uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level)).run(sockets=[listener])
     finally:
@@ -253,6 +260,7 @@ def serve_in_thread(
     limits: ServeLimits = ServeLimits(),
     host: str = "127.0.0.1",
     start_timeout: float = 60.0,
+    cascade: CascadeSetup | None = None,
 ) -> Iterator[str]:
     """Serve the model in `model_path` from a background thread (uvicorn on a free port of `host`) and yield the
     base URL of its API, e.g. "http://127.0.0.1:40123/v1"; on exit the server finishes its requests and stops.
@@ -264,7 +272,7 @@ def serve_in_thread(
 
     app = create_app(
         model_path, model_name=model_name, device=device, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
-        limits=limits,
+        limits=limits, cascade=cascade,
     )  # fmt: skip
     listener = _listen(host, 0)  # port 0: the system picks a free one, held from here on (no race with others)
     port = int(listener.getsockname()[1])

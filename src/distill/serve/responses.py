@@ -16,9 +16,12 @@ size `distill cache from-generated` reads as the API's k.)
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from fastapi.responses import Response
 
 from distill.engine import PIECE_CONTEXT, Sequence, TokenLogprob, added_text
 from distill.scoring import PromptScores
@@ -26,6 +29,21 @@ from distill.serve.prompts import Prompt
 from distill.serve.requests import CompletionRequest
 
 Legacy = dict[str, list[Any]]
+CLIENT_GONE = 499  # the status of an answer nobody receives (the client left before it was ready)
+
+
+class FastJSON(Response):
+    """A JSON response encoded by orjson where it is installed (a prompt's log-probs are thousands of numbers), else
+    by the standard library, compactly."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        try:
+            import orjson
+        except ImportError:
+            return json.dumps(content, separators=(",", ":"), allow_nan=False).encode()
+        return bytes(orjson.dumps(content))
 
 
 def usage(rows: list[Sequence], prompt_tokens: int) -> dict[str, int]:

@@ -15,7 +15,6 @@ and, for escalated inputs (where both models ran), how often the student would h
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.exc import IntegrityError
 from torch import Tensor, nn
 
-from distill import models
+from distill import cascade_curve, models
 from distill.service import db
 from distill.service.errors import ServiceError, not_found
 from distill.service.refs import Resolver, job_output, model_folder
@@ -46,33 +45,19 @@ class Choice:
 
 
 def choose_threshold(confidence: Tensor, agree: Tensor, target: float) -> Choice:
-    """The lowest confidence threshold whose cascade agreement with the teacher is at least `target`.
+    """The lowest confidence threshold whose cascade agreement with the teacher is at least `target`
+    (`distill.cascade_curve.choose` with the teacher's answers as the reference).
 
     confidence: (N,) the student's top probability; agree: (N,) bool, student top-1 == teacher top-1."""
-    n = int(confidence.numel())
-    if n == 0:
+    if confidence.numel() == 0:
         raise ServiceError(422, "validation: no inputs to choose a threshold on", param="validation")
-    order = torch.argsort(confidence, descending=True)  # (N,)
-    conf_sorted = confidence[order].double()  # (N,)
-    agree_sorted = agree[order].double()  # (N,)
-    agreed = torch.cat([torch.zeros(1, dtype=torch.float64), agree_sorted.cumsum(0)])  # (N + 1,) over the top k
-    k = torch.arange(n + 1, dtype=torch.float64)  # rows the student answers
-    cascade = (agreed + (n - k)) / n  # (N + 1,) agreement when the k most confident rows stay with the student
-    boundary = torch.ones(n + 1, dtype=torch.bool)  # a threshold cannot split rows of equal confidence
-    boundary[1:n] = conf_sorted[:-1] != conf_sorted[1:]
-    feasible = torch.nonzero((cascade >= target - 1e-12) & boundary).flatten()
-    best = int(feasible.max())  # k = 0 (the teacher answers everything) is always feasible
-    if best > 0:
-        threshold = float(conf_sorted[best - 1])
-    else:  # just above the highest confidence, in the confidences' own precision (float32 compares as float32)
-        top = confidence.max()
-        threshold = float(torch.nextafter(top, torch.tensor(math.inf, dtype=top.dtype)))
+    chosen = cascade_curve.choose(confidence, agree, torch.ones_like(agree, dtype=torch.bool), target)
     return Choice(
-        threshold=threshold,
-        escalation_rate=(n - best) / n,
-        agreement=float(cascade[best]),
-        student_agreement=float(agree_sorted.mean()),
-        rows=n,
+        threshold=chosen.threshold,
+        escalation_rate=chosen.escalation_rate,
+        agreement=chosen.score,
+        student_agreement=chosen.student_score,
+        rows=chosen.rows,
     )
 
 
