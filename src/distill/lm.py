@@ -2,8 +2,9 @@
 
 Token-level distillation of a causal LM student (a Hugging Face model with an output embedding): the student's final
 hidden states at the scored positions (the batch's `kd_mask`) go through `distill.chunked.chunked_kd_and_ce` with
-its own output projection, so its (tokens x vocabulary) logits never exist in full; the teacher's distribution at
-those positions comes dense from a live teacher or sparse (top-k) from a log-prob cache.
+its own output projection, so its (tokens x vocabulary) logits never exist in full; a live causal LM teacher's
+distribution at those positions is formed the same way, chunk by chunk, from its final hidden states and head
+(`distill.teachers.lm_head`), and other teachers give it dense or sparse (top-k, a log-prob cache).
 
 On-policy distillation (GKD, Agarwal et al. 2024): for a fraction `lmbda` of the batches the completions are
 sampled from the student itself, given the batch's prompts, and scored by the (live) teacher; the loss is then the
@@ -25,6 +26,7 @@ from distill.distributed import is_fsdp, unwrap
 from distill.errors import DistillError, ShapeMismatchError
 from distill.losses import hinton_weights, soft_target_term
 from distill.teachers import Teacher, TeacherOutput
+from distill.teachers.lm_head import TeacherHead
 
 
 def is_causal_lm(model: nn.Module) -> bool:
@@ -66,31 +68,56 @@ def lm_terms(
         ce, _ = chunked_kd_and_ce(scored, weight, student_bias=bias, teacher_logprobs=one_hot,
                                   token_ids=labels[:, None], chunk_size=loss.chunk_size)  # fmt: skip
         return {"ce": ce}, {"ce": 1.0}
-    output: TeacherOutput = teacher(batch)
-    if output.logprobs is None:
-        raise DistillError("the teacher gives no log-probs for token-level distillation")
-    width = output.logprobs.shape[-1]
-    if output.token_ids is None and width != weight.shape[0] and loss.divergence != "uld":
-        raise ShapeMismatchError(
-            f"the teacher's vocabulary has {width} tokens but the student's {weight.shape[0]}; logits cannot be "
-            "compared token by token: distill through generated text instead (distill generate)"
-        )
-    teacher_logprobs = output.logprobs.reshape(-1, width)[mask.to(output.logprobs.device)].to(scored.device)
-    ids = output.token_ids
-    token_ids = None if ids is None else ids.reshape(-1, width)[mask.to(ids.device)].to(scored.device)
-    # Positions the teacher has no distribution for (a partial cache) weigh 0 in the divergence; `ce` keeps them.
-    covered = None if output.mask is None else output.mask.reshape(-1)[mask.to(output.mask.device)].to(scored.device)
+    given = _teacher_side(teacher, batch, mask, scored.device, weight.shape[0], loss.divergence)
     kd, ce = chunked_kd_and_ce(
-        scored, weight, student_bias=bias, teacher_logprobs=teacher_logprobs, token_ids=token_ids,
-        weights=None if covered is None else covered.float(),
-        divergence=loss.divergence, temperature=loss.temperature, teacher_temperature=output.temperature,
-        beta=loss.beta, chunk_size=loss.chunk_size, labels=None if on_policy else labels,
+        scored, weight, student_bias=bias, divergence=loss.divergence, temperature=loss.temperature, beta=loss.beta,
+        chunk_size=loss.chunk_size, labels=None if on_policy else labels, **given,
     )  # fmt: skip
     terms = {"kd": soft_target_term(kd, loss.temperature)}
     if on_policy:
         return terms, {"kd": 1.0}  # the divergence on the student's own samples, alone
     terms["ce"] = ce
     return terms, hinton_weights(loss.alpha, terms)
+
+
+def _teacher_side(
+    teacher: Teacher, batch: dict[str, Any], mask: Tensor, device: torch.device, vocab: int, divergence: str
+) -> dict[str, Any]:
+    """The teacher's arguments of `chunked_kd_and_ce` at the batch's scored positions `mask` (B*T,).
+
+    A live causal LM teacher (`LocalTeacher.final_hidden`) gives its final hidden states (N, H_t) and output
+    projection, so its log-probs are formed chunk by chunk inside the loss and never exist in full; any other
+    teacher (a cache, a teacher of another tokenizer, a model without a reachable head) gives its log-probs, dense
+    (N, V) or top-k (N, K) with their ids, and the positions it covers (a partial cache weighs the others 0 in the
+    divergence; `ce` keeps them)."""
+    get_head = getattr(teacher, "final_hidden", None)
+    head: TeacherHead | None = get_head(batch) if callable(get_head) else None
+    if head is not None:
+        _check_vocab(head.weight.shape[0], vocab, divergence)
+        hidden = head.hidden.reshape(-1, head.hidden.shape[-1])[mask.to(head.hidden.device)]  # (N, H_t)
+        bias = None if head.bias is None else head.bias.to(device)
+        return {"teacher_hidden": hidden.to(device), "teacher_head": head.weight.to(device), "teacher_bias": bias}
+    output: TeacherOutput = teacher(batch)
+    if output.logprobs is None:
+        raise DistillError("the teacher gives no log-probs for token-level distillation")
+    width = output.logprobs.shape[-1]
+    if output.token_ids is None:
+        _check_vocab(width, vocab, divergence)
+    teacher_logprobs = output.logprobs.reshape(-1, width)[mask.to(output.logprobs.device)].to(device)  # (N, V|K)
+    ids = output.token_ids
+    token_ids = None if ids is None else ids.reshape(-1, width)[mask.to(ids.device)].to(device)  # (N, K)
+    covered = None if output.mask is None else output.mask.reshape(-1)[mask.to(output.mask.device)].to(device)
+    return {"teacher_logprobs": teacher_logprobs, "token_ids": token_ids,
+            "weights": None if covered is None else covered.float(), "teacher_temperature": output.temperature}  # fmt: skip
+
+
+def _check_vocab(teacher_vocab: int, vocab: int, divergence: str) -> None:
+    """A dense teacher must predict the student's vocabulary (but for ULD, which compares sorted distributions)."""
+    if teacher_vocab != vocab and divergence != "uld":
+        raise ShapeMismatchError(
+            f"the teacher's vocabulary has {teacher_vocab} tokens but the student's {vocab}; logits cannot be "
+            "compared token by token: distill through generated text instead (distill generate)"
+        )
 
 
 def on_policy_step(seed: int, step: int, lmbda: float) -> bool:

@@ -16,7 +16,10 @@
 
 The teacher inside is a live model (`LocalTeacher`) or a token cache built with the teacher's tokenizer: it sees the
 batch in its own tokenization, the rows of `teacher_data` (the same examples tokenized by the teacher) or, for a
-batch the student sampled (on-policy), the student's text re-tokenized.
+batch the student sampled (on-policy), the student's text re-tokenized. A live causal LM gives its top-k at the
+paired positions only, formed chunk by chunk from its final hidden states (`LocalTeacher.top_k_at`), so its
+(tokens x vocabulary) log-probs never exist; a model without a reachable head gives its full log-probs. A padded
+table (`PaddedVocabTeacher`) keeps the full log-probs: the mass of the dropped rows is measured on them.
 """
 
 from __future__ import annotations
@@ -122,14 +125,16 @@ class CrossTokenizerTeacher:
 
     def __call__(self, batch: dict[str, Any]) -> TeacherOutput:
         teacher_batch = self._teacher_batch(batch)
-        output = self.inner(teacher_batch)
-        if output.logprobs is None:
-            raise DistillError("the teacher gives no log-probs for token-level distillation")
         pairs = self._pairs(batch, teacher_batch)  # (P, 4): student row, student position, teacher row, position
+        rows, temperature = self._live_rows(teacher_batch, pairs), 1.0  # a live LM teacher: chunk by chunk
+        if rows is None:  # a cache, or a model without a reachable head: its full log-probs, then the pairs
+            output = self.inner(teacher_batch)
+            if output.logprobs is None:
+                raise DistillError("the teacher gives no log-probs for token-level distillation")
+            if output.mask is not None and len(pairs):
+                pairs = pairs[output.mask.cpu()[pairs[:, 2], pairs[:, 3]]]  # a partial cache lacks some positions
+            rows, temperature = self._rows(output, pairs), output.temperature
         covered = batch["kd_mask"].new_zeros(batch["kd_mask"].shape)  # (B, T_s)
-        if output.mask is not None and len(pairs):
-            pairs = pairs[output.mask.cpu()[pairs[:, 2], pairs[:, 3]]]  # a partial cache lacks some positions
-        rows = self._rows(output, pairs)  # (P, K) log-probs and (P, K) student ids, or None for ULD
         shape = (*covered.shape, rows[0].shape[-1])  # (B, T_s, K)
         logprobs = torch.full(shape, LOG_FLOOR, device=rows[0].device)
         logprobs[pairs[:, 0], pairs[:, 1]] = rows[0]
@@ -140,7 +145,14 @@ class CrossTokenizerTeacher:
         covered[pairs[:, 0].to(covered.device), pairs[:, 1].to(covered.device)] = True
         self.aligned += len(pairs)
         self.positions += int(batch["kd_mask"].sum())
-        return TeacherOutput(logprobs, token_ids, temperature=output.temperature, mask=covered)
+        return TeacherOutput(logprobs, token_ids, temperature=temperature, mask=covered)
+
+    def _live_rows(self, teacher_batch: dict[str, Any], pairs: Tensor) -> tuple[Tensor, Tensor | None] | None:
+        """For a live LM teacher (`LocalTeacher.top_k_at`), its top-k at the paired teacher positions formed chunk by
+        chunk from its final hidden states, carried as `_rows` carries them; None for any other teacher."""
+        top_k_at = getattr(self.inner, "top_k_at", None)
+        found = top_k_at(teacher_batch, pairs[:, 2:], self.top_k) if callable(top_k_at) else None
+        return None if found is None else self._carried(*found)
 
     def _teacher_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
         """The batch in the teacher's tokenization: its rows of `teacher_data`, or a sampled batch's text re-read."""
@@ -184,6 +196,11 @@ class CrossTokenizerTeacher:
         else:
             values, order = found.sort(dim=-1, descending=True)  # (P, K_c)
             ids = output.token_ids[pairs[:, 2], pairs[:, 3]].gather(-1, order)  # (P, K_c)
+        return self._carried(values, ids)
+
+    def _carried(self, values: Tensor, ids: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The teacher's top-k (P, K) log-probs sorted, with their teacher ids, in the student's terms: carried to
+        student ids (`carry_top_k`), or for ULD the values alone."""
         if self.uld:
             return values, None
         return carry_top_k(values, ids, self.map.student_ids.to(ids.device))

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distill.compute import DTYPES
+from distill.teachers.lm_head import TeacherHead, chunked_top_k, final_hidden, head_parts
 from distill.teachers.protocol import TeacherOutput
 
 
@@ -55,6 +56,10 @@ class LocalTeacher:
     """Runs `model` in eval mode without gradients; returns its dense log-probabilities (when `has_logits`) and the
     outputs of the modules named in `capture` (for feature distillation), in float32 whatever its precision.
 
+    A causal LM teacher also gives its final hidden states and output projection (`final_hidden`), from which the
+    chunked LM loss forms its log-probs chunk by chunk, and its top-k at chosen positions (`top_k_at`), formed the
+    same way: the (tokens x vocabulary) log-probs of `__call__` never exist then.
+
     It computes in the dtype of its weights (`cast`), outside any autocast of the caller: the student may train
     under bf16 autocast while its teacher stays float32, or the other way round."""
 
@@ -93,6 +98,35 @@ class LocalTeacher:
         logprobs = F.log_softmax(logits_of(output).float(), dim=-1) if self.has_logits else None  # (..., C)
         hidden = dict(captured) if self.dtype is None else cast_floating(captured, torch.float32)
         return TeacherOutput(logprobs=logprobs, hidden_states=hidden if self.capture else None)
+
+    @torch.no_grad()
+    def final_hidden(self, batch: dict[str, Any]) -> TeacherHead | None:
+        """The teacher's final hidden states (B, T, H_t) and output projection for the batch, computed as
+        `__call__` computes (on its device, in its precision, outside the caller's autocast); None when the model
+        has no reachable head (`distill.teachers.lm_head.head_parts`) or features are captured: the caller then
+        uses `__call__`'s full log-probs."""
+        if self.capture or not self.has_logits or head_parts(self.model) is None:
+            return None
+        inputs = to_device(batch["inputs"], self.device)
+        if not isinstance(inputs, Mapping):
+            return None
+        if self.dtype is not None:
+            inputs = cast_floating(inputs, self.dtype)
+        with torch.autocast(self.device.type, enabled=False):
+            return final_hidden(self.model, dict(inputs))
+
+    @torch.no_grad()
+    def top_k_at(self, batch: dict[str, Any], positions: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
+        """Its k likeliest next tokens at `positions` (P, 2: row, position) of the batch: log-probs (P, k) float32,
+        largest first, and ids (P, k), formed chunk by chunk from its final hidden states (`chunked_top_k`); None
+        when the model has no reachable head."""
+        found = self.final_hidden(batch)
+        if found is None:
+            return None
+        where = positions.to(found.hidden.device)
+        hidden = found.hidden[where[:, 0], where[:, 1]]  # (P, H_t)
+        values, ids, _ = chunked_top_k(hidden, found.weight, found.bias, k)  # (P, k) x2
+        return values, ids
 
 
 def fingerprint(model: nn.Module) -> str:
