@@ -19,6 +19,8 @@ Settings (all changeable with `configure`, which also resets the counters):
     fault_rate       after the script, the share of requests that fail with a kind drawn from `fault_kinds`
     logprobs         whether to return log-probs when asked
     n_supported      False answers one choice whatever `n` asks (like servers without n > 1)
+    replies          [[substring, reply], ...]: a prompt (or conversation) containing a substring is answered with
+                     its reply instead, the first that matches (a fake judge: tests/test_judge.py)
 
 Run as a script it serves on the listening socket whose file descriptor it is given (`--fd`).
 """
@@ -54,6 +56,7 @@ DEFAULTS: dict[str, Any] = {
     "hang": 5.0,
     "logprobs": True,
     "n_supported": True,
+    "replies": [],
 }
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -100,8 +103,10 @@ def completion_body(body: dict[str, Any], chat: bool, settings: dict[str, Any]) 
     want_logprobs = bool(body.get("logprobs")) if chat else body.get("logprobs") is not None
     top_k = int(body.get("top_logprobs") or 0) if chat else int(body.get("logprobs") or 0)
     choices, total = [], 0
+    reply = next((text for key, text in settings["replies"] if key in prompt), None)
     for index in range(n):
-        tokens, finish = _choice_tokens(answer(prompt, body.get("seed"), index), body.get("max_tokens"), stop)
+        text = reply if reply is not None else answer(prompt, body.get("seed"), index)
+        tokens, finish = _choice_tokens(text, body.get("max_tokens"), stop)
         total += len(tokens)
         text = "".join(tokens)
         choice: dict[str, Any] = {"index": index, "finish_reason": finish, "logprobs": None}

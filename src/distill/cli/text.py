@@ -203,13 +203,64 @@ def traces(
         None, min=1, max=cfg.MAX_ROWS, help="Verified traces kept per question at most."
     ),
     dedupe: bool = typer.Option(True, help="Drop verified traces identical to one already kept."),
+    judge: Optional[str] = typer.Option(
+        None, help="A judge's OpenAI-compatible endpoint: it grades the traces that have no gold answer."
+    ),
+    model: Optional[str] = typer.Option(None, help="The judge model's id at that endpoint."),
+    rubric: Optional[Path] = typer.Option(None, help="A text or markdown file: how the judge grades an answer."),
+    min_score: Optional[float] = typer.Option(None, help="The judge's score (0 to 10) a trace needs (default: 7)."),
+    judge_api_key_env: str = typer.Option("OPENAI_API_KEY", help="Environment variable holding the judge's API key."),
+    judge_concurrency: int = typer.Option(16, min=1, max=cfg.MAX_WORKERS, help="Judge requests in flight at most."),
+    judge_price_input: float = typer.Option(
+        0.0, callback=between(0, 1e6), help="The judge's price per million prompt tokens, for its cost."
+    ),
+    judge_price_output: float = typer.Option(
+        0.0, callback=between(0, 1e6), help="The judge's price per million completion tokens, for its cost."
+    ),
 ) -> None:
     """Verify reasoning traces: extract each final answer (#### x, \\boxed{x}, Answer: x), compare it with the gold
-    answer, and split the traces into a training set and a rejected set with the reason for each."""
+    answer, and split the traces into a training set and a rejected set with the reason for each. With --judge, a
+    trace without a gold answer is graded by a judge model with --rubric instead: kept when it scores at least
+    --min-score, and both files record the judge's score and reason; the summary counts the judge's tokens and cost.
+    """
     from distill.generate.cot import read_traces, split_traces, write_split
 
-    verified, rejected, summary = split_traces(
-        read_traces(generated), mode, max_per_question=max_per_question, dedupe=dedupe
-    )
+    judged = {"--model": model, "--rubric": rubric, "--min-score": min_score}
+    if judge is None:
+        given_alone = [name for name, value in judged.items() if value is not None]
+        if given_alone:
+            raise DistillError(f"{', '.join(given_alone)} only apply with --judge URL")
+        verified, rejected, summary = split_traces(
+            read_traces(generated), mode, max_per_question=max_per_question, dedupe=dedupe
+        )
+    else:
+        client, text, threshold = judge_client(judge, model, rubric, min_score, judge_api_key_env, judge_concurrency,
+                                               judge_price_input, judge_price_output)  # fmt: skip
+        from distill.generate.cot import judge_and_split
+
+        records = read_traces(generated)
+        with RichReporter(err) as reporter:
+            verified, rejected, summary = judge_and_split(records, client, text, threshold, mode, reporter,
+                                                          max_per_question=max_per_question, dedupe=dedupe)  # fmt: skip
     write_split(verified, rejected, output, summary)
     out.print_json(json.dumps(summary, default=str))
+
+
+def judge_client(
+    url: str, model: Optional[str], rubric: Optional[Path], min_score: Optional[float], key_env: str,
+    concurrency: int, price_input: float, price_output: float,
+) -> tuple[Any, str, float]:  # fmt: skip
+    """The judge's client, its rubric and threshold from `distill traces`' options (each checked)."""
+    from distill.generate.client import Prices, TeacherClient
+    from distill.generate.judge import DEFAULT_MIN_SCORE, check_min_score, read_rubric
+
+    if model is None or rubric is None:
+        raise DistillError("--judge needs --model (the judge model's id) and --rubric (a text file)")
+    if not model.strip():
+        raise DistillError("--model must not be empty")
+    threshold = check_min_score(DEFAULT_MIN_SCORE if min_score is None else min_score, "--min-score")
+    text = read_rubric(rubric)
+    prices = Prices(input_per_million=price_input, output_per_million=price_output)
+    client = TeacherClient(url.rstrip("/"), model, api_key=os.environ.get(key_env) or None, concurrency=concurrency,
+                           prices=prices)  # fmt: skip
+    return client, text, threshold

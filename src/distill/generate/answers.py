@@ -26,15 +26,15 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from distill.config import GenerateOptions
 from distill.errors import DataError, DistillError
 from distill.generate.budget import CostBudget, check_max_cost
-from distill.generate.client import Completion, Prices, TeacherClient, TeacherClientError, Usage
+from distill.generate.client import Completion, Prices, TeacherClient, TeacherClientError, Usage, run_async
 from distill.generate.output import read_done, read_output, sample_row
 from distill.generate.prompts import PromptRecord, apply_template, parse_prompt, read_prompts
 from distill.generate.request import Endpoint, RequestParams, ask, sample_id
@@ -42,8 +42,6 @@ from distill.progress import NULL, Cancelled, Reporter
 
 __all__ = ["Endpoint", "GenerateSummary", "PromptRecord", "RequestParams", "agenerate", "apply_template", "generate",
            "generate_with", "parse_prompt", "read_done", "read_prompts", "sample_id"]  # fmt: skip
-
-T = TypeVar("T")
 
 
 @dataclass
@@ -283,16 +281,6 @@ def _close(summary: GenerateSummary, used: Usage, earlier_cost: float, started: 
     )
     summary.total_cost = earlier_cost + used.cost
     summary.elapsed = time.monotonic() - started
-
-
-def run_async(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    """The coroutine `make()` in an event loop of its own, on uvloop (uvicorn[standard], extra `service`) when
-    installed: less client CPU per request."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(make())
-    return uvloop.run(make())
 
 
 def generate(

@@ -22,15 +22,16 @@ import json
 import random
 import ssl
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
 from distill.errors import DistillError
 
 RETRY_STATUSES = frozenset({408, 409, 429})
+T = TypeVar("T")
 POOL_SIZE = 4
 """Connections per httpx pool (see `TeacherClient._bind`)."""
 
@@ -467,3 +468,13 @@ def _retry_after(headers: httpx.Headers) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(when.timestamp() - time.time(), 0.0)
+
+
+def run_async(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """The coroutine `make()` in an event loop of its own, on uvloop (uvicorn[standard], extra `service`) when
+    installed: less client CPU per request."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(make())
+    return uvloop.run(make())

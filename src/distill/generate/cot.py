@@ -8,20 +8,24 @@ The generation step writes one record per sampled trace:
 
 `split_traces` checks each completion's final answer (`verify.extract_answer` + `verify.verify`) and returns the
 verified traces as prompt/completion rows (the `lm_data` JSONL format), the rejected ones with their reason, and a
-summary; `write_split` stores the three in a folder.
+summary; `write_split` stores the three in a folder. A trace without a gold answer needs a judge's verdict instead
+(`distill.generate.judge`, run by `judge_and_split`): kept or rejected by its score, which both files record.
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from distill.data import json_lines
 from distill.errors import DataError, DistillError
+from distill.generate.client import TeacherClient, run_async
+from distill.generate.judge import Judgment, ajudge, check_min_score, judge_summary
 from distill.generate.verify import NO_ANSWER, Mode, extract_answer, verify
+from distill.progress import NULL, Reporter
 
 DEFAULT_COT_TEMPLATE = (
     "Solve the following problem. Reason step by step, writing each calculation out, "
@@ -34,7 +38,7 @@ DEFAULT_COT_TEMPLATE = (
 QUESTION_ONLY_TEMPLATE = "{question}\n"
 """A bare prompt for a small student that learns the reasoning format from the traces themselves."""
 
-REQUIRED_KEYS = ("id", "prompt", "completion", "gold")
+REQUIRED_KEYS = ("id", "prompt", "completion")
 
 
 def build_prompt(question: str, template: str = DEFAULT_COT_TEMPLATE) -> str:
@@ -53,6 +57,8 @@ def split_traces(
     student_template: str | None = None,
     rel_tol: float = 1e-6,
     abs_tol: float = 1e-9,
+    judgments: Sequence[Judgment | None] | None = None,
+    judge: Mapping[str, Any] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
     """Verify each trace's final answer against its gold answer; return (verified rows, rejected rows, summary).
 
@@ -61,10 +67,16 @@ def split_traces(
     is kept. `dedupe` drops a verified completion identical (up to surrounding whitespace) to one already kept for
     the same question; `max_per_question` keeps the first m verified traces of each question (in sample order).
     Rejected rows keep the record's id, prompt, completion, gold and sample_index, plus "predicted" and "reason".
+    A record without a gold answer is decided by `judgments[i]` (one per record, None for those with a gold
+    answer): both its rows carry "judge" {score, reason}; `judge` is the judge's summary (`judge.judge_summary`).
     """
     if max_per_question is not None and max_per_question < 1:
         raise DistillError(f"max_per_question must be at least 1 (got {max_per_question})")
-    rows = [_checked(record, i, student_template is not None) for i, record in enumerate(records)]
+    records = list(records)
+    if judgments is not None and len(judgments) != len(records):
+        raise DistillError(f"{len(judgments)} judgments for {len(records)} traces")
+    rows = [_checked(record, i, student_template is not None, judgments) for i, record in enumerate(records)]
+    verdicts = {id(row): None if judgments is None else judgments[i] for i, row in enumerate(rows)}
     first_seen: dict[str, int] = {}
     for i, row in enumerate(rows):
         first_seen.setdefault(question_key(row), i)
@@ -74,43 +86,54 @@ def split_traces(
     rejected: list[dict[str, Any]] = []
     kept: dict[str, list[str]] = {}
     passed: Counter[str] = Counter()
-    duplicates = over_limit = 0
-    reasons: Counter[str] = Counter()
+    counts: Counter[str] = Counter()
     for row in rows:
         qid = question_key(row)
-        verdict = verify(
-            extract_answer(row["completion"]), gold_answer(row["gold"]), mode, rel_tol=rel_tol, abs_tol=abs_tol
-        )
-        if not verdict.ok:
-            reasons["no_answer" if verdict.reason == NO_ANSWER else "wrong_answer"] += 1
-            rejected.append(
-                {
-                    "id": row["id"],
-                    "prompt": row["prompt"],
-                    "completion": row["completion"],
-                    "gold": row["gold"],
-                    "sample_index": row.get("sample_index"),
-                    "predicted": verdict.predicted,
-                    "reason": verdict.reason,
-                }
-            )
+        verdict = verdicts[id(row)]
+        rejection = _rejection(row, verdict, mode, rel_tol, abs_tol)
+        if rejection is not None:
+            counts[rejection.pop("kind")] += 1
+            rejected.append(rejection)
             continue
         passed[qid] += 1
         previous = kept.setdefault(qid, [])
         if dedupe and row["completion"].strip() in previous:
-            duplicates += 1
+            counts["duplicates"] += 1
             continue
         if max_per_question is not None and len(previous) >= max_per_question:
-            over_limit += 1
+            counts["over_limit"] += 1
             continue
         previous.append(row["completion"].strip())
         prompt = build_prompt(row["question"], student_template) if student_template is not None else row["prompt"]
         entry = {"prompt": prompt, "completion": row["completion"], "id": row["id"]}
         if row.get("top_logprobs"):  # the teacher's token distributions: `distill cache from-generated` reads them
             entry["top_logprobs"] = row["top_logprobs"]
+        if verdict is not None:
+            entry["judge"] = verdict.record()
         verified.append(entry)
-    summary = _summary(rows, verified, passed, reasons, duplicates, over_limit, str(mode))
+    summary = _summary(rows, verified, passed, counts, str(mode), judge)
     return verified, rejected, summary
+
+
+def _rejection(
+    row: Mapping[str, Any], verdict: Judgment | None, mode: Mode | str, rel_tol: float, abs_tol: float
+) -> dict[str, Any] | None:
+    """The rejected row of a trace that fails its check (with "kind", the summary's count it adds to), else None."""
+    base = {"id": row["id"], "prompt": row["prompt"], "completion": row["completion"], "gold": row.get("gold"),
+            "sample_index": row.get("sample_index")}  # fmt: skip
+    if verdict is not None:
+        if verdict.kept:
+            return None
+        kind = f"judge_{verdict.failure}" if verdict.failure else "judge_low_score"
+        reason = verdict.reason if verdict.failure else f"judge score {verdict.score:g}: {verdict.reason}"
+        return {**base, "predicted": None, "reason": reason, "judge": verdict.record(), "kind": kind}
+    checked = verify(
+        extract_answer(row["completion"]), gold_answer(row["gold"]), mode, rel_tol=rel_tol, abs_tol=abs_tol
+    )
+    if checked.ok:
+        return None
+    kind = "no_answer" if checked.reason == NO_ANSWER else "wrong_answer"
+    return {**base, "predicted": checked.predicted, "reason": checked.reason, "kind": kind}
 
 
 def gold_answer(gold: Any) -> str:
@@ -126,10 +149,21 @@ def question_key(row: Mapping[str, Any]) -> str:
     return str(row.get("question") or row["prompt"])
 
 
-def _checked(record: Mapping[str, Any], index: int, needs_question: bool) -> Mapping[str, Any]:
+def has_gold(record: Mapping[str, Any]) -> bool:
+    """Whether a trace carries a gold answer to verify against (else a judge decides it)."""
+    return record.get("gold") is not None
+
+
+def _checked(
+    record: Mapping[str, Any], index: int, needs_question: bool, judgments: Sequence[Judgment | None] | None
+) -> Mapping[str, Any]:
     if not isinstance(record, Mapping):
         raise DataError(f"trace {index}: expected an object, got {type(record).__name__}")
     missing = [key for key in REQUIRED_KEYS if key not in record]
+    if not has_gold(record) and (judgments is None or judgments[index] is None):
+        missing.append(
+            "gold (a trace without one needs a judge: distill traces --judge URL --model NAME --rubric FILE)"
+        )
     if needs_question and "question" not in record:
         missing.append("question (needed by the student template)")
     if missing:
@@ -148,11 +182,12 @@ def _summary(
     rows: list[Mapping[str, Any]],
     verified: list[dict[str, Any]],
     passed: Counter[str],
-    reasons: Counter[str],
-    duplicates: int,
-    over_limit: int,
+    counts: Counter[str],
     mode: str,
+    judge: Mapping[str, Any] | None,
 ) -> dict[str, Any]:
+    """The counts of a split, the teacher's tokens and cost as the rows record them, the judge's cost (`judge_cost`,
+    None without a judge) and both together (`total_cost`, which `cost_per_kept_trace` divides)."""
     questions = len({question_key(r) for r in rows})
     traces = len(rows)
     n_passed = sum(passed.values())
@@ -163,6 +198,8 @@ def _summary(
         prompt_tokens += int(usage.get("prompt_tokens") or 0)
         completion_tokens += int(usage.get("completion_tokens") or 0)
     cost = sum(costs) if costs else None
+    judge_cost = None if judge is None else float(judge["cost"])
+    total = None if cost is None and judge_cost is None else (cost or 0.0) + (judge_cost or 0.0)
     return {
         "mode": mode,
         "questions": questions,
@@ -170,22 +207,58 @@ def _summary(
         "traces_per_question": traces / questions if questions else 0.0,
         "verified": n_passed,
         "rejected": traces - n_passed,
-        "rejected_no_answer": reasons["no_answer"],
-        "rejected_wrong_answer": reasons["wrong_answer"],
+        "rejected_no_answer": counts["no_answer"],
+        "rejected_wrong_answer": counts["wrong_answer"],
+        "judged": sum(1 for r in rows if not has_gold(r)),
+        "rejected_judge_low_score": counts["judge_low_score"],
+        "rejected_judge_unparseable": counts["judge_unparseable"],
+        "rejected_judge_failed": counts["judge_failed"],
         "pass_rate": n_passed / traces if traces else 0.0,
         "questions_solved": len(passed),
         "solved_rate": len(passed) / questions if questions else 0.0,
         "kept": len(verified),
-        "dropped_duplicates": duplicates,
-        "dropped_over_limit": over_limit,
+        "dropped_duplicates": counts["duplicates"],
+        "dropped_over_limit": counts["over_limit"],
         "tokens": {
             "prompt": prompt_tokens,
             "completion": completion_tokens,
             "total": prompt_tokens + completion_tokens,
         },
         "cost": cost,
-        "cost_per_kept_trace": cost / len(verified) if cost is not None and verified else None,
+        "judge": None if judge is None else dict(judge),
+        "judge_cost": judge_cost,
+        "total_cost": total,
+        "cost_per_kept_trace": total / len(verified) if total is not None and verified else None,
     }
+
+
+def judge_and_split(
+    records: Sequence[Mapping[str, Any]],
+    client: TeacherClient,
+    rubric: str,
+    min_score: float,
+    mode: Mode | str = "auto",
+    reporter: Reporter = NULL,
+    **options: Any,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    """`split_traces` where the traces without a gold answer are graded by the judge behind `client` with `rubric`
+    (kept at `min_score` or above, see `distill.generate.judge`); `options` are split_traces' own. Runs its own
+    event loop and closes the client's connections."""
+    min_score = check_min_score(min_score)
+    ungraded = [i for i, record in enumerate(records) if isinstance(record, Mapping) and not has_gold(record)]
+
+    async def run() -> list[Judgment]:
+        try:
+            return await ajudge([records[i] for i in ungraded], client, rubric, min_score, reporter)
+        finally:
+            await client.aclose()
+
+    found = run_async(run) if ungraded else []
+    judgments: list[Judgment | None] = [None] * len(records)
+    for index, verdict in zip(ungraded, found):
+        judgments[index] = verdict
+    summary = judge_summary(client, found, min_score)
+    return split_traces(records, mode, judgments=judgments, judge=summary, **options)
 
 
 def write_split(

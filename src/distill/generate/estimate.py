@@ -32,11 +32,10 @@ from distill.generate.answers import (
     plan,
     prepare,
     read_output,
-    run_async,
     template_with,
 )
 from distill.generate.budget import check_max_cost
-from distill.generate.client import Completion, TeacherClient
+from distill.generate.client import Completion, TeacherClient, run_async
 from distill.generate.prompts import PromptRecord
 from distill.generate.request import Endpoint, RequestParams, ask
 
