@@ -145,23 +145,32 @@ def row_confidence(config: ConfidenceConfig, row: Row, samples: Sequence[Row]) -
     return confidence(config, row.text, [entry.logprob for entry in row.logprobs], [s.text for s in samples])
 
 
-def answer(
+def generate(
     engine: Engine, prompts: list[list[int]], config: ConfidenceConfig | None, max_tokens: int, batch_size: int = 64,
     seed: int = 0,
-) -> list[Answered]:  # fmt: skip
-    """Greedy answers to `prompts` (token ids), in batches of `batch_size` prompts, each with the confidence
-    `config` measures (None: no confidence, nan)."""
-    found: list[Answered] = []
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, top_logprobs=None if config is None else 0)
+) -> list[tuple[Row, list[Row]]]:  # fmt: skip
+    """Greedy answers to `prompts` (token ids) with their tokens' log-probs, in batches of `batch_size` prompts, each
+    with the k answers the agreement measure of `config` samples (seeded from `seed`; none for other measures)."""
+    done: list[tuple[Row, list[Row]]] = []
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, top_logprobs=0)
     for start in range(0, len(prompts), batch_size):
         rows = [Row(list(ids), params) for ids in prompts[start : start + batch_size]]
         samples = [sample_rows(config, row.prompt_ids, params, seed + (start + i) * 64) if config else []
                    for i, row in enumerate(rows)]  # fmt: skip
         engine.generate([*rows, *(s for group in samples for s in group)])
-        for row, group in zip(rows, samples):
-            measured = float("nan") if config is None else row_confidence(config, row, group)
-            found.append(Answered(row.text, measured))
-    return found
+        done += zip(rows, samples)
+    return done
+
+
+def answer(
+    engine: Engine, prompts: list[list[int]], config: ConfidenceConfig | None, max_tokens: int, batch_size: int = 64,
+    seed: int = 0,
+) -> list[Answered]:  # fmt: skip
+    """`generate`'s answers with the confidence `config` measures in each (None: no confidence, nan)."""
+    return [
+        Answered(row.text, float("nan") if config is None else row_confidence(config, row, samples))
+        for row, samples in generate(engine, prompts, config, max_tokens, batch_size, seed)
+    ]
 
 
 async def _ask(client: TeacherClient, row: ValidationRow, max_tokens: int) -> str:
