@@ -158,15 +158,16 @@ def generate(
     key = os.environ.get(api_key_env) or None
     if estimate:
         expected = estimate_with(options, records, base_url.rstrip("/"), model, key, output, sample_prompts, max_cost)
-        err.print(estimate_line(expected))
+        err.print(estimate_line(expected), markup=False)
         out.print_json(json.dumps(asdict(expected)))
         return
     with RichReporter(err) as reporter:
         summary = generate_with(options, records, base_url.rstrip("/"), model, key, output, reporter, max_cost)
     if summary.budget_reached:
         err.print(
-            f"stopped at the cost limit: {summary.total_cost:.4f} spent of {max_cost:g} on {output}; "
-            f"{summary.not_asked} samples not asked (rerun with a larger --max-cost to continue)"
+            f"stopped at the cost limit: {summary.total_cost:.6g} spent of {max_cost:g} on {output}; "
+            f"{summary.not_asked} samples not asked (rerun with a larger --max-cost to continue)",
+            markup=False,
         )
     out.print_json(json.dumps({**asdict(summary), "rate": summary.rate}, default=str))
 
@@ -175,13 +176,13 @@ def estimate_line(expected: Any) -> str:
     """One line that says what `distill generate --estimate` expects (a `distill.generate.estimate.Estimate`)."""
     budget = ""
     if expected.max_cost is not None:
-        budget = f", {'within' if expected.within_budget else 'OVER'} the budget of {expected.max_cost:g}"
+        budget = f", {'within' if expected.within_budget else 'over'} the budget of {expected.max_cost:g}"
     return (
         f"expected for {expected.samples:,} samples ({expected.requests:,} requests): {expected.tokens:,} tokens "
-        f"({expected.prompt_tokens:,} prompt, {expected.completion_tokens:,} completion), cost {expected.cost:.4f}"
+        f"({expected.prompt_tokens:,} prompt, {expected.completion_tokens:,} completion), cost {expected.cost:.6g}"
         f"{budget}, about {duration(expected.seconds)} at {expected.concurrency} requests in flight; still to ask: "
-        f"{expected.remaining_samples:,} samples, cost {expected.remaining_cost:.4f}, {duration(expected.remaining_seconds)}"
-        f" (measured on {expected.sampled_prompts} prompts, which cost {expected.sample_cost:.4f})"
+        f"{expected.remaining_samples:,} samples, cost {expected.remaining_cost:.6g}, {duration(expected.remaining_seconds)}"
+        f" (measured on {expected.sampled_prompts} prompts, which cost {expected.sample_cost:.6g})"
     )
 
 

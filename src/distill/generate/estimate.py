@@ -149,7 +149,7 @@ async def aestimate(
         )
     if measured.chars == 0 or measured.answers == 0:
         raise DistillError("the sampled prompts are empty or got no answers: nothing to measure")
-    done, _ = read_output(Path(out_path))
+    done, _ = read_output(Path(out_path), repair=False)  # the estimate writes nothing
     everything, _ = plan(records, client.model, n, params, endpoint, set(), n)
     remaining, _ = plan(records, client.model, n, params, endpoint, done, n)
     return _extrapolate(

@@ -20,8 +20,9 @@ def read_done(path: Path) -> set[str]:
     return read_output(path)[0]
 
 
-def read_output(path: Path) -> tuple[set[str], float]:
-    """The ids already in an output file and the sum of their rows' `usage.cost` (see `read_done`)."""
+def read_output(path: Path, repair: bool = True) -> tuple[set[str], float]:
+    """The ids already in an output file and the sum of their rows' `usage.cost` (see `read_done`); with
+    `repair` False an unfinished last line is skipped but left in the file."""
     done: set[str] = set()
     cost = 0.0
     if not path.exists():
@@ -41,7 +42,7 @@ def read_output(path: Path) -> tuple[set[str], float]:
                 cost += _row_cost(row)
             except (ValueError, KeyError, TypeError, RecursionError):
                 raise DataError(f"line {number} of {path} is not a sample row; fix or remove the file") from None
-    if keep < size:
+    if repair and keep < size:
         with path.open("r+b") as handle:
             handle.truncate(keep)
     return done, cost
