@@ -158,7 +158,9 @@ def build_lm_cache(
     from distill.compute import check_device
     from distill.lm_data import read_examples, tokenize_examples
     from distill.progress import NULL
-    from distill.teachers.token_cache import build_token_cache, causal_lm_logits
+    from distill.teachers.lm_head import head_parts, top_k_scorer
+    from distill.teachers.token_cache import build_scored_cache, build_token_cache, causal_lm_logits
+    from distill.teachers.token_codec import Codec
 
     where = check_device(device)  # before the teacher loads
     tokenizer = load_tokenizer(teacher, store)
@@ -172,12 +174,20 @@ def build_lm_cache(
             digest.update(f"{path.name}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode())
         revision = "local-" + digest.hexdigest()[:16]
     revision += "" if precision == "fp32" else f"+{precision}"
-    summary = build_token_cache(
-        causal_lm_logits(model), [s.numpy() for s in dataset.sequences], directory,
-        scored=[dataset.scored(i).numpy() for i in range(len(dataset))], top_k=top_k, temperature=temperature,
-        teacher_name=str(teacher), teacher_revision=revision, tokenizer_hash=tokenizer_fingerprint(tokenizer),
-        vocab_size=int(model.config.vocab_size), data_id=dataset.fingerprint(), batch_size=batch_size,
-        reporter=reporter or NULL,
-    )  # fmt: skip
+    sequences = [s.numpy() for s in dataset.sequences]
+    scored = [dataset.scored(i).numpy() for i in range(len(dataset))]
+    identity: dict[str, Any] = {
+        "temperature": temperature, "teacher_name": str(teacher), "teacher_revision": revision,
+        "tokenizer_hash": tokenizer_fingerprint(tokenizer), "data_id": dataset.fingerprint(),
+        "batch_size": batch_size, "reporter": reporter or NULL,
+    }  # fmt: skip
+    vocab_size = int(model.config.vocab_size)
+    if head_parts(model) is None:  # no reachable head: the top-k of its full logits
+        summary = build_token_cache(causal_lm_logits(model), sequences, directory, scored=scored, top_k=top_k,
+                                    vocab_size=vocab_size, **identity)  # fmt: skip
+    else:  # its head applied chunk by chunk to the final hidden states: the (B, T, V) logits never exist
+        codec = Codec.for_sizes(top_k, vocab_size)
+        score = top_k_scorer(model, sequences, scored, codec.encode, top_k=top_k, temperature=temperature)
+        summary = build_scored_cache(score, sequences, directory, scored=scored, codec=codec, **identity)
     tokenizer.save_pretrained(Path(directory) / "tokenizer")  # a student of another tokenizer aligns with it
     return summary
