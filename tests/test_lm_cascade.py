@@ -357,3 +357,95 @@ def test_a_failing_teacher_during_calibration_is_a_clear_error(student_dir, tmp_
     setup = CascadeSetup(teacher=endpoint(teacher), validation=tmp_path / "val.jsonl", max_tokens=4)
     with pytest.raises(DistillError, match="failed after"):
         create_app(student_dir, model_name="tiny", cascade=setup)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The service's deployments of LM students
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    pytest.importorskip("sqlalchemy")
+    from _service import finished_job
+    from distill.service.app import create_app as service_app
+    from distill.service.settings import Settings
+
+    data = tmp_path_factory.mktemp("lm-service") / "data"
+    app = service_app(Settings(data_dir=data))  # creates the store
+    job, output = finished_job(data, {"recipe": "reasoning"}, "tiny-reasoning")
+    tiny_gpt2(output / "models" / "student-traces", seed=1)
+    tiny_gpt2(output / "models" / "teacher", layers=3, seed=2)
+    with TestClient(app, base_url="http://127.0.0.1:8000", client=("127.0.0.1", 5000)) as client:
+        yield client, job
+
+
+def upload(client, rows) -> str:
+    content = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    response = client.post("/v1/files", files={"file": ("val.jsonl", content)}, data={"purpose": "validation"})
+    assert response.status_code in (200, 201), response.text
+    return response.json()["id"]
+
+
+def test_a_service_deployment_of_an_lm_student(service):
+    client, job = service
+    teacher = client.post("/v1/completions", json={"model": f"{job}/teacher", "prompt": PROMPTS, **GREEDY}).json()
+    teacher_texts = [c["text"] for c in teacher["choices"]]
+    # The file's teacher answers are never the student's: the target 1.0 escalates every prompt.
+    file_id = upload(
+        client, [{"prompt": p, "teacher": f"not what the student writes {i}"} for i, p in enumerate(PROMPTS)]
+    )
+    body = {"name": "reasoning-cascade", "student": f"{job}/student-traces", "validation": file_id,
+            "target_agreement": 1.0, "max_tokens": GREEDY["max_tokens"]}  # fmt: skip
+    created = client.post("/v1/deployments", json=body)
+    assert created.status_code == 201, created.text
+    shown = created.json()
+    assert shown["model_type"] == "lm" and shown["student"] == f"{job}/student-traces"
+    assert shown["teacher"] == {"model": f"{job}/teacher", "endpoint": None}
+    assert shown["validation"]["escalation_rate"] == 1.0 and shown["validation"]["rows"] == 2
+    assert shown["validation"]["reference"] == "teacher" and shown["confidence"]["measure"] == "logprob"
+    models = client.get("/v1/models").json()["data"]
+    assert next(m for m in models if m["id"] == "reasoning-cascade")["kind"] == "cascade"
+    answer = client.post("/v1/completions", json={"model": "reasoning-cascade", "prompt": PROMPTS[1], **GREEDY})
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["X-Distill-Answered-By"] == "teacher"
+    assert answer.json()["choices"][0]["text"] == teacher_texts[1]  # the job's teacher, served by the service
+    streamed = client.post("/v1/completions", json={"model": "reasoning-cascade", "prompt": PROMPTS[0],
+                                                    "stream": True, **GREEDY})  # fmt: skip
+    assert streamed.headers["X-Distill-Answered-By"] == "teacher"
+    events = sse(streamed)
+    assert events[-1] == "[DONE]" and "".join(c["text"] for e in events[:-1] for c in e["choices"]) == teacher_texts[0]
+    live = client.get("/v1/deployments/reasoning-cascade").json()["live"]
+    assert live["requests"] == 2 and live["escalated"] == 2 and live["escalation_rate"] == 1.0
+    assert live["escalated_agreement"] is not None
+    # No teacher answers in the file: the service's teacher writes them, and (these tiny random models both repeat
+    # the prompt's last word) the student agrees with every one, so it answers everything.
+    asked = upload(client, [{"prompt": p} for p in PROMPTS])
+    keep = client.post("/v1/deployments", json=body | {"name": "student-first", "validation": asked})
+    assert keep.status_code == 201 and keep.json()["validation"]["escalation_rate"] == 0.0
+    same = client.post("/v1/completions", json={"model": "student-first", "prompt": PROMPTS[1], **GREEDY})
+    assert same.headers["X-Distill-Answered-By"] == "student"
+    assert client.get("/v1/deployments/student-first").json()["live"] == {
+        "requests": 1, "escalated": 0, "escalation_rate": 0.0, "escalated_agreement": None}  # fmt: skip
+    assert client.delete("/v1/deployments/student-first").status_code == 200
+    assert client.post("/v1/completions", json={"model": "student-first", "prompt": "the"}).status_code == 404
+
+
+def test_hostile_lm_deployments_are_refused(service):
+    client, job = service
+    good = upload(client, [{"prompt": PROMPTS[0], "answer": "4"}])
+    base = {"name": "bad", "student": f"{job}/student-traces", "validation": good}
+    cases = [
+        ({"validation": upload(client, [{"prompt": PROMPTS[0]}, {"nothing": 1}])}, 422, "line 2 of file-"),
+        ({"validation": None}, 422, "needs an uploaded validation file"),
+        ({"teacher": f"{job}/nothing"}, 422, "has no model nothing"),
+        ({"teacher_endpoint": "elsewhere", "teacher": "big"}, 422, "no teacher endpoint named 'elsewhere'"),
+        ({"confidence": {"measure": "vibes"}}, 422, "confidence.measure"),
+        ({"student": f"{job}/nothing"}, 422, "LM students only"),
+        ({"max_tokens": 10**6}, 422, "max_tokens: at most"),
+    ]
+    for change, status, message in cases:
+        response = client.post("/v1/deployments", json=base | change)
+        assert response.status_code == status, (change, response.text)
+        assert message in response.json()["error"]["message"], (change, response.text)
+        assert "/tmp" not in response.text  # the server's paths are not shown

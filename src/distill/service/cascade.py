@@ -144,10 +144,7 @@ def create(
     created_by: str,
 ) -> dict[str, Any]:
     """Choose the threshold on validation data and store the deployment."""
-    if name.startswith("job-"):
-        raise ServiceError(422, "name: must not start with job- (those are the jobs' own model ids)", param="name")
-    if job["status"] != "succeeded":
-        raise ServiceError(409, f"job {job['id']} is {job['status']}; deploy a job that has succeeded")
+    check_deployable(job, name)
     folder = model_folder(job_output(settings, job["id"]))
     if folder is None or not (folder / models.SPEC).is_file():
         raise ServiceError(
@@ -181,17 +178,32 @@ def create(
     return public(record)
 
 
+def check_deployable(job: dict[str, Any], name: str) -> None:
+    """A deployment's name is not a job's model id, and its job has succeeded."""
+    if name.startswith("job-"):
+        raise ServiceError(422, "name: must not start with job- (those are the jobs' own model ids)", param="name")
+    if job["status"] != "succeeded":
+        raise ServiceError(409, f"job {job['id']} is {job['status']}; deploy a job that has succeeded")
+
+
 def public(row: Any) -> dict[str, Any]:
+    """A deployment as the API shows it; an LM cascade's (`cascade_lm`) also names its models and measure."""
     data = dict(row._mapping) if hasattr(row, "_mapping") else dict(row)
     requests, escalated = data["requests"], data["escalated"]
+    validation = json.loads(data["validation"])
+    lm = validation.pop("type", None) == "lm"
+    named = validation.pop("student_model", None) if lm else None
+    models = {"teacher": validation.pop("teacher"), "confidence": validation.pop("confidence")} if lm else {}
     return {
         "id": data["id"],
         "object": "deployment",
         "kind": "cascade",
-        "student": data["student"],
+        "model_type": "lm" if lm else "classifier",
+        "student": data["student"] + (f"/{named}" if named else ""),
+        **models,
         "threshold": data["threshold"],
         "target_agreement": data["target_agreement"],
-        "validation": json.loads(data["validation"]),
+        "validation": validation,
         "live": {
             "requests": requests,
             "escalated": escalated,
