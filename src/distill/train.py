@@ -256,18 +256,17 @@ def _step(run: _Run, group: list[Tensor], epoch: int) -> tuple[dict[str, float],
     partial cache) the kd term of a micro-batch is weighted by its scored tokens, not by the covered ones.
     Without accumulation every share is 1: the step is the plain one."""
     micro = _micro_batches(run, group)
-    units = [term_units(batch, sampled) for batch, sampled in micro]
-    totals = add_units(units)
+    units = [term_units(batch, sampled) for batch, sampled in micro] if len(micro) > 1 else None
+    totals = add_units(units) if units is not None else {}
     run.optimizer.zero_grad(set_to_none=True)
     terms_sum: dict[str, float] = {}
     value = 0.0
     for j, (batch, sampled) in enumerate(micro):
-        # Dropout draws from a generator fixed by (seed, micro-batch, process): a resumed run redraws it.
-        torch.manual_seed(run.config.seed * 1_000_003 + _micro_index(run, j) * run.world + run.rank)
+        _seed_micro_batch(run, j)
         with distributed.gradient_sync(run.net, j == len(micro) - 1):
             with autocast(run.device, run.autocast_dtype):
                 terms, weights = _forward(run, batch, sampled)
-            shares = {k: units[j][unit_of(k)] / totals[unit_of(k)] if totals[unit_of(k)] else 0.0 for k in terms}
+            shares = _shares(terms, units, totals, j)
             total = weighted_total(terms, {k: weights[k] * shares[k] for k in terms})
             _check_finite(run, terms, total, epoch)
             run.scaler.scale(total).backward()
@@ -281,10 +280,43 @@ def _step(run: _Run, group: list[Tensor], epoch: int) -> tuple[dict[str, float],
         torch.nn.utils.clip_grad_norm_([p for m in run.trained for p in m.parameters()], run.config.grad_clip)
     run.scaler.step(run.optimizer)  # fp16: skipped when a gradient overflowed (and the scale lowered)
     run.scaler.update()
-    with warnings.catch_warnings():  # the schedule counts steps, skipped ones too; torch warns if the first is
+    _step_schedule(run)
+    return terms_sum, value
+
+
+def _step_schedule(run: _Run) -> None:
+    """The schedule counts steps, skipped ones too; torch warns when the first was skipped, which only fp16's
+    scaler does: the warning is silenced there alone (a warnings filter per step costs a small student time)."""
+    if not run.scaler.is_enabled():
+        run.scheduler.step()
+        return
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before")
         run.scheduler.step()
-    return terms_sum, value
+
+
+def _shares(
+    terms: dict[str, Tensor], units: list[dict[str, float]] | None, totals: dict[str, float], j: int
+) -> dict[str, float]:
+    """Each term's weight factor on micro-batch `j`: its share of the group's units of that term (0 when the group
+    has none). Without accumulation (`units` None) every factor is 1: a term without units is zero already."""
+    if units is None:
+        return dict.fromkeys(terms, 1.0)
+    return {k: units[j][unit_of(k)] / totals[unit_of(k)] if totals[unit_of(k)] else 0.0 for k in terms}
+
+
+def _seed_micro_batch(run: _Run, j: int) -> None:
+    """Dropout draws from a generator fixed by (seed, micro-batch, process): a resumed run redraws it. Only the
+    generators that the step draws from are seeded (the CPU's, and the student's GPU's): `torch.manual_seed` also
+    queues a seeding of every CUDA device, with a stack trace each on a machine without one, which cost a third of
+    a small student's step."""
+    seed = run.config.seed * 1_000_003 + _micro_index(run, j) * run.world + run.rank
+    torch.random.default_generator.manual_seed(seed)
+    if run.device.type == "cuda":
+        index = run.device.index if run.device.index is not None else torch.cuda.current_device()
+        torch.cuda.default_generators[index].manual_seed(seed)
+    elif run.device.type != "cpu":
+        torch.manual_seed(seed)
 
 
 def _micro_index(run: _Run, j: int) -> int:
