@@ -449,3 +449,81 @@ def test_hostile_lm_deployments_are_refused(service):
         assert response.status_code == status, (change, response.text)
         assert message in response.json()["error"]["message"], (change, response.text)
         assert "/tmp" not in response.text  # the server's paths are not shown
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# distill serve --teacher-url
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--threshold", "-1"], "give the teacher's --teacher-url"),
+        (["--teacher-url", "http://127.0.0.1:9/v1"], "needs --teacher-model"),
+        (["--teacher-url", "http://127.0.0.1:9/v1", "--teacher-model", "t"], "--threshold T or --validation"),
+        (["--teacher-url", "ftp://x", "--teacher-model", "t", "--threshold", "-1"], "http:// or https://"),
+        (["--teacher-url", "http://x/v1", "--teacher-model", "t", "--threshold", "nan"], "finite"),
+        (["--teacher-url", "http://x/v1", "--teacher-model", "t", "--validation", "nowhere.jsonl"], "is not a file"),
+        (
+            ["--teacher-url", "http://x/v1", "--teacher-model", "t", "--threshold", "-1", "--confidence", "vibes"],
+            "--confidence takes",
+        ),
+        (["--teacher-url", "http://x/v1", "--teacher-model", "t", "--threshold", "-1", "--verify"], "--answers final"),
+        (["--teacher-url", "http://x/v1", "--teacher-model", "t", "--threshold", "-1", "--target", "1.5"], "--target"),
+    ],
+)
+def test_serve_cascade_options_that_do_not_fit_get_one_line(student_dir, monkeypatch, capsys, args, fragment):
+    import sys
+
+    from distill import cli
+
+    monkeypatch.setattr(sys, "argv", ["distill", "serve", "--model", str(student_dir), *args])
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exited.value.code == 2 and len(lines) == 1 and lines[0].startswith("error:"), lines
+    assert fragment in lines[0]
+
+
+def test_distill_serve_chooses_the_threshold_and_escalates(student_dir, tmp_path):
+    """The command end to end: the fake OpenAI server (a child process) is the teacher; the validation rows carry
+    gold answers only, so the teacher is asked for its answers at start-up."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from _fake_openai import fake_openai
+    from _service import free_port
+
+    write_rows(tmp_path / "val.jsonl", [{"prompt": f"{p} 2 + 3", "answer": "5"} for p in PROMPTS])
+    port = free_port()
+    with fake_openai() as teacher:
+        command = [sys.executable, "-m", "distill.cli", "serve", "--model", str(student_dir), "--port", str(port),
+                   "--teacher-url", teacher.url, "--teacher-model", "fake", "--validation", str(tmp_path / "val.jsonl"),
+                   "--answers", "final", "--target", "1", "--validation-max-tokens", "40"]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "DISTILL_CACHE": str(tmp_path / ".cache")}
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 90
+            while True:
+                assert process.poll() is None, process.stderr.read() if process.stderr else ""
+                try:
+                    httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1)
+                    break
+                except httpx.TransportError:
+                    assert time.monotonic() < deadline, "distill serve did not start within 90 s"
+                    time.sleep(0.2)
+            shown = httpx.get(f"http://127.0.0.1:{port}/v1/cascade").json()
+            assert shown["validation"]["reference"] == "gold" and shown["validation"]["teacher_score"] == 1.0
+            assert shown["validation"]["escalation_rate"] == 1.0  # the random student never writes "#### 5"
+            reply = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=30,
+                               json={"model": "student", "prompt": "what is 20 + 22?", "max_tokens": 40})  # fmt: skip
+            assert reply.headers["X-Distill-Answered-By"] == "teacher" and reply.json()["choices"][0]["text"].endswith(
+                "#### 42"
+            )
+        finally:
+            process.terminate()
+            stderr = process.communicate(timeout=30)[1]
+    assert "cascade: threshold" in stderr and "2 validation rows (accuracy against the gold answers)" in stderr

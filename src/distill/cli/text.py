@@ -27,6 +27,12 @@ GEN = cfg.GenerateOptions
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+CASCADE_HELP = {
+    "target": "Cascade, --validation: agreement with the teacher to keep (gold answers: share of its accuracy); 0.95.",
+    "answers": "Cascade: text (whole answers compared, default) or final (final answers, '#### 42').",
+    "verify": "Cascade, --answers final: an answer without a well-formed last line '#### N' goes to the teacher.",
+    "tokens": "Cascade, --validation: tokens per validation answer at most (default: 256).",
+}
 MiB = 1024 * 1024
 
 
@@ -69,15 +75,35 @@ def serve(
     max_sequences: Optional[int] = typer.Option(
         None, min=1, max=1_000_000, help="Prompts x n per request at most (default: 512)."
     ),
+    teacher_url: Optional[str] = typer.Option(None, help="A cascade: the teacher's OpenAI-compatible endpoint."),
+    teacher_model: Optional[str] = typer.Option(None, help="Cascade: the teacher's model id at --teacher-url."),
+    teacher_key_env: str = typer.Option("OPENAI_API_KEY", help="Cascade: variable holding the teacher's key."),
+    threshold: Optional[float] = typer.Option(None, help="Cascade: the teacher answers below this confidence."),
+    validation: Optional[Path] = typer.Option(None, help="Cascade: JSONL to choose the threshold on at start-up."),
+    target: Optional[float] = typer.Option(None, callback=between(0, 1, above=True), help=CASCADE_HELP["target"]),
+    confidence: Optional[str] = typer.Option(None, help="Cascade: logprob (default) or agreement (of k samples)."),
+    samples: Optional[int] = typer.Option(None, min=1, max=32, help="Cascade, agreement: k (default: 5)."),
+    answers: Optional[str] = typer.Option(None, help=CASCADE_HELP["answers"]),
+    verify: bool = typer.Option(False, "--verify", help=CASCADE_HELP["verify"]),
+    validation_max_tokens: Optional[int] = typer.Option(None, min=1, max=1_000_000, help=CASCADE_HELP["tokens"]),
 ) -> None:
     """Serve a local model behind an OpenAI-compatible API: /v1/models, /v1/chat/completions, /v1/completions.
 
     Any OpenAI client (or `distill generate`) can then use it as a teacher, or query a distilled student.
     This server has no API keys: keep it on loopback, or behind `distill service` which has them. A request over
     a limit gets a 400 (413 for the body) in OpenAI's error shape; a client that disconnects stops its generation.
+    With --teacher-url it serves a cascade: the student answers when confident enough, else the teacher
+    (header X-Distill-Answered-By; GET /v1/cascade shows the threshold and the counts).
     """
+    from distill.cli.serve_cascade import cascade_setup
     from distill.serve import ServeLimits
     from distill.serve import serve as run_server
+
+    cascade = cascade_setup(teacher_url, {
+        "teacher_model": teacher_model, "key_env": teacher_key_env, "threshold": threshold, "validation": validation,
+        "target": target, "confidence": confidence, "samples": samples, "answers": answers, "verify": verify,
+        "validation_max_tokens": validation_max_tokens,
+    })  # fmt: skip
 
     if not model.is_dir():
         raise DistillError(f"{model} is not a model folder")
@@ -90,7 +116,7 @@ def serve(
         err.print(f"warning: serving on {host} without authentication; anyone who reaches it can use the model")
     run_server(
         model, host, port, model_name=name, device=device, max_batch_size=max_batch_size,
-        batch_wait_ms=batch_wait_ms, limits=limits,
+        batch_wait_ms=batch_wait_ms, limits=limits, cascade=cascade,
     )  # fmt: skip
 
 
