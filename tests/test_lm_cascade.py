@@ -260,6 +260,29 @@ def test_streaming_chat_streams_the_student_or_relays_the_teacher(student_dir):
         assert all(e["model"] == "tiny" for e in events[:-1])  # relayed as this server's chunks
 
 
+def test_the_agreement_measure_samples_k_answers_in_the_same_batch(student_dir, monkeypatch):
+    from distill.batcher import Batcher
+
+    batches = []
+    run = Batcher.run
+
+    async def counted(self, rows):
+        batches.append([(row.params.temperature, row.params.top_logprobs) for row in rows])
+        return await run(self, rows)
+
+    monkeypatch.setattr(Batcher, "run", counted)
+    teacher, state = fake_teacher()
+    config = ConfidenceConfig(measure="agreement", samples=3)
+    for threshold, by in ((0.0, "student"), (1.01, "teacher")):  # agreement lies in [0, 1]
+        setup = CascadeSetup(teacher=endpoint(teacher), confidence=config, threshold=threshold)
+        with TestClient(create_app(student_dir, model_name="tiny", batch_wait_ms=1, cascade=setup)) as client:
+            done = client.post("/v1/completions", json={"model": "tiny", "prompt": PROMPTS, "seed": 1, **GREEDY})
+            assert done.headers["X-Distill-Answered-By"] == by
+        # Both prompts' greedy answers (with their log-probs) and 3 samples each at temperature 1, in one call.
+        assert sorted(batches[-1]) == [(0.0, 0)] * 2 + [(1.0, None)] * 6
+    assert state["requests"][-1]["prompt"] == PROMPTS
+
+
 def test_a_failing_teacher_is_a_502(student_dir):
     teacher, state = fake_teacher()
     state["fail"] = 500

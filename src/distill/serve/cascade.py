@@ -22,6 +22,7 @@ figures; `record` also passes each request's counts on (the service stores them 
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -90,13 +91,14 @@ class Cascade:
     def teacher(self) -> TeacherEndpoint:
         return self.setup.teacher
 
-    def count(self, prompts: int, escalated: int, agreed: int) -> None:
+    async def count(self, prompts: int, escalated: int, agreed: int) -> None:
+        """Add to the counts; `setup.record` (a store's write) runs in a worker thread, off the event loop."""
         with self._lock:
             self.tally.requests += prompts
             self.tally.escalated += escalated
             self.tally.escalated_agree += agreed
-        if self.setup.record is not None:
-            self.setup.record(prompts, escalated, agreed)
+        if self.setup.record is not None and (prompts or escalated or agreed):
+            await asyncio.to_thread(self.setup.record, prompts, escalated, agreed)
 
     def public(self) -> dict[str, Any]:
         tally = self.tally

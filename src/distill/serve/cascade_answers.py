@@ -55,9 +55,12 @@ async def _student_answers(
     return decide(cascade, work, len(rows), n)
 
 
+Totals = Callable[[dict[str, Any] | None], Chunk]  # the usage chunk, from the teacher's usage (or None)
+
+
 def _stream(
-    cascade: Cascade, opening: list[Chunk], relay: Any, head: Chunk, totals: Callable[[dict[str, Any] | None], Chunk]
-    | None, agree: Callable[[dict[int, str]], int], header: str,
+    cascade: Cascade, opening: list[Chunk], relay: Any, head: Chunk, totals: Totals | None,
+    agree: Callable[[dict[int, str]], int], header: str,
 ) -> StreamingResponse:  # fmt: skip
     """Server-sent events: the `opening` chunks (the student's), then the teacher's relayed with `relay`'s index map
     (None: no teacher), then the usage chunk (`totals` of the teacher's usage) and [DONE]."""
@@ -77,7 +80,7 @@ def _stream(
                     for choice in choices:
                         texts[choice["index"]] = texts.get(choice["index"], "") + _answer_text(choice)
                     yield _sse(head | {"choices": choices})
-                cascade.count(0, 0, agree(texts))
+                await cascade.count(0, 0, agree(texts))
             if totals is not None:
                 yield _sse(totals(teacher_usage))
             yield "data: [DONE]\n\n"
@@ -130,7 +133,7 @@ async def chat(
     if student is None:
         return Response(status_code=CLIENT_GONE)
     escalated = student.escalate[0]
-    cascade.count(1, int(escalated), 0)
+    await cascade.count(1, int(escalated), 0)
     agree = _agreement(cascade, student, [0] if escalated else [])
     chunk_head = head | {"object": "chat.completion.chunk"} | ({"usage": None} if body.include_usage() else {})
     if not escalated and body.stream:
@@ -149,7 +152,7 @@ async def chat(
         return _closing(_stream(cascade, [], relay, chunk_head, totals, agree, "teacher"), stack)
     data = await cascade.teacher.post(path, payload)
     choices = [c | {"answered_by": "teacher"} for c in _teacher_choices(cascade, data, path)]
-    cascade.count(0, 0, agree({c["index"]: _answer_text(c) for c in choices}))
+    await cascade.count(0, 0, agree({c["index"]: _answer_text(c) for c in choices}))
     content = head | {"object": "chat.completion", "choices": choices, "usage": data.get("usage")}
     return FastJSON(content, headers={HEADER: "teacher"})
 
@@ -168,9 +171,7 @@ def _chat_chunks(chunk_head: Chunk, rows: list[Row], top: int | None) -> list[Ch
     return chunks
 
 
-def _usage_chunk(
-    chunk_head: Chunk, student: dict[str, int] | None, prompt_tokens: int | None
-) -> Callable[[dict[str, Any] | None], Chunk]:
+def _usage_chunk(chunk_head: Chunk, student: dict[str, int] | None, prompt_tokens: int | None) -> Totals:
     """The last chunk's usage: the student's (`student`), plus the completion tokens the teacher reported."""
 
     def totals(teacher: dict[str, Any] | None) -> Chunk:
@@ -193,7 +194,7 @@ async def complete(
     if student is None:
         return Response(status_code=CLIENT_GONE)
     up = [p for p, escalate in enumerate(student.escalate) if escalate]
-    cascade.count(len(student.escalate), len(up), 0)
+    await cascade.count(len(student.escalate), len(up), 0)
     kept = [i for i in range(len(rows)) if not student.escalate[i // n]]
     mine = [shape.choice(i, rows) | {"answered_by": "student"} for i in kept]
     own = usage([rows[i] for i in kept], shape.prompt_tokens())
@@ -216,7 +217,7 @@ async def complete(
         data = await cascade.teacher.post(path, payload)
         theirs = [c | {"index": remap(c["index"]), "answered_by": "teacher"}
                   for c in _teacher_choices(cascade, data, path)]  # fmt: skip
-        cascade.count(0, 0, agree({c["index"]: _answer_text(c) for c in theirs}))
+        await cascade.count(0, 0, agree({c["index"]: _answer_text(c) for c in theirs}))
         mine = sorted(mine + theirs, key=lambda c: c["index"])
         extra = int((data.get("usage") or {}).get("completion_tokens") or 0)
         own = own | {"completion_tokens": own["completion_tokens"] + extra}
