@@ -550,3 +550,37 @@ def test_distill_serve_chooses_the_threshold_and_escalates(student_dir, tmp_path
             process.terminate()
             stderr = process.communicate(timeout=30)[1]
     assert "cascade: threshold" in stderr and "2 validation rows (accuracy against the gold answers)" in stderr
+
+
+def test_a_service_deployment_escalating_to_a_configured_endpoint(tmp_path):
+    """The teacher at one of the service's DISTILL_TEACHERS endpoints: the fake OpenAI server, and one that is not
+    there (a 502 when the deployment is created)."""
+    pytest.importorskip("sqlalchemy")
+    from _fake_openai import fake_openai
+    from _service import finished_job
+    from distill.service.app import create_app as service_app
+    from distill.service.settings import Settings
+
+    with fake_openai() as remote:
+        teachers = {"remote": (remote.url, None), "gone": ("http://127.0.0.1:9/v1", None)}
+        app = service_app(Settings(data_dir=tmp_path / "data", teachers=teachers))
+        job, output = finished_job(tmp_path / "data", {"recipe": "reasoning"}, "tiny-reasoning")
+        tiny_gpt2(output / "student", seed=1)
+        with TestClient(app, base_url="http://127.0.0.1:8000", client=("127.0.0.1", 5000)) as client:
+            file_id = upload(client, [{"prompt": f"{p} 2 + 3", "answer": "5"} for p in PROMPTS])
+            body = {"name": "remote-cascade", "student": job, "validation": file_id, "teacher_endpoint": "remote",
+                    "teacher": "fake", "confidence": {"answers": "final"}, "target_agreement": 1.0,
+                    "max_tokens": 40}  # fmt: skip
+            gone = client.post("/v1/deployments", json=body | {"teacher_endpoint": "gone"})
+            assert gone.status_code == 502 and gone.json()["error"]["code"] == "teacher_failed", gone.text
+            created = client.post("/v1/deployments", json=body)
+            assert created.status_code == 201, created.text
+            shown = created.json()
+            assert shown["teacher"] == {"model": "fake", "endpoint": "remote"}
+            assert shown["validation"]["reference"] == "gold" and shown["validation"]["teacher_score"] == 1.0
+            reply = client.post(
+                "/v1/completions", json={"model": "remote-cascade", "prompt": "20 + 22", "max_tokens": 40}
+            )
+            assert reply.headers["X-Distill-Answered-By"] == "teacher"
+            assert reply.json()["choices"][0]["text"].endswith("#### 42")
+            assert client.get("/v1/deployments/remote-cascade").json()["live"]["escalated"] == 1
