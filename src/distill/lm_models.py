@@ -12,12 +12,18 @@ from torch import nn
 from distill.lm_data import LMDataset
 
 
-def train_tokenizer(texts: list[str], vocab_size: int, directory: Path) -> Any:
-    """A byte-level BPE tokenizer trained on `texts` (the `tokenizers` library), saved in `directory`."""
-    from tokenizers import ByteLevelBPETokenizer
+def train_tokenizer(texts: list[str], vocab_size: int, directory: Path, digits: bool = False) -> Any:
+    """A byte-level BPE tokenizer trained on `texts` (the `tokenizers` library), saved in `directory`; with `digits`,
+    numbers are split into single digits before BPE (as Llama-3, Qwen and DeepSeek tokenizers do), so a model learns
+    arithmetic digit by digit instead of memorising one token per number."""
+    from tokenizers import ByteLevelBPETokenizer, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
+    if digits:
+        bpe._tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        )
     bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=["<|endoftext|>", "<pad>"])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe._tokenizer,
@@ -60,15 +66,15 @@ def train_unigram_tokenizer(texts: list[str], vocab_size: int, directory: Path) 
 
 
 def run_tokenizer(texts: list[str], vocab_size: int, folder: Path, resume: bool, kind: str = "bpe") -> Any:
-    """A run's tokenizer in `folder` (`kind` bpe: byte-level BPE; unigram: SentencePiece-style): loaded when a
-    resumed run trained it already, else trained on `texts`."""
+    """A run's tokenizer in `folder` (`kind` bpe: byte-level BPE; bpe-digits: the same with numbers split into
+    digits; unigram: SentencePiece-style): loaded when a resumed run trained it already, else trained on `texts`."""
     if resume and (folder / "tokenizer.json").is_file():
         from transformers import PreTrainedTokenizerFast  # the folder holds the tokenizer alone (no model config)
 
         return PreTrainedTokenizerFast.from_pretrained(folder)
     if kind == "unigram":
         return train_unigram_tokenizer(texts, vocab_size, folder)
-    return train_tokenizer(texts, vocab_size, folder)
+    return train_tokenizer(texts, vocab_size, folder, digits=kind == "bpe-digits")
 
 
 def gpt2(tokenizer: Any, size: dict[str, int], max_length: int, seed: int) -> nn.Module:
