@@ -309,7 +309,7 @@ def test_id_width_follows_the_vocabulary_size(tmp_path):
     options = {**SETTINGS, "vocab_size": 70_000, "top_k": 4, "batch_size": 1}
     build_token_cache(random_logits, sequences, tmp_path, **options)
     cache = TokenCache(tmp_path)
-    assert cache.shards[0].dtype["ids"].base == np.uint32
+    assert cache.records(np.arange(3))["ids"].dtype == np.uint32
     out = cache.batch([0], 4)
     logprobs = F.log_softmax(random_logits(torch.from_numpy(sequences[0])[None], None)[0, :3] / 1.5, -1)  # (3, V)
     assert torch.equal(out.token_ids[0, :3], logprobs.topk(4).indices)

@@ -1,33 +1,15 @@
-"""A teacher LM's top-K next-token log-probs, scored once over the training data and read memory-mapped by every
-epoch and every student (score once, train many).
+"""Building a teacher LM's top-K next-token log-probs cache: scored once over the training data, then read
+memory-mapped by every epoch and every student (score once, train many) through `TokenCache`.
 
-Layout of a cache directory:
-
-    manifest.json       format, teacher name and revision, tokenizer hash, vocabulary size, K, temperature,
-                        quantisation (`token_codec.Codec.params`), data id and content hash, counts, and every file
-                        with its sha256; written last: a directory without it is an unfinished build
-    shard-00000.npy     (rows,) fixed-size records (`token_codec`), one per scored position, in data order
-    ...
-    index.npz           lengths (N,) uint32 tokens per sequence, scored (N,) uint32 scored positions per sequence,
-                        mask (ceil(sum(lengths) / 8),) uint8 which positions are scored, bit-packed, sequence after
-                        sequence; sequence i's records are the rows from sum(scored[:i]) on, counted across shards
-    partial.json        only while building: the shards finished so far; a killed build resumes from them
-
+The directory's layout, and how it is read, are in `distill.teachers.token_cache_read` (`TokenCache` and
+`verify_token_cache` are importable from here too); the record of a position and its error bound in
+`distill.teachers.token_codec`; how shards store the records (ids entropy-coded) in `distill.teachers.token_shards`.
 The files are written, resumed and checked as `distill.teachers.cache_files` describes.
-
-Position t of a sequence holds the teacher's distribution of token t + 1 (`logits[t]`), at the cache's temperature:
-log_softmax(logits / T). The record format and its error bound are in `distill.teachers.token_codec`.
-
-**Filler.** `TokenCache.batch` returns (B, T, K) arrays aligned with a right-padded batch. A position that was not
-scored (not in the mask, or padding) holds log-prob 0 at id 0 in slot 0 and LOG_FLOOR (-100) at ids 1 .. K-1: a
-valid one-hot distribution with an empty tail, so every loss stays finite there; the caller's loss mask removes it.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
-import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,26 +20,30 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distill.errors import CacheError
-from distill.losses import LOG_FLOOR
 from distill.progress import NULL, Cancelled, Reporter
 from distill.teachers.cache_files import (
     MANIFEST,
     PARTIAL,
     add_shard,
-    check_file,
     finish,
     read_json,
     resumable_shards,
     write_file,
 )
 from distill.teachers.local import logits_of
-from distill.teachers.protocol import TeacherOutput
+from distill.teachers.token_cache_read import FORMAT, INDEX, VERSION, TokenCache, differences, verify_token_cache
 from distill.teachers.token_codec import Codec
+from distill.teachers.token_shards import STORAGE, pack
 
-FORMAT = "distill-token-cache"
-VERSION = 1
-INDEX = "index.npz"
-EXPECTABLE = ("teacher_name", "teacher_revision", "tokenizer_hash", "vocab_size", "top_k", "temperature", "data_id")
+__all__ = [
+    "TokenCache",
+    "build_scored_cache",
+    "build_token_cache",
+    "causal_lm_logits",
+    "verify_token_cache",
+    "write_token_cache",
+]
+NOT_COMPARED = ("version", "storage")  # a finished cache of another format version is reused, not rebuilt
 
 LogitsFn = Callable[[Tensor, Tensor], Tensor]  # input_ids (B, T), attention_mask (B, T) -> logits (B, T, V)
 
@@ -94,17 +80,6 @@ def _as_inputs(
         masks.append(mask)
         digest.update(np.int64(array.size).tobytes() + ids[-1].tobytes() + np.packbits(mask).tobytes())
     return ids, masks, digest.hexdigest()
-
-
-def _differences(found: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
-    """'key found, not wanted' for every key where they differ."""
-    out = []
-    for key, value in wanted.items():
-        have = found.get(key)
-        same = isinstance(value, float) and isinstance(have, (int, float)) and math.isclose(have, value, rel_tol=1e-9)
-        if not same and have != value:
-            out.append(f"{key} {have!r}, not {value!r}")
-    return out
 
 
 def _score(
@@ -214,7 +189,7 @@ def build_scored_cache(
             raise ValueError(
                 f"score returned {len(records)} records of {records.dtype} for sequences {first}..{stop - 1}"
             )
-        _write_shard(directory, described, shards, records, first, stop)
+        _write_shard(directory, described, shards, records, first, stop, codec)
     reporter.end()
     return _finish(directory, described, shards, ids, masks, counts, notes() if notes else None)
 
@@ -225,7 +200,7 @@ def _finished(directory: Path, identity: dict[str, Any]) -> dict[str, Any] | Non
     for name in (MANIFEST, PARTIAL):
         if (directory / name).exists():
             found = read_json(directory / name)
-            differ = _differences(found, identity)
+            differ = differences(found, {k: v for k, v in identity.items() if k not in NOT_COMPARED})
             if differ:
                 what = "a cache" if name == MANIFEST else "an unfinished build"
                 raise CacheError(
@@ -265,13 +240,21 @@ def _scored_shards(
 
 
 def _write_shard(
-    directory: Path, identity: dict[str, Any], shards: list[dict[str, Any]], records: np.ndarray, first: int, stop: int
+    directory: Path,
+    identity: dict[str, Any],
+    shards: list[dict[str, Any]],
+    records: np.ndarray,
+    first: int,
+    stop: int,
+    codec: Codec,
 ) -> None:
-    """Write the records (rows,) of sequences first..stop-1 as the next shard and note it in the partial file."""
+    """Write the records (rows,) of sequences first..stop-1 as the next shard (`token_shards.pack`) and note it in
+    the partial file."""
     name = f"shard-{len(shards):05d}.npy"
     row = sum(s["rows"] for s in shards)
-    add_shard(directory, identity, shards, name, records, first_sequence=first, sequences=stop - first,
-              first_row=row, rows=len(records))  # fmt: skip
+    packed, id_bits = pack(records, codec)
+    add_shard(directory, identity, shards, name, packed, first_sequence=first, sequences=stop - first,
+              first_row=row, rows=len(records), id_bits=id_bits)  # fmt: skip
 
 
 def _finish(
@@ -330,7 +313,7 @@ def write_token_cache(
     while True:  # whole sequences per shard, about shard_tokens records each; at least one shard
         stop = min(max(int(np.searchsorted(ends, row + shard_tokens, side="right")), first + 1), len(ids))
         end = int(ends[stop - 1]) if stop else 0
-        _write_shard(directory, identity, shards, records[row:end], first, stop)
+        _write_shard(directory, identity, shards, records[row:end], first, stop, codec)
         first, row = stop, end
         if first >= len(ids):
             break
@@ -364,169 +347,5 @@ def _identity(
         "tokens": int(sum(len(a) for a in ids)),
         "positions": int(counts.sum()),
         "quantisation": codec.params(),
-    }
-
-
-def _manifest(directory: Path) -> dict[str, Any]:
-    """The manifest, checked for format, version and fields; CacheError for a missing, unfinished or bad one."""
-    path = directory / MANIFEST
-    if not path.exists():
-        if (directory / PARTIAL).exists():
-            raise CacheError(f"{directory} holds an unfinished token cache build; run the build again to resume it")
-        raise CacheError(f"{directory} has no {MANIFEST}: not a token cache; build one with build_token_cache")
-    manifest = read_json(path)
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise CacheError(f"{path} is not a {FORMAT} v{VERSION} manifest; rebuild the cache with this version")
-    try:
-        for key in ("sequences", "tokens", "positions", "vocab_size", "top_k"):
-            int(manifest[key])
-        float(manifest["temperature"])
-        for entry in [manifest["index"], *manifest["shards"]]:
-            str(entry["file"]), str(entry["sha256"])
-        shards = manifest["shards"]
-        starts = [(int(s["first_sequence"]), int(s["first_row"])) for s in shards]
-        ends = [(0, 0)] + [(a + int(s["sequences"]), b + int(s["rows"])) for (a, b), s in zip(starts, shards)]
-    except (KeyError, TypeError, ValueError) as error:
-        raise CacheError(f"{path} is malformed ({type(error).__name__}: {error}); rebuild the cache") from None
-    if starts != ends[:-1] or ends[-1] != (manifest["sequences"], manifest["positions"]):
-        raise CacheError(f"{path} lists shards that do not cover its sequences and positions; rebuild the cache")
-    return manifest
-
-
-class TokenCache:
-    """A finished token cache, memory-mapped, serving `TeacherOutput`s for batches of sequence indices.
-
-    `expect` names what the caller requires (any of teacher_name, teacher_revision, tokenizer_hash, vocab_size,
-    top_k, temperature, data_id); a cache that differs is refused with a CacheError saying what differs.
-    """
-
-    def __init__(self, directory: Path | str, *, expect: Mapping[str, Any] | None = None):
-        self.directory = Path(directory)
-        manifest = _manifest(self.directory)
-        unknown = set(expect or {}) - set(EXPECTABLE)
-        if unknown:
-            raise ValueError(f"cannot expect {sorted(unknown)} of a token cache; choose from {list(EXPECTABLE)}")
-        differ = _differences(manifest, expect or {})
-        if differ:
-            raise CacheError(
-                f"token cache {self.directory} was built with {'; '.join(differ)}; rebuild it or open another"
-            )
-        self.manifest = manifest
-        self.codec = Codec.from_params(manifest["quantisation"])
-        self.num_classes = self.codec.vocab_size
-        self.top_k = self.codec.top_k
-        self.temperature = float(manifest["temperature"])
-        index_path = self.directory / INDEX
-        try:
-            with np.load(index_path) as index:
-                self.lengths = index["lengths"].astype(np.int64)  # (N,)
-                counts = index["scored"].astype(np.int64)  # (N,)
-                self.mask = index["mask"]  # (ceil(tokens / 8),) uint8
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
-            raise CacheError(f"cache index {index_path} is unreadable ({error}); rebuild the cache") from None
-        n, tokens = manifest["sequences"], manifest["tokens"]
-        if (
-            self.lengths.shape != (n,)
-            or counts.shape != (n,)
-            or self.lengths.sum() != tokens
-            or counts.sum() != manifest["positions"]
-            or self.mask.shape != ((tokens + 7) // 8,)
-        ):
-            raise CacheError(f"cache index {index_path} does not match the manifest's counts; rebuild the cache")
-        self.token_start = np.concatenate([[0], np.cumsum(self.lengths)])  # (N+1,)
-        self.row_start = np.concatenate([[0], np.cumsum(counts)])  # (N+1,)
-        self.shards: list[np.ndarray] = []  # each (rows,) records, memory-mapped
-        self.shard_rows = np.array([int(s["first_row"]) for s in manifest["shards"]], np.int64)  # (shards,)
-        for shard in manifest["shards"]:
-            path = self.directory / shard["file"]
-            check_file(path, None, "cache shard")
-            try:
-                records = np.load(path, mmap_mode="r")
-            except (OSError, ValueError) as error:
-                raise CacheError(f"cache shard {path} is unreadable ({error}); rebuild the cache") from None
-            if records.dtype != self.codec.record_dtype or records.shape != (shard["rows"],):
-                raise CacheError(
-                    f"cache shard {path} holds {records.shape} {records.dtype}, not what the manifest says"
-                )
-            self.shards.append(records)
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def _records(self, rows: np.ndarray) -> np.ndarray:
-        """The records of global rows (n,), gathered from the shards that hold them (one loop step per shard)."""
-        shard = np.searchsorted(self.shard_rows, rows, side="right") - 1  # (n,)
-        if len(self.shards) == 1 or (rows.size and shard.min() == shard.max()):
-            s = int(shard[0]) if rows.size else 0
-            return self.shards[s][rows - self.shard_rows[s]]
-        out = np.empty(rows.size, self.codec.record_dtype)
-        for s in np.unique(shard):
-            chosen = shard == s
-            out[chosen] = self.shards[s][rows[chosen] - self.shard_rows[s]]
-        return out
-
-    def batch(self, indices: Sequence[int] | np.ndarray | Tensor, length: int) -> TeacherOutput:
-        """Top-K log-probs (B, length, K) float32 and ids (B, length, K) int64 for sequences `indices`, right-padded
-        to `length`; unscored positions hold the filler of the module docstring and are False in `mask` (B, length)."""
-        seq = np.asarray(indices, dtype=np.int64).reshape(-1)  # (B,)
-        if seq.size and (seq.min() < 0 or seq.max() >= len(self)):
-            raise IndexError(f"sequence index {seq.max()} is outside the cache's {len(self)} sequences")
-        lengths = self.lengths[seq]  # (B,)
-        if seq.size and lengths.max() > length:
-            raise ValueError(f"a sequence of the batch has {lengths.max()} tokens, more than the padded {length}")
-        k = self.top_k
-        inside = np.arange(length) < lengths[:, None]  # (B, T)
-        bit = np.where(inside, self.token_start[seq][:, None] + np.arange(length), 0)  # (B, T)
-        scored = inside & ((self.mask[bit >> 3] >> (7 - (bit & 7))) & 1).astype(bool)  # (B, T)
-        rows = (self.row_start[seq][:, None] + np.cumsum(scored, axis=1) - 1)[scored]  # (n,)
-        records = self._records(rows)  # (n,)
-        out_logprobs = np.empty((seq.size, length, k), np.float32)  # (B, T, K)
-        out_ids = np.empty((seq.size, length, k), np.int64)  # (B, T, K)
-        out_logprobs[scored] = self.codec.decode(records)  # (n, K)
-        out_ids[scored] = records["ids"]  # (n, K), widened on assignment
-        filler = ~scored  # (B, T)
-        out_logprobs[filler] = np.where(np.arange(k) == 0, 0.0, LOG_FLOOR).astype(np.float32)
-        out_ids[filler] = np.arange(k)
-        return TeacherOutput(
-            torch.from_numpy(out_logprobs),
-            torch.from_numpy(out_ids),
-            temperature=self.temperature,
-            mask=torch.from_numpy(scored),
-        )
-
-    def __call__(self, batch: dict[str, Any]) -> TeacherOutput:
-        """The `Teacher` protocol: sequences `batch["index"]` (B,), padded like the batch's `input_ids` (B, T)."""
-        inputs = batch.get("inputs", batch)
-        return self.batch(batch["index"].cpu(), int(inputs["input_ids"].shape[-1]))
-
-
-def verify_token_cache(directory: Path | str) -> dict[str, Any]:
-    """Check every file's sha256 and the index against the manifest; return a summary. CacheError when not sound."""
-    directory = Path(directory)
-    manifest = _manifest(directory)
-    for entry in [manifest["index"], *manifest["shards"]]:
-        check_file(directory / entry["file"], entry["sha256"])
-    cache = TokenCache(directory)
-    for shard in manifest["shards"]:  # one shard's sequences at a time: memory stays in proportion to a shard
-        first, stop = shard["first_sequence"], shard["first_sequence"] + shard["sequences"]
-        begin, end = cache.token_start[first], cache.token_start[stop]
-        bits = np.unpackbits(cache.mask[begin // 8 : (end + 7) // 8])[begin % 8 : begin % 8 + end - begin]
-        running = np.concatenate([[0], np.cumsum(bits, dtype=np.int64)])  # (tokens_in_shard + 1,)
-        starts = cache.token_start[first : stop + 1] - begin  # (sequences + 1,)
-        if not np.array_equal(np.diff(running[starts]), np.diff(cache.row_start[first : stop + 1])):
-            raise CacheError(f"cache index {directory / INDEX} disagrees with itself (mask vs counts); rebuild it")
-    files = [MANIFEST, manifest["index"]["file"], *(s["file"] for s in manifest["shards"])]
-    size = sum((directory / name).stat().st_size for name in files)
-    positions = int(manifest["positions"])
-    return {
-        "sequences": int(manifest["sequences"]),
-        "positions": positions,
-        "tokens": int(manifest["tokens"]),
-        "shards": len(manifest["shards"]),
-        "top_k": cache.top_k,
-        "vocab_size": cache.num_classes,
-        "id_dtype": cache.codec.id_dtype.name,
-        "bytes": size,
-        "bytes_per_position": size / max(positions, 1),
-        "kl_bound": cache.codec.kl_bound(),
+        "storage": STORAGE,
     }
