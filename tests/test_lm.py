@@ -89,6 +89,23 @@ def test_chunked_lm_terms_equal_the_full_logits_path():
     assert torch.allclose(generic["kd"], terms["kd"], atol=1e-5)
 
 
+def test_a_hard_label_term_of_weight_zero_is_not_computed():
+    student, tokenizer = tiny_gpt2(seed=1)
+    student.eval()
+    teacher = LocalTeacher(tiny_gpt2(layers=3, seed=2)[0], len(tokenizer))
+    batch = tokenize_examples(tokenizer, EXAMPLES).batch(torch.arange(4))
+    mixed, _ = lm_terms(student, batch, teacher, LossConfig(divergence="jsd", alpha=0.5, chunk_size=5))
+    kd_alone, weights = lm_terms(student, batch, teacher, LossConfig(divergence="jsd", alpha=1.0, chunk_size=5))
+    assert set(kd_alone) == {"kd"} and weights == {"kd": 1.0}
+    assert torch.allclose(kd_alone["kd"], mixed["kd"], atol=1e-6)
+    kd_alone["kd"].backward()
+    mixed_grads = [p.grad.clone() for p in student.parameters()]
+    student.zero_grad()
+    mixed["kd"].backward()  # the same divergence's gradients, computed beside the cross-entropy's
+    for a, p in zip(mixed_grads, student.parameters()):
+        assert torch.allclose(a, p.grad, atol=1e-6)
+
+
 def test_token_cache_teacher_gives_the_live_teachers_loss_at_the_same_k(tmp_path):
     from distill.teachers.token_cache import TokenCache, build_token_cache, causal_lm_logits
 
