@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= dev,hf,service,eval,track
 
-.PHONY: setup demo test test-all lint bench clean
+.PHONY: setup demo test test-all lint bench bench-setup clean
 
 setup: $(VENV)/.installed
 
@@ -33,6 +33,13 @@ lint: setup
 bench: setup
 	$(PY) benchmarks/kd_overhead.py
 	$(PY) benchmarks/soft_targets.py
+
+# The peers of the benchmarks (the `bench` extra, and torchdistill without its torchvision requirement, which would
+# replace the CPU build of torch); prints the torch build it leaves.
+bench-setup: setup
+	$(PY) -m pip install --quiet -e '.[$(EXTRAS),bench]'
+	$(PY) -m pip install --quiet --no-deps 'torchdistill==1.1.5'
+	$(PY) -c "import sys, torch, torchdistill.losses.mid_level; print('torch', torch.__version__, '(torchvision imported)' if 'torchvision' in sys.modules else '')"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
