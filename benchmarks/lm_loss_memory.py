@@ -1,41 +1,43 @@
-"""Peak memory and speed of the chunked token-level distillation loss against the naive one.
+"""Peak memory and speed of the chunked token-level distillation loss against the naive one, and the memory of a
+training step with a live teacher against one with the teacher's cache.
 
 Language-model distillation compares the student's and the teacher's next-token distributions over V classes at N
 positions. The naive loss forms the full (N, V) logits of both models, their log-probs and the student's logit
-gradient at once; `distill.chunked.chunked_token_loss` takes `--chunk-size` positions at a time and keeps only the
-student's gradients (Liger-Kernel's fused linear distillation loss, which cuts peak memory by about 84 %).
+gradient at once; `distill.chunked.chunked_token_loss` takes `--chunk-size` positions at a time into one reused
+(chunk, V) logits buffer, computes the divergence on blocks of at most `BLOCK_ELEMENTS` (rows x V) and keeps only
+the student's gradients (Liger-Kernel's fused linear distillation loss, which cuts peak memory by about 84 %).
 
-Both variants compute forward KL at T = 1 between a student (hidden states (N, Hs) and head (V, Hs), both trained)
-and a dense teacher given as hidden states (N, Ht) and head (V, Ht), and run forward + backward:
+Both variants compute forward KL, and the generalised JSD (beta 0.5) beside it, at T = 1 between a student (hidden
+states (N, Hs) and head (V, Hs), both trained) and a dense teacher given as hidden states (N, Ht) and head (V, Ht),
+and run forward + backward:
 
-    naive    teacher log-probs (N, V) under no_grad, student logits (N, V), LOSSES["forward_kl"], backward
+    naive    teacher log-probs (N, V) under no_grad, student logits (N, V), LOSSES[divergence], backward
     chunked  chunked_token_loss(..., chunk_size), backward
 
-Measured, with targets:
+Measured, with targets (forward KL):
 
-    memory ratio = chunked peak / naive peak                                          target <= 0.30
-    speed        = naive seconds / chunked seconds (forward + backward)               target >= 0.90
-    equality     = loss and gradients (student hidden, head) agree within float32 tolerance
+    memory ratio = chunked peak / naive peak                                          target <= 0.16
+    speed        = naive seconds / chunked seconds (forward + backward)               target >= 1.0
+    equality     = loss and gradients (student hidden, head) agree within float32 tolerance (both divergences)
 
-Peak memory: each variant runs once in a fresh subprocess, after a tiny warm-up of both variants (kernels,
-thread pools). On CPU the peak resident set size is reset just before the loss (writing 5 to /proc/self/clear_refs)
-and the figure is the peak RSS (`ru_maxrss`) minus the RSS just before; the inputs themselves are not counted, the
-gradients are. Where the reset is not allowed, the RSS peak before the loss is recorded too. On CUDA it is
-`torch.cuda.max_memory_allocated` minus the memory allocated just before. Speed: one process times both variants
-in every round, in alternating order; the figures are medians over rounds, the ratio is the median of the per-round
-ratios (this machine's speed drifts between rounds, a paired ratio cancels the drift).
+The live-teacher case (`_lm_live_teacher`, CPU only; `--no-live` skips it): one training step (`distill.lm.lm_terms`,
+forward and backward) of a GPT-2 student 2 x 512 taught by a GPT-2 teacher 4 x 1024 in the process (its log-probs
+formed chunk by chunk from its final hidden states), by the same teacher's top-64 as its cache hands them to a
+step, and by the teacher's full (B, T, V) log-probs (the path before), over N tokens (batches of 1,024) at V:
 
-Default chunk size 1024, by measurement (`--sweep 256,512,2048`; 2 CPU cores, N = 4096, V = 32000, float32).
-Peak increase: naive 3510 MB; chunk 2048: 1830 MB (0.52, misses the target); 1024: 959 MB (0.27); 512: 519 MB
-(0.15); 256: 520-610 MB (its 31 MiB chunk tensors fall under glibc's 32 MiB mmap threshold, come from the heap and
-fragment it: 300 MB with MALLOC_MMAP_THRESHOLD_=1048576). A chunk holds about seven (chunk, V) float32 tensors at its peak (131 MB each at 1024). Time of
-forward + backward, quiet machine: naive 8.5 s, chunk 1024 8.2 s, chunk 512 8.3 s; paired medians on a loaded
-machine: 1024 at 1.00-1.06x naive, 512 at 0.90-0.95x. So 1024 is the fastest chunk that meets the memory target;
-512 halves the memory again for a few per cent of time (smaller products, more passes over the (V, H) heads) and
-is the choice when memory is tight.
+    live teacher peak / cached teacher peak                                           target <= 1.2
 
-    python benchmarks/lm_loss_memory.py [--tokens 4096] [--vocab 32000] [--rounds 5] [--chunk-size 1024]
-                                        [--sweep 256,512,2048]
+Peak memory: each variant runs once in a fresh subprocess, after a tiny warm-up (kernels, thread pools). On CPU the
+peak resident set size is reset just before the measured call (writing 5 to /proc/self/clear_refs) and the figure
+is the peak RSS (VmHWM; not `ru_maxrss`, which in a child also keeps its parent's peak) minus the RSS just before;
+the inputs and the models' weights are not counted, the gradients are. Where the reset is not allowed, `ru_maxrss`
+is recorded with the RSS peak before. On CUDA it is `torch.cuda.max_memory_allocated` minus the memory allocated
+just before. Speed: one process times both variants in every round, in alternating order; the figures are medians
+over rounds, the ratio is the median of the per-round ratios (this machine's speed drifts between rounds, a paired
+ratio cancels the drift). The measured figures are in benchmarks/results/lm_loss_memory.json and the README.
+
+    python benchmarks/lm_loss_memory.py [--tokens 4096] [--vocab 32000] [--rounds 3] [--chunk-size 1024]
+                                        [--sweep 256,512,2048] [--threads N] [--no-live]
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -57,12 +60,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from distill.chunked import chunked_token_loss
+import _lm_live_teacher as live
+from distill.chunked import BLOCK_ELEMENTS, chunked_token_loss
 from distill.losses import LOSSES
 
 RESULTS = Path(__file__).parent / "results"
-MEMORY_TARGET = 0.30  # chunked peak / naive peak, at most
-SPEED_TARGET = 0.90  # naive seconds / chunked seconds, at least
+MEMORY_TARGET = 0.16  # chunked peak / naive peak, at most (forward KL)
+SPEED_TARGET = 1.0  # naive seconds / chunked seconds, at least (forward KL)
+LIVE_TARGET = 1.2  # a step's peak with the live teacher / with the cached teacher, at most
+DIVERGENCES = ("forward_kl", "jsd")  # forward KL, and the generalised JSD of GKD beside it
+BETA = 0.5
 
 
 def make_inputs(
@@ -83,31 +90,32 @@ def make_inputs(
     }
 
 
-def naive(inputs: dict[str, torch.Tensor], chunk_size: int) -> torch.Tensor:
+def naive(inputs: dict[str, torch.Tensor], chunk_size: int, divergence: str) -> torch.Tensor:
     """Full logits of both models, the unchunked loss, backward. `chunk_size` is unused."""
     with torch.no_grad():
         teacher_logprobs = F.log_softmax(F.linear(inputs["teacher_hidden"], inputs["teacher_head"]), dim=-1)  # (N, V)
     student_logits = F.linear(inputs["student_hidden"], inputs["student_head"])  # (N, V)
-    loss = LOSSES["forward_kl"](student_logits, teacher_logprobs, temperature=1.0)
+    loss = LOSSES[divergence](student_logits, teacher_logprobs, temperature=1.0, beta=BETA)
     loss.backward()
     return loss.detach()
 
 
-def chunked(inputs: dict[str, torch.Tensor], chunk_size: int) -> torch.Tensor:
+def chunked(inputs: dict[str, torch.Tensor], chunk_size: int, divergence: str) -> torch.Tensor:
     loss = chunked_token_loss(
         inputs["student_hidden"],
         inputs["student_head"],
         teacher_hidden=inputs["teacher_hidden"],
         teacher_head=inputs["teacher_head"],
-        divergence="forward_kl",
+        divergence=divergence,
         temperature=1.0,
+        beta=BETA,
         chunk_size=chunk_size,
     )
     loss.backward()
     return loss.detach()
 
 
-Variant = Callable[[dict[str, torch.Tensor], int], torch.Tensor]
+Variant = Callable[[dict[str, torch.Tensor], int, str], torch.Tensor]
 VARIANTS: dict[str, Variant] = {"naive": naive, "chunked": chunked}
 
 
@@ -134,14 +142,14 @@ def measure_peak(args: argparse.Namespace) -> dict[str, Any]:
     variant = VARIANTS[args.measure]
     tiny = make_inputs(64, 512, 16, 32, args.device)
     for fn in VARIANTS.values():  # warm-up: kernels, thread pools, lazy imports
-        fn(tiny, 16)
+        fn(tiny, 16, args.divergence)
     del tiny
     inputs = make_inputs(args.tokens, args.vocab, args.student_hidden, args.teacher_hidden, args.device)
     if args.device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        variant(inputs, args.chunk_size)
+        variant(inputs, args.chunk_size, args.divergence)
         torch.cuda.synchronize()
         return {"peak_increase_mb": (torch.cuda.max_memory_allocated() - before) / 2**20, "method": "cuda"}
     peak_before_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -151,20 +159,22 @@ def measure_peak(args: argparse.Namespace) -> dict[str, Any]:
     except OSError:
         reset = False
     rss_before_kb = rss_kb("VmRSS")
-    variant(inputs, args.chunk_size)
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    variant(inputs, args.chunk_size, args.divergence)
+    # VmHWM, not ru_maxrss: a child's ru_maxrss also keeps the peak of the parent it was forked from
+    peak_kb = rss_kb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {
         "peak_increase_mb": (peak_kb - rss_before_kb) / 1024,
-        "method": "ru_maxrss after resetting the peak" if reset else "ru_maxrss (no reset; see peak_before_mb)",
+        "method": "VmHWM after resetting the peak" if reset else "ru_maxrss (no reset; see peak_before_mb)",
         "rss_before_mb": rss_before_kb / 1024,
         "peak_before_mb": None if reset else peak_before_kb / 1024,
         "peak_mb": peak_kb / 1024,
     }
 
 
-def peak_in_subprocess(args: argparse.Namespace, variant: str, chunk_size: int) -> dict[str, Any]:
+def peak_in_subprocess(args: argparse.Namespace, variant: str, chunk_size: int, divergence: str) -> dict[str, Any]:
     command = [
         sys.executable, __file__, "--measure", variant, "--chunk-size", str(chunk_size), "--tokens", str(args.tokens),
+        "--divergence", divergence,
         "--vocab", str(args.vocab), "--student-hidden", str(args.student_hidden),
         "--teacher-hidden", str(args.teacher_hidden), "--device", args.device, "--threads", str(args.threads),
     ]  # fmt: skip
@@ -173,21 +183,21 @@ def peak_in_subprocess(args: argparse.Namespace, variant: str, chunk_size: int) 
     return result
 
 
-def timed(fn: Variant, inputs: dict[str, torch.Tensor], chunk_size: int, device: str) -> float:
+def timed(fn: Variant, inputs: dict[str, torch.Tensor], chunk_size: int, divergence: str, device: str) -> float:
     clear_grads(inputs)
     synchronize(device)
     start = time.perf_counter()
-    fn(inputs, chunk_size)
+    fn(inputs, chunk_size, divergence)
     synchronize(device)
     return time.perf_counter() - start
 
 
-def compare(inputs: dict[str, torch.Tensor], chunk_size: int) -> dict[str, Any]:
+def compare(inputs: dict[str, torch.Tensor], chunk_size: int, divergence: str) -> dict[str, Any]:
     """Loss and student gradients of both variants; equal within float32 tolerance (relative to the largest)."""
     results = {}
     for name, fn in VARIANTS.items():
         clear_grads(inputs)
-        loss = fn(inputs, chunk_size)
+        loss = fn(inputs, chunk_size, divergence)
         grads = {}
         for key in ("student_hidden", "student_head"):
             grad = inputs[key].grad  # kept here while the next variant gets fresh ones
@@ -207,6 +217,67 @@ def compare(inputs: dict[str, torch.Tensor], chunk_size: int) -> dict[str, Any]:
     return report
 
 
+def loss_case(args: argparse.Namespace, divergence: str, chunk_sizes: list[int]) -> dict[str, Any]:
+    """Peak memory (fresh processes), equality and paired timings of the naive and chunked losses of `divergence`."""
+    peaks = {"naive": peak_in_subprocess(args, "naive", args.chunk_size, divergence)}
+    for c in chunk_sizes:
+        peaks[f"chunked_{c}"] = peak_in_subprocess(args, "chunked", c, divergence)
+    inputs = make_inputs(args.tokens, args.vocab, args.student_hidden, args.teacher_hidden, args.device)
+    equality = compare(inputs, args.chunk_size, divergence)  # also the warm-up of both variants
+    timers = {"naive": (naive, 0)} | {f"chunked_{c}": (chunked, c) for c in chunk_sizes}
+    names = list(timers)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(args.rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            fn, c = timers[name]
+            times[name].append(timed(fn, inputs, c, divergence, args.device))
+    peak_mb = {name: float(peaks[name]["peak_increase_mb"]) for name in names}
+    speed_rounds = {name: [n / t for n, t in zip(times["naive"], times[name])] for name in names}
+    return {
+        "peak_memory": peaks,
+        "memory_over_naive": {name: peak_mb[name] / peak_mb["naive"] for name in names},
+        "seconds": {name: statistics.median(values) for name, values in times.items()},
+        "all_rounds": times,
+        "speed_over_naive": {name: statistics.median(values) for name, values in speed_rounds.items()},
+        "speed_over_naive_rounds": speed_rounds,
+        "equality": equality,
+    }
+
+
+def live_case(args: argparse.Namespace, divergence: str, top_k_path: Path) -> dict[str, Any]:
+    """Peak memory of a training step with the live, cached and dense teachers (`_lm_live_teacher`)."""
+    sizes = live_sizes(args)
+    peaks = {case: live.in_subprocess(__file__, case, sizes, divergence, top_k_path, args.threads)
+             for case in live.CASES}  # fmt: skip
+    cached = peaks["cached"]["peak_increase_mb"]
+    return {"peak_memory": peaks, "over_cached": {c: p["peak_increase_mb"] / cached for c, p in peaks.items()}}
+
+
+def live_sizes(args: argparse.Namespace) -> dict[str, int]:
+    sequence = min(1024, args.tokens)
+    return {"vocab": args.vocab, "sequence": sequence, "batch": max(1, args.tokens // sequence), "top_k": 64,
+            "chunk_size": args.chunk_size}  # fmt: skip
+
+
+def print_tables(args: argparse.Namespace, cases: dict[str, Any], lives: dict[str, Any]) -> None:
+    print(f"N={args.tokens} V={args.vocab} Hs={args.student_hidden} Ht={args.teacher_hidden} device={args.device}")
+    print(f"{'divergence':<12}{'variant':<16}{'peak MB':>10}{'/ naive':>9}{'median s':>10}{'speed':>8}   rounds (s)")
+    for divergence, case in cases.items():
+        for name, rounds in case["all_rounds"].items():
+            print(
+                f"{divergence:<12}{name:<16}{case['peak_memory'][name]['peak_increase_mb']:>10.0f}"
+                f"{case['memory_over_naive'][name]:>9.3f}{case['seconds'][name]:>10.3f}"
+                f"{case['speed_over_naive'][name]:>8.3f}   {', '.join(f'{t:.2f}' for t in rounds)}"
+            )
+    sizes = live_sizes(args)
+    print(f"\ntraining step, GPT-2 student 2 x 512 and teacher 4 x 1024, batch {sizes['batch']} x {sizes['sequence']}, "
+          f"V={args.vocab}, cached top-{sizes['top_k']}: peak MB over the RSS before the step")  # fmt: skip
+    print(f"{'divergence':<12}{'teacher':<10}{'peak MB':>10}{'/ cached':>10}")
+    for divergence, found in lives.items():
+        for name, peak in found["peak_memory"].items():
+            print(f"{divergence:<12}{name:<10}{peak['peak_increase_mb']:>10.0f}{found['over_cached'][name]:>10.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=4096, help="N, token positions scored")
@@ -214,55 +285,50 @@ def main() -> None:
     parser.add_argument("--student-hidden", type=int, default=512, help="Hs, the student's hidden size")
     parser.add_argument("--teacher-hidden", type=int, default=1024, help="Ht, the teacher's hidden size")
     parser.add_argument("--chunk-size", type=int, default=1024, help="positions per chunk of the chunked loss")
-    parser.add_argument("--rounds", type=int, default=5, help="timing rounds (each times both variants)")
+    parser.add_argument("--rounds", type=int, default=3, help="timing rounds (each times every variant)")
     parser.add_argument("--sweep", default="", help="comma-separated chunk sizes to measure as well, e.g. 256,512")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-live", action="store_true", help="skip the live-teacher training step")
     parser.add_argument("--measure", choices=sorted(VARIANTS), help=argparse.SUPPRESS)  # child process mode
+    parser.add_argument("--divergence", default="forward_kl", help=argparse.SUPPRESS)  # of the child
+    parser.add_argument("--live-case", choices=live.CASES, help=argparse.SUPPRESS)  # child: a training step
+    parser.add_argument("--live-sizes", help=argparse.SUPPRESS)
+    parser.add_argument("--live-divergence", help=argparse.SUPPRESS)
+    parser.add_argument("--live-top-k-file", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.measure:
         print(json.dumps(measure_peak(args)))
         return
+    if args.live_case:
+        sizes = json.loads(args.live_sizes)
+        print(json.dumps(live.measure(args.live_case, sizes, args.live_divergence, Path(args.live_top_k_file), rss_kb)))
+        return
 
     load_at_start = os.getloadavg()[0]  # other processes on the machine make the timings noisy
     chunk_sizes = [args.chunk_size] + [int(c) for c in args.sweep.split(",") if c and int(c) != args.chunk_size]
-    peaks = {"naive": peak_in_subprocess(args, "naive", args.chunk_size)}
-    for c in chunk_sizes:
-        peaks[f"chunked_{c}"] = peak_in_subprocess(args, "chunked", c)
-
-    inputs = make_inputs(args.tokens, args.vocab, args.student_hidden, args.teacher_hidden, args.device)
-    equality = compare(inputs, args.chunk_size)  # also the warm-up of both variants
-    timers = {"naive": (naive, 0)} | {f"chunked_{c}": (chunked, c) for c in chunk_sizes}
-    names = list(timers)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(args.rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            fn, c = timers[name]
-            times[name].append(timed(fn, inputs, c, args.device))
-    median = {name: statistics.median(values) for name, values in times.items()}
-    peak_mb = {name: float(peaks[name]["peak_increase_mb"]) for name in names}
-    memory_ratio = {name: peak_mb[name] / peak_mb["naive"] for name in names}
-    speed_rounds = {name: [n / t for n, t in zip(times["naive"], times[name])] for name in names}
-    speed = {name: statistics.median(values) for name, values in speed_rounds.items()}
-
-    print(f"N={args.tokens} V={args.vocab} Hs={args.student_hidden} Ht={args.teacher_hidden} device={args.device}")
-    print(f"{'variant':<16}{'peak MB':>10}{'/ naive':>9}{'median s':>10}{'speed':>8}   all rounds (s)")
-    for name in names:
-        print(
-            f"{name:<16}{peak_mb[name]:>10.0f}{memory_ratio[name]:>9.3f}"
-            f"{median[name]:>10.3f}{speed[name]:>8.3f}   {', '.join(f'{t:.2f}' for t in times[name])}"
-        )
+    cases = {divergence: loss_case(args, divergence, chunk_sizes) for divergence in DIVERGENCES}
+    lives: dict[str, Any] = {}
+    if not args.no_live and args.device == "cpu":
+        with tempfile.TemporaryDirectory() as work:
+            top_k_path = Path(work) / "top_k.pt"
+            live.teacher_top_k(live_sizes(args), top_k_path)
+            lives = {divergence: live_case(args, divergence, top_k_path) for divergence in DIVERGENCES}
+    print_tables(args, cases, lives)
     main_name = f"chunked_{args.chunk_size}"
+    forward = cases["forward_kl"]
     met = {
-        "memory": memory_ratio[main_name] <= MEMORY_TARGET,
-        "speed": speed[main_name] >= SPEED_TARGET,
-        "equality": bool(equality["equal_within_float32_tolerance"]),
+        "memory": forward["memory_over_naive"][main_name] <= MEMORY_TARGET,
+        "speed": forward["speed_over_naive"][main_name] >= SPEED_TARGET,
+        "equality": all(bool(case["equality"]["equal_within_float32_tolerance"]) for case in cases.values()),
     }
+    if lives:
+        met["live_teacher"] = all(found["over_cached"]["live"] <= LIVE_TARGET for found in lives.values())
     print(
-        f"\nchunk {args.chunk_size}: memory {memory_ratio[main_name]:.3f} of naive (target <= {MEMORY_TARGET}), "
-        f"speed {speed[main_name]:.3f}x naive (target >= {SPEED_TARGET}), "
-        f"equal: {met['equality']}  (loss {equality['naive_loss']:.6f} vs {equality['chunked_loss']:.6f})"
+        f"\nforward KL, chunk {args.chunk_size}: memory {forward['memory_over_naive'][main_name]:.3f} of naive "
+        f"(target <= {MEMORY_TARGET}), speed {forward['speed_over_naive'][main_name]:.3f}x naive "
+        f"(target >= {SPEED_TARGET}); live teacher / cached teacher at most {LIVE_TARGET}"
     )
     print("targets met: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in met.items()))
 
@@ -276,20 +342,22 @@ def main() -> None:
             "student_hidden": args.student_hidden,
             "teacher_hidden": args.teacher_hidden,
             "chunk_size": args.chunk_size,
-            "divergence": "forward_kl",
+            "block_elements": BLOCK_ELEMENTS,
+            "divergences": list(DIVERGENCES),
+            "jsd_beta": BETA,
             "temperature": 1.0,
             "teacher": "dense, hidden states + head",
+            "live_teacher_step": live_sizes(args) | {"student": "GPT-2 2 x 512", "teacher": "GPT-2 4 x 1024"},
         },
         "device": args.device,
         "rounds": args.rounds,
-        "peak_memory": peaks,
-        "memory_over_naive": memory_ratio,
-        "seconds": median,
-        "all_rounds": times,
-        "speed_over_naive": speed,
-        "speed_over_naive_rounds": speed_rounds,
-        "equality": equality,
-        "targets": {"memory_over_naive_at_most": MEMORY_TARGET, "speed_over_naive_at_least": SPEED_TARGET},
+        "loss": cases,
+        "live_teacher_step": lives,
+        "targets": {
+            "memory_over_naive_at_most": MEMORY_TARGET,
+            "speed_over_naive_at_least": SPEED_TARGET,
+            "live_over_cached_at_most": LIVE_TARGET,
+        },  # fmt: skip
         "targets_met": met,
         "machine": {
             "cpu_threads": torch.get_num_threads(),
