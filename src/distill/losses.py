@@ -87,7 +87,8 @@ def sparse_pair(
     ids = token_ids.long()  # (N, K)
     _check_ids(ids, vocab)
     empty = ids < 0  # (N, K), the -1 entries
-    student_all = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (N, V)
+    scaled = student_logits.float() if temperature == 1.0 else student_logits.float() / temperature  # (N, V)
+    student_all = F.log_softmax(scaled, dim=-1)  # (N, V)
     student_top = student_all.gather(-1, ids.clamp_min(0)).masked_fill(empty, LOG_FLOOR)  # (N, K)
     student_tail = _tail_logsumexp(student_all, ids.masked_fill(empty, vocab))  # (N,)
 
