@@ -144,3 +144,20 @@ def test_a_partial_training_setting_keeps_the_recipes_other_settings() -> None:
     assert config.teacher_train.epochs == 7 and config.teacher_train.batch_size == 16
     assert config.teacher_train.schedule == "cosine"
     assert config.student_train.lr == 0.001 and config.student_train.epochs == 10
+
+
+def test_the_cost_of_the_result_per_verified_trace_and_per_point_of_accuracy() -> None:
+    from distill.recipes.reasoning_report import cost_of_result
+
+    models = {"student-traces": {"accuracy": 0.75}, "student-answers": {"accuracy": 0.25}}
+    traces = {"cost": 1.5, "verified": 300, "tokens": {"completion": 6000}}
+    spent = cost_of_result(models, traces)
+    assert spent["per_verified_trace"] == pytest.approx(0.005)
+    assert spent["per_accuracy_point"] == pytest.approx(0.02)
+    assert spent["per_point_over_answers_only"] == pytest.approx(0.03)
+    assert spent["completion_tokens_per_verified_trace"] == pytest.approx(20)
+    nothing = cost_of_result(
+        {"student-traces": {"accuracy": 0.2}, "student-answers": {"accuracy": 0.3}},
+        {"cost": None, "verified": 0, "tokens": {"completion": 0}},
+    )
+    assert set(nothing.values()) == {None}

@@ -95,26 +95,36 @@ class ReasoningConfig(Strict):
 
     recipe: Literal["reasoning"] = "reasoning"
     problems: Annotated[Rows, Field(ge=1)] = Field(
-        5000,
+        40000,
         description="training problems: the teacher learns their worked solutions, the students their questions",
     )
-    questions: Rows = Field(0, description="training questions the teacher answers with traces (the first); 0 = all")
+    questions: Rows = Field(
+        10000, description="training questions the teacher answers with traces (the first); 0 = all"
+    )
     held_out: Annotated[Rows, Field(ge=1)] = Field(
         300, description="problems held out for evaluation (no question seen in training)"
     )
     steps: list[Annotated[int, Field(ge=1, le=6)]] = Field(
         default_factory=lambda: [2], min_length=1, max_length=6, description="calculations per problem (1..6)"
     )
-    vocab_size: Vocab = Field(1000, description="byte-level BPE vocabulary (every number up to 200 is one token)")
+    vocab_size: Vocab = Field(
+        1000, description="byte-level BPE vocabulary (an upper bound: the regular text of the problems may fill fewer)"
+    )
+    tokenizer: Literal["bpe", "bpe-digits"] = Field(
+        "bpe",
+        description="bpe: byte-level BPE, where most numbers up to 200 become one token each (arithmetic is a table "
+        "to learn); bpe-digits: numbers split into single digits (as Llama-3 and Qwen tokenizers do), which these "
+        "small models learn more slowly (19.7 % against 63.3 % for the same teacher and budget)",
+    )
     max_length: Annotated[Length, Field(ge=32, le=1024)] = Field(160, description="tokens of question + solution")
     teacher: GPT2Size = Field(default_factory=lambda: {"layers": 4, "width": 128, "heads": 4})
     student: GPT2Size = Field(default_factory=lambda: {"layers": 2, "width": 64, "heads": 2})
-    teacher_train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=4, **_TRAIN))
+    teacher_train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=2, **_TRAIN))
     student_train: TrainConfig = Field(
         default_factory=lambda: TrainConfig(epochs=10, **_TRAIN),
         description="both students; the answers-only one runs as many epochs as it needs to match the other's steps",
     )
-    samples: Annotated[int, Field(ge=1, le=64)] = Field(2, description="traces sampled per question (n)")
+    samples: Annotated[int, Field(ge=1, le=64)] = Field(1, description="traces sampled per question (n)")
     temperature: SamplingTemperature = Field(0.7, description="sampling temperature of the traces")
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
     max_new_tokens: Annotated[Length, Field(ge=8)] = Field(96, description="longest trace, in tokens")
@@ -439,7 +449,7 @@ def _run(config: ReasoningConfig, context: RunContext) -> dict[str, Any]:
     train_problems, held_out = problem_sets(config)
     questions = train_problems[: config.questions] if config.questions else train_problems
     texts = [prompt_of(p) + p.solution for p in train_problems]
-    tokenizer = run_tokenizer(texts, config.vocab_size, context.output / "tokenizer", context.resume)
+    tokenizer = run_tokenizer(texts, config.vocab_size, context.output / "tokenizer", context.resume, config.tokenizer)
     worked = tokenize_examples(
         tokenizer, [Example(prompt_of(p), p.solution) for p in train_problems], config.max_length
     )
@@ -463,7 +473,7 @@ def _run(config: ReasoningConfig, context: RunContext) -> dict[str, Any]:
         "description": (
             f"{len(train_problems)} generated word problems ({'/'.join(map(str, config.steps))} calculations) train "
             f"the teacher; {len(questions)} of their questions get {config.samples} sampled traces each; "
-            f"{len(held_out)} held-out problems; BPE of {len(tokenizer)} tokens; teacher GPT-2 {config.teacher}, "
+            f"{len(held_out)} held-out problems; {'BPE with numbers in digits' if config.tokenizer == 'bpe-digits' else 'BPE'} of {len(tokenizer)} tokens; teacher GPT-2 {config.teacher}, "
             f"students GPT-2 {config.student}"
         ),
         "models": rows,

@@ -17,6 +17,10 @@ def _money(value: float | None) -> str:
     return "–" if value is None else f"${value:.4f}"
 
 
+def _kept(student: float, teacher: float) -> str:
+    return pct(student / teacher) if teacher > 0 else "–"
+
+
 def _token_kd_summary(models: dict[str, Any]) -> list[str]:
     """The sentence on the student taught the API's top log-probs too, when the run has one."""
     with_kd = models.get("student-traces-kd")
@@ -30,6 +34,24 @@ def _token_kd_summary(models: dict[str, Any]) -> list[str]:
         f"solves **{pct(with_kd['accuracy'])}** ({'+' if diff >= 0 else ''}{100 * diff:.1f} points against the "
         "traces alone)."
     ]
+
+
+def cost_of_result(models: dict[str, Any], traces: dict[str, Any]) -> dict[str, float | None]:
+    """What the traces cost per verified trace, per point of the traces student's held-out accuracy, and per point
+    it gained over the answers-only student (None where the divisor is zero or the cost is unknown)."""
+    cost, verified = traces.get("cost"), traces.get("verified") or 0
+    student, answers = models["student-traces"]["accuracy"], models["student-answers"]["accuracy"]
+
+    def per(divisor: float) -> float | None:
+        return cost / divisor if cost is not None and divisor > 0 else None
+
+    return {
+        "cost": cost,
+        "per_verified_trace": per(verified),
+        "per_accuracy_point": per(100 * student),
+        "per_point_over_answers_only": per(100 * (student - answers)),
+        "completion_tokens_per_verified_trace": traces["tokens"]["completion"] / verified if verified else None,
+    }
 
 
 def _models_table(models: dict[str, Any]) -> Table:
@@ -67,10 +89,11 @@ def _models_table(models: dict[str, Any]) -> Table:
     return Table("Teacher vs students (held-out problems)", header, rows)
 
 
-def _traces_table(traces: dict[str, Any]) -> Table:
+def _traces_table(traces: dict[str, Any], spent: dict[str, float | None]) -> Table:
     tokens = traces["tokens"]
     trace_header = ["questions", "traces", "per question", "verified", "pass rate", "questions solved", "kept",
-                    "rejected (wrong / no answer)", "prompt tokens (per trace)", "completion tokens", "cost"]  # fmt: skip
+                    "rejected (wrong / no answer)", "prompt tokens (per trace)", "completion tokens", "cost",
+                    "per verified trace", "per point of accuracy"]  # fmt: skip
     trace_rows = [
         [
             count(traces["questions"]),
@@ -84,6 +107,8 @@ def _traces_table(traces: dict[str, Any]) -> Table:
             count(tokens["prompt"]),
             count(tokens["completion"]),
             _money(traces.get("cost")),
+            _money(spent["per_verified_trace"]),
+            _money(spent["per_accuracy_point"]),
         ]
     ]
     return Table("Traces", trace_header, trace_rows)
@@ -103,12 +128,14 @@ def _arithmetic(models: dict[str, Any]) -> list[list[str]]:
 
 
 def _summary(models: dict[str, Any], traces: dict[str, Any], arithmetic: list[list[str]]) -> list[str]:
+    spent = cost_of_result(models, traces)
     teacher, on_traces, on_answers = models["teacher"], models["student-traces"], models["student-answers"]
     diff = on_traces["accuracy"] - on_answers["accuracy"]
     summary = [
         f"The student trained on the teacher's verified reasoning traces solves **{pct(on_traces['accuracy'])}** of "
         f"the held-out problems, the same student trained on final answers only **{pct(on_answers['accuracy'])}** "
-        f"({'+' if diff >= 0 else ''}{100 * diff:.1f} points); the teacher solves {pct(teacher['accuracy'])}.",
+        f"({'+' if diff >= 0 else ''}{100 * diff:.1f} points); the teacher solves {pct(teacher['accuracy'])}, so the "
+        f"student keeps {_kept(on_traces['accuracy'], teacher['accuracy'])} of the teacher's accuracy.",
         f"The student has {ratio(teacher['params'] / on_traces['params'])} fewer parameters than the teacher and "
         f"processes {ratio(on_traces['tokens_per_second'] / teacher['tokens_per_second'])} as many tokens per second.",
         "The teacher's calculations in its held-out answers are right for "
@@ -117,7 +144,10 @@ def _summary(models: dict[str, Any], traces: dict[str, Any], arithmetic: list[li
         *_token_kd_summary(models),
         f"The teacher, served over the OpenAI-compatible API, wrote {count(traces['traces'])} traces for "
         f"{count(traces['questions'])} questions; {pct(traces['pass_rate'])} had the right final answer "
-        f"({count(traces['kept'])} kept for training), at a cost of {_money(traces.get('cost'))} at the nominal prices.",
+        f"({count(traces['kept'])} kept for training), at a cost of {_money(traces.get('cost'))} at the nominal prices: "
+        f"{_money(spent['per_verified_trace'])} per verified trace, {_money(spent['per_accuracy_point'])} per point of "
+        f"the student's accuracy ({_money(spent['per_point_over_answers_only'])} per point it gained over answers "
+        "only).",
     ]
     return summary
 
@@ -167,7 +197,7 @@ def report(metrics: dict[str, Any]) -> Report:
         summary=_summary(models, traces, arithmetic) + (eval_summary(metrics["tasks"]) if metrics.get("tasks") else []),
         tables=[
             _models_table(models),
-            _traces_table(traces),
+            _traces_table(traces, cost_of_result(models, traces)),
             Table("Calculations 'a op b = c' in the held-out answers that are right", ["model", *OPS], arithmetic),
             *([task_table(metrics["tasks"])] if metrics.get("tasks") else []),
         ],
