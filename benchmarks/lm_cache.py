@@ -2,8 +2,11 @@
 
 Reference: DistillKit stores about 300 bytes per token at k = 128. Measured here, on real LM distributions:
 
-    bytes per stored position    every file of the cache (manifest, index, shards) / scored positions   k=128: <= 300
-    KL(exact || cached)          over the K + 1 buckets the sparse loss sees (top-K and tail), per position  < 1e-3
+    bytes per stored position    every file of the cache (manifest, index, shards) / scored positions   k=128: <= 200
+                                 with the part each section of the shards takes (`token_shards`: depth-coded values,
+                                 offsets, code tables, entropy-coded ids) and what the version-1 format (ids as
+                                 uint16) would take
+    KL(exact || cached)          over the K + 1 buckets the sparse loss sees (top-K and tail), per position  < 1e-4
     decode time                  TokenCache.batch for 8 random sequences x 512 positions, k = 128, median over
                                  rounds, and side by side the same read from uncompressed float32/int32 arrays
 
@@ -14,7 +17,7 @@ temperature 1 and 0.5 (the same logits sharpened, nearer a large LM's confidence
 position with the live model's float64 log-probs of the same ids and the exact mass of all others. The decode
 timing scores held-out dev + test text packed into 512-token sequences (decode work does not depend on the values).
 Also a distillation step of a student reading the cache against a plain fine-tuning step of the same student
-(target: at most 1.10x), measured side by side.
+(target: at most 1.05x), measured side by side.
 Writes benchmarks/results/lm_cache.json.
 
     python benchmarks/lm_cache.py [--data ../shared/data/sst2] [--train-seconds 150] [--top-k 64 128]
@@ -40,10 +43,11 @@ import torch
 import torch.nn.functional as F
 
 from distill.teachers.token_cache import TokenCache, build_token_cache, causal_lm_logits, verify_token_cache
+from distill.teachers.token_shards import layout
 
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
-TARGETS = {"bytes_per_position_k128": 300.0, "kl_mean": 1e-3}
+TARGETS = {"bytes_per_position_k128": 200.0, "kl_mean": 1e-4, "training_step": 1.05}
 
 
 def sentences(path: Path) -> list[str]:
@@ -92,6 +96,30 @@ def train_lm(stream: np.ndarray, vocab: int, context: int, seconds: float, seed:
     }
 
 
+def breakdown(cache: TokenCache, summary: dict[str, Any]) -> dict[str, Any]:
+    """Bytes per position of each section of the shards (`token_shards.layout`), of the other files, and of the same
+    cache in the version-1 format (fixed records with uint16/uint32 ids)."""
+    positions = max(summary["positions"], 1)
+    parts = {"values": 0, "offsets": 0, "code": 0, "stream": 0}
+    for entry in cache.manifest["shards"]:
+        sections = layout(cache.codec, int(entry["rows"]), int(entry["id_bits"]))
+        for name in parts:
+            parts[name] += sections[name][1]
+    shard_bytes = sum((cache.directory / entry["file"]).stat().st_size for entry in cache.manifest["shards"])
+    other = summary["bytes"] - shard_bytes  # manifest, index, .npy headers and section padding
+    other += shard_bytes - sum(parts.values())
+    return {
+        "bytes_per_position_parts": {
+            "log-probs (tail, step, depths)": parts["values"] / positions,
+            "ids (Huffman stream)": parts["stream"] / positions,
+            "offsets": parts["offsets"] / positions,
+            "code tables": parts["code"] / positions,
+            "manifest, index, headers": other / positions,
+        },
+        "bytes_per_position_format_v1": cache.codec.record_bytes + (summary["bytes"] - shard_bytes) / positions,
+    }
+
+
 @torch.no_grad()
 def exactness(logits: list[torch.Tensor], cache: TokenCache, k: int, temperature: float) -> dict[str, float]:
     """KL(exact || cached) per scored position over K + 1 buckets and over the renormalised top-K; teacher stats.
@@ -136,7 +164,7 @@ def decode_timing(cache: TokenCache, directory: Path, rounds: int, batch: int, s
     """TokenCache.batch against reading the same positions from uncompressed arrays (float32 log-probs, int32 ids,
     memory-mapped), timed alternately round after round; every sequence is `length` long, all but its last scored."""
     length = int(cache.lengths.max())
-    rows = np.concatenate(cache.shards)  # (n,) every record, decoded once to write the uncompressed arrays
+    rows = cache.records(np.arange(int(cache.row_start[-1])))  # (n,) every record, to write uncompressed arrays
     np.save(directory / "logprobs.npy", cache.codec.decode(rows))
     np.save(directory / "ids.npy", rows["ids"].astype(np.int32))
     plain_logprobs = np.load(directory / "logprobs.npy", mmap_mode="r")  # (n, K)
@@ -152,13 +180,15 @@ def decode_timing(cache: TokenCache, directory: Path, rounds: int, batch: int, s
 
     generator = np.random.default_rng(seed)
     times: dict[str, list[float]] = {"cache": [], "uncompressed": []}
+    cpu_times: dict[str, list[float]] = {"cache": [], "uncompressed": []}
     for r in range(rounds + 1):
         chosen = generator.choice(len(cache), batch, replace=False)
         for name in ("cache", "uncompressed") if r % 2 else ("uncompressed", "cache"):
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             out = cache.batch(chosen, length) if name == "cache" else uncompressed(chosen)
             if r:  # round 0 warms up
                 times[name].append(time.perf_counter() - start)
+                cpu_times[name].append(time.process_time() - cpu)
         del out
     ratios = [c / u for c, u in zip(times["cache"], times["uncompressed"])]
     return {
@@ -168,6 +198,8 @@ def decode_timing(cache: TokenCache, directory: Path, rounds: int, batch: int, s
         "rounds": rounds,
         "ms_median": 1e3 * statistics.median(times["cache"]),
         "ms_p90": 1e3 * float(np.quantile(times["cache"], 0.9)),
+        "cpu_ms_median": 1e3 * statistics.median(cpu_times["cache"]),
+        "uncompressed_cpu_ms_median": 1e3 * statistics.median(cpu_times["uncompressed"]),
         "uncompressed_ms_median": 1e3 * statistics.median(times["uncompressed"]),
         "over_uncompressed_median": statistics.median(ratios),
         "uncompressed_bytes_per_position": cache.top_k * 8,
@@ -176,8 +208,12 @@ def decode_timing(cache: TokenCache, directory: Path, rounds: int, batch: int, s
 
 def step_timing(cache: TokenCache, packed: list[np.ndarray], vocab: int, rounds: int, seed: int) -> dict[str, Any]:
     """A distillation step of a student from the cache (sparse top-k KD + CE, chunked, through `distill.lm.lm_terms`,
-    cache decode included) against a plain fine-tuning step of the same student (full logits, cross-entropy), on the
-    same batch of 8 x 512 tokens, timed side by side: each round times both, in alternating order."""
+    cache decode included), the same step with the teacher's outputs already in memory, and a plain fine-tuning step
+    of the same student (full logits, cross-entropy), on the same batch of 8 x 512 tokens, timed side by side: each
+    round times all three, each first in turn, in wall-clock and in CPU time (one thread: the process's CPU time is
+    the step's work; on a shared machine the wall clock also holds the time other processes held the core, and the
+    target is checked on the CPU time). Also the CPU time of the cache's decode alone (`TokenCache.batch` of the same
+    8 sequences) over the plain step's."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from distill.config import LossConfig
@@ -199,24 +235,36 @@ def step_timing(cache: TokenCache, packed: list[np.ndarray], vocab: int, rounds:
         value.backward()
         optimizer.step()
 
-    def distill() -> None:
-        terms, weights = lm_terms(student, batch, cache, loss)
+    decoded = cache.batch(np.arange(len(data)), int(batch["inputs"]["input_ids"].shape[1]))
+
+    def distill(teacher: Any = cache) -> None:
+        terms, weights = lm_terms(student, batch, teacher, loss)
         value = sum(weights[k] * terms[k] for k in terms)
         optimizer.zero_grad(set_to_none=True)
         value.backward()  # type: ignore[union-attr]
         optimizer.step()
 
+    def in_memory() -> None:  # the same step, its teacher's outputs decoded beforehand: the loss without the cache
+        distill(lambda _: decoded)
+
     student.train()
-    plain(), distill()  # warm-up
-    times: dict[str, list[float]] = {"plain": [], "distill": []}
+    plain(), distill(), in_memory()  # warm-up
+    times: dict[str, list[float]] = {"plain": [], "distill": [], "in_memory": []}
+    cpu_times: dict[str, list[float]] = {"plain": [], "distill": [], "in_memory": [], "decode": []}
+    steps = [("plain", plain), ("distill", distill), ("in_memory", in_memory)]
     for r in range(rounds):
-        for name, fn in (
-            (("plain", plain), ("distill", distill)) if r % 2 == 0 else (("distill", distill), ("plain", plain))
-        ):
-            start = time.perf_counter()
+        for name, fn in steps[r % 3 :] + steps[: r % 3]:  # each step first in turn
+            start, cpu = time.perf_counter(), time.process_time()
             fn()
             times[name].append(time.perf_counter() - start)
+            cpu_times[name].append(time.process_time() - cpu)
+        cpu = time.process_time()
+        cache.batch(np.arange(len(data)), int(batch["inputs"]["input_ids"].shape[1]))
+        cpu_times["decode"].append(time.process_time() - cpu)
     ratios = [d / p for d, p in zip(times["distill"], times["plain"])]
+    cpu_ratios = [d / p for d, p in zip(cpu_times["distill"], cpu_times["plain"])]
+    decode_share = [d / p for d, p in zip(cpu_times["decode"], cpu_times["plain"])]
+    memory_ratios = [d / p for d, p in zip(cpu_times["in_memory"], cpu_times["plain"])]
     return {
         "student": f"GPT-2, 4 layers, 256 wide, {sum(p.numel() for p in student.parameters()) / 1e6:.2f} M parameters",
         "batch": "8 x 512 tokens",
@@ -225,8 +273,16 @@ def step_timing(cache: TokenCache, packed: list[np.ndarray], vocab: int, rounds:
         "distill_seconds": times["distill"],
         "ratio_median": statistics.median(ratios),
         "ratios": ratios,
-        "target": 1.10,
-        "met": statistics.median(ratios) <= 1.10,
+        "plain_cpu_seconds": cpu_times["plain"],
+        "distill_cpu_seconds": cpu_times["distill"],
+        "decode_cpu_seconds": cpu_times["decode"],
+        "cpu_ratio_median": statistics.median(cpu_ratios),
+        "cpu_ratios": cpu_ratios,
+        "decode_over_plain_cpu_median": statistics.median(decode_share),
+        "in_memory_cpu_seconds": cpu_times["in_memory"],
+        "in_memory_cpu_ratio_median": statistics.median(memory_ratios),
+        "target": TARGETS["training_step"],
+        "met": statistics.median(cpu_ratios) <= TARGETS["training_step"],
     }
 
 
@@ -241,7 +297,7 @@ def main() -> None:
         "--temperatures", type=float, nargs="+", default=[1.0, 0.5], help="cache temperatures (0.5: sharper outputs)"
     )
     parser.add_argument("--rounds", type=int, default=50, help="decode timing rounds")
-    parser.add_argument("--step-rounds", type=int, default=6, help="training-step timing rounds")
+    parser.add_argument("--step-rounds", type=int, default=16, help="training-step timing rounds")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the machine is shared)")
     args = parser.parse_args()
@@ -281,7 +337,14 @@ def main() -> None:
             seconds = time.perf_counter() - start
             summary = verify_token_cache(directory)
             measured = exactness(logits, TokenCache(directory), k, temperature)
-            rows[f"k{k}_t{temperature}"] = {**summary, "temperature": temperature, "build_seconds": seconds, **measured}
+            parts = breakdown(TokenCache(directory), summary)
+            rows[f"k{k}_t{temperature}"] = {
+                **summary,
+                "temperature": temperature,
+                "build_seconds": seconds,
+                **parts,
+                **measured,
+            }
     decode_k = max(args.top_k)
     build_token_cache(teacher, packed, workdir / "packed", top_k=decode_k, data_id="sst2-dev-test-512", **identity)
     decode = decode_timing(TokenCache(workdir / "packed"), workdir, args.rounds, 8, args.seed)
@@ -307,16 +370,24 @@ def main() -> None:
             f"{row['bytes_per_position']:>11.1f}{row['kl_mean']:>11.2e}{row['kl_p99']:>11.2e}{row['kl_max']:>11.2e}"
             f"{row['kl_bound']:>11.2e}"
         )
+    for name, row in rows.items():
+        parts = ", ".join(f"{part} {size:.1f}" for part, size in row["bytes_per_position_parts"].items())
+        print(f"  {name} bytes/position: {parts}; the version-1 format: {row['bytes_per_position_format_v1']:.1f}")
     print(
         f"\ndecode of 8 sequences x 512 positions at k = {decode_k} (TokenCache.batch, {args.threads} thread(s)): "
-        f"median {decode['ms_median']:.2f} ms, p90 {decode['ms_p90']:.2f} ms over {args.rounds} rounds; "
+        f"median {decode['ms_median']:.2f} ms (CPU time {decode['cpu_ms_median']:.2f} ms), p90 "
+        f"{decode['ms_p90']:.2f} ms over {args.rounds} rounds; "
         f"reading the same positions uncompressed (float32 + int32, {decode['uncompressed_bytes_per_position']} "
         f"bytes/position): {decode['uncompressed_ms_median']:.2f} ms; cache / uncompressed, median of per-round "
         f"ratios: {decode['over_uncompressed_median']:.2f}"
     )
     print(
         f"training step, {training_step['student']}, {training_step['batch']}: distillation from the cache / plain "
-        f"fine-tuning = {training_step['ratio_median']:.3f} (median of per-round ratios; target <= 1.10)"
+        f"fine-tuning, median of per-round ratios: CPU time {training_step['cpu_ratio_median']:.3f} (target <= "
+        f"{TARGETS['training_step']}), wall clock {training_step['ratio_median']:.3f}; the cache's decode alone: "
+        f"{training_step['decode_over_plain_cpu_median']:.4f} of a plain step's CPU time; the same distillation step "
+        f"with the teacher's outputs already in memory (no cache read): CPU time "
+        f"{training_step['in_memory_cpu_ratio_median']:.3f} of a plain step's"
     )
     at_128 = [row["bytes_per_position"] for row in rows.values() if row["top_k"] == 128]
     met = {
@@ -325,7 +396,9 @@ def main() -> None:
         "training_step": training_step["met"],
     }
     print(
-        f"targets: bytes/position at k=128 <= 300: {met['bytes_per_position_k128']}; KL mean < 1e-3: {met['kl_mean']}"
+        f"targets: bytes/position at k=128 <= {TARGETS['bytes_per_position_k128']:.0f}: "
+        f"{met['bytes_per_position_k128']}; KL mean < {TARGETS['kl_mean']:.0e}: {met['kl_mean']}; training step "
+        f"<= {TARGETS['training_step']}: {met['training_step']}"
     )
 
     RESULTS.mkdir(exist_ok=True)
