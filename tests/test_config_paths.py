@@ -128,7 +128,11 @@ def test_the_cli_options_of_generate_and_cache_build_are_their_models_fields():
     command = get_command(app)
     served = {"base_url", "model", "student", "api_key_env"}  # cache build --base-url: where the teacher is
     for path, models, own in (
-        (["generate"], [cfg.GenerateOptions], {"prompts", "output", "base_url", "model", "api_key_env"}),
+        (
+            ["generate"],
+            [cfg.GenerateOptions],
+            {"prompts", "output", "base_url", "model", "api_key_env", "estimate", "estimate_prompts"},
+        ),
         (
             ["cache", "build"],
             [cfg.CacheBuildOptions, cfg.ServedCacheOptions],

@@ -190,6 +190,19 @@ def test_cli_estimate_and_max_cost(tmp_path):
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout)["budget_reached"] is False
     assert len({r["id"] for r in rows(out)}) == len(rows(out)) == 30
-    for value, fragment in (("nan", "--max-cost must be a finite amount"), ("-1", "--max-cost must be")):
+    for value, fragment in (
+        ("nan", "--max-cost: Input should be a finite number"),
+        ("-1", "--max-cost: Input should be greater than or equal to 0"),
+    ):
         assert_one_line_error(distill_cli(*base, "--max-cost", value, cwd=tmp_path), fragment)
     assert_one_line_error(distill_cli(*base, "--estimate", "--estimate-prompts", "0", cwd=tmp_path), "1 to 1000")
+
+
+def test_a_budget_without_prices_is_refused_by_the_options() -> None:
+    from pydantic import ValidationError
+
+    from distill.config import GenerateOptions
+
+    with pytest.raises(ValidationError, match="max_cost needs the teacher's prices"):
+        GenerateOptions(max_cost=1.0)
+    assert GenerateOptions(max_cost=1.0, price_output=0.6).max_cost == 1.0

@@ -322,6 +322,17 @@ class GenerateOptions(Strict):
         0.0, description="price per million completion tokens, for the cost figure"
     )
     limit: Annotated[Rows, Field(ge=1)] | None = Field(None, description="only the first N prompts")
+    max_cost: Annotated[float, Field(ge=0, le=1e9, allow_inf_nan=False)] | None = Field(
+        None,
+        description="stop before the output file's cost (all runs) would pass this amount; needs the prices "
+        "(a rerun with a larger amount continues)",
+    )
+
+    @model_validator(mode="after")
+    def _a_budget_needs_prices(self) -> GenerateOptions:
+        if self.max_cost is not None and self.price_input == 0 and self.price_output == 0:
+            raise ValueError("max_cost needs the teacher's prices (price_input / price_output): both are 0")
+        return self
 
 
 C = TypeVar("C", bound=BaseModel)

@@ -153,9 +153,7 @@ def generate(
     estimate_prompts: Optional[int] = typer.Option(
         None, help="Prompts the estimate sends, drawn at random (1 to 1000, default: 8)."
     ),
-    max_cost: Optional[float] = typer.Option(
-        None, help="Stop before the output file's cost (all runs) would pass this amount; needs the prices."
-    ),
+    max_cost: Optional[float] = typer.Option(None, help=option_help(GEN, "max_cost")),
 ) -> None:
     """Ask a teacher behind an OpenAI-compatible API for answers and keep them as training data.
 
@@ -167,11 +165,8 @@ def generate(
     budget continues it.
     """
     from distill.generate.answers import generate_with, read_prompts
-    from distill.generate.budget import check_max_cost
     from distill.generate.estimate import DEFAULT_SAMPLE_PROMPTS, check_sample_prompts, estimate_with
 
-    if max_cost is not None:
-        check_max_cost(max_cost, "--max-cost")
     sample_prompts = check_sample_prompts(
         DEFAULT_SAMPLE_PROMPTS if estimate_prompts is None else estimate_prompts, "--estimate-prompts"
     )
@@ -179,19 +174,20 @@ def generate(
         n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop, seed=seed,
         top_logprobs=top_logprobs, cot=cot or None, template=template, endpoint=endpoint, concurrency=concurrency,
         timeout=timeout, max_retries=max_retries, price_input=price_input, price_output=price_output, limit=limit,
+        max_cost=max_cost,
     ))  # fmt: skip
     records = read_prompts(prompts, limit=options.limit)
     key = os.environ.get(api_key_env) or None
     if estimate:
-        expected = estimate_with(options, records, base_url.rstrip("/"), model, key, output, sample_prompts, max_cost)
+        expected = estimate_with(options, records, base_url.rstrip("/"), model, key, output, sample_prompts)
         err.print(estimate_line(expected), markup=False)
         out.print_json(json.dumps(asdict(expected)))
         return
     with RichReporter(err) as reporter:
-        summary = generate_with(options, records, base_url.rstrip("/"), model, key, output, reporter, max_cost)
+        summary = generate_with(options, records, base_url.rstrip("/"), model, key, output, reporter)
     if summary.budget_reached:
         err.print(
-            f"stopped at the cost limit: {summary.total_cost:.6g} spent of {max_cost:g} on {output}; "
+            f"stopped at the cost limit: {summary.total_cost:.6g} spent of {options.max_cost:g} on {output}; "
             f"{summary.not_asked} samples not asked (rerun with a larger --max-cost to continue)",
             markup=False,
         )

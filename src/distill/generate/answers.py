@@ -356,13 +356,12 @@ def generate_with(
     api_key: str | None,
     out_path: Path,
     reporter: Reporter = NULL,
-    max_cost: float | None = None,
 ) -> GenerateSummary:
     """`generate` with the settings of `distill generate` (its options, or a service's generate job): the client,
     the sampling parameters and the prompt template (`--cot`'s unless a template is given) all from `options`;
-    `max_cost` limits what the output file may cost."""
+    `options.max_cost` limits what the output file may cost."""
     client = client_with(options, base_url, model, api_key)
     return generate(
         prompts, client, out_path, options.n, params_with(options), reporter, template=template_with(options),
-        endpoint=options.endpoint, max_cost=max_cost,
+        endpoint=options.endpoint, max_cost=options.max_cost,
     )  # fmt: skip

@@ -201,16 +201,16 @@ def estimate_with(
     api_key: str | None,
     out_path: Path,
     sample_prompts: int = DEFAULT_SAMPLE_PROMPTS,
-    max_cost: float | None = None,
 ) -> Estimate:
-    """`aestimate` with the settings of `distill generate` (see `generate_with`), in an event loop of its own."""
+    """`aestimate` with the settings of `distill generate` (see `generate_with`; `options.max_cost` the budget it is
+    compared with), in an event loop of its own."""
     client = client_with(options, base_url, model, api_key)
 
     async def run() -> Estimate:
         try:
             return await aestimate(
                 prompts, client, out_path, options.n, params_with(options), template=template_with(options),
-                endpoint=options.endpoint, sample_prompts=sample_prompts, seed=options.seed or 0, max_cost=max_cost,
+                endpoint=options.endpoint, sample_prompts=sample_prompts, seed=options.seed or 0, max_cost=options.max_cost,
             )  # fmt: skip
         finally:
             await client.aclose()
