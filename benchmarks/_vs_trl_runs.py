@@ -170,7 +170,7 @@ def run_trl(
             first.append(float(loss.detach()))
         return loss
 
-    trainer.compute_loss = recording
+    trainer.compute_loss = recording  # type: ignore[method-assign]
     trainer.train()
     return meter.result(first[0] if first else None)
 

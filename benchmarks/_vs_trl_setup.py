@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 EOS, UNK = "<eos>", "<unk>"  # ids 0 and 1; the rows use ids 2 .. V - 1
-TEACHER = {"n_layer": 4, "n_embd": 256, "n_head": 4}
-STUDENT = {"n_layer": 2, "n_embd": 128, "n_head": 2}
+TEACHER = (4, 256, 4)  # layers, width, heads
+STUDENT = (2, 128, 2)
 
 
 def tokenizer(vocab: int) -> Any:
@@ -28,11 +28,13 @@ def tokenizer(vocab: int) -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=inner, eos_token=EOS, pad_token=EOS, unk_token=UNK)
 
 
-def gpt2(vocab: int, positions: int, shape: dict[str, int], seed: int) -> Any:
+def gpt2(vocab: int, positions: int, shape: tuple[int, int, int], seed: int) -> Any:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(vocab_size=vocab, n_positions=positions, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                        bos_token_id=0, eos_token_id=0, pad_token_id=0, **shape)  # fmt: skip
+    layers, width, heads = shape
+    config = GPT2Config(vocab_size=vocab, n_positions=positions, n_layer=layers, n_embd=width, n_head=heads,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+                        pad_token_id=0)  # fmt: skip
     torch.manual_seed(seed)
     return GPT2LMHeadModel(config)
 
@@ -60,8 +62,11 @@ def build(folder: Path, vocab: int, count: int, prompt: int, completion: int, ba
     folder.mkdir(parents=True, exist_ok=True)
     words, found = tokenizer(vocab), paths(folder)
     length = prompt + completion
+    parameters = {}
     for name, shape, seed in (("teacher", TEACHER, 2), ("student", STUDENT, 1)):
-        gpt2(vocab, 2 * length, shape, seed).save_pretrained(found[name])
+        model = gpt2(vocab, 2 * length, shape, seed)
+        parameters[name] = sum(p.numel() for p in model.parameters())
+        model.save_pretrained(found[name])
         words.save_pretrained(found[name])
     found["data"].write_text("".join(json.dumps(r) + "\n" for r in rows(count, prompt, completion, vocab, seed=3)))
     data = tokenize_examples(words, read_examples(found["data"], words), max_length=length)
@@ -69,5 +74,6 @@ def build(folder: Path, vocab: int, count: int, prompt: int, completion: int, ba
         raise RuntimeError(f"the rows did not tokenize to {length} tokens each")
     order = epoch_order(len(data), batch, seed=0, epoch=0, lengths=data.lengths)  # distill's first epoch
     found["order"].write_text(json.dumps(torch.cat(order).tolist()))
-    found["shape"].write_text(json.dumps({"vocab": vocab, "prompt": prompt, "length": length, "rows": count}))
+    sizes = {"vocab": vocab, "prompt": prompt, "length": length, "rows": count, "parameters": parameters}
+    found["shape"].write_text(json.dumps(sizes))
     return found
