@@ -93,11 +93,11 @@ def distill(
     `test`, when given, is evaluated after every epoch (`test_accuracy` in the history).
 
     Training: AdamW at a constant rate `lr`, without warm-up or gradient clipping. Chosen on MNIST-1D and 8x8
-    digits (`benchmarks/vs_peers_classification.py`; 5 to 40 epochs, 20 with MNIST-1D's transfer set; with and
-    without a transfer set): the earlier defaults (one-cycle to 3e-3, clipping at norm 1) taught less than a plain
-    loop at a constant 3e-3 at every budget; one-cycle to 1e-2 beat that loop but lost to a constant 1e-2 on short
-    budgets and only matched it on long ones; clipping changed nothing Adam did (its steps do not depend on the gradient's scale) and cost time.
-    `train_config` replaces them all.
+    digits, with and without a transfer set (`benchmarks/vs_peers_classification.py` and trial runs of 5 to 20
+    epochs, 40 on digits and on MNIST-1D's labeled signals alone): the earlier defaults (one-cycle to 3e-3, clipping
+    at norm 1) taught less than a plain loop at a constant 3e-3 at every budget; one-cycle to 1e-2 beat that loop
+    but lost to a constant 1e-2 on short budgets and only matched it on long ones; clipping changed nothing Adam
+    did (its steps do not depend on the gradient's scale) and cost time. `train_config` replaces them all.
     """
     labeled = _as_dataset(data, "data")
     train_set = labeled
