@@ -155,8 +155,8 @@ def test_service_restart_loses_nothing_and_cancel_then_retry_resumes(tmp_path):
             done = client.post("/v1/jobs", json={"kind": "recipe", "config": QUICK_RECIPE}).json()["id"]
             longer = {
                 **SLOW_RECIPE,
-                "teacher_train": {**SLOW_RECIPE["teacher_train"], "epochs": 30},
-            }  # outlasts a restart
+                "teacher_train": {**SLOW_RECIPE["teacher_train"], "epochs": 100},
+            }  # outlasts a restart (1,000 teacher steps: a faster step finished 300 during one)
             running = client.post("/v1/jobs", json={"kind": "recipe", "config": longer}).json()["id"]
             assert wait_status(client, done, ("succeeded", "failed"))["status"] == "succeeded"
             manifest = client.get(f"/v1/jobs/{done}/artifacts").json()["data"]

@@ -9,7 +9,6 @@ from torch import nn
 import distill
 from conftest import blobs, mlp
 from distill.config import TrainConfig
-from distill.optim import make_optimizer
 from distill.train import train
 
 torch.set_num_threads(1)
@@ -35,33 +34,6 @@ def test_steps_seed_dropout_without_torch_manual_seed(monkeypatch):
     again = train(model, data, config).model.state_dict()
     for name, value in reference.items():
         assert torch.equal(value, again[name]), name
-
-
-def test_the_optimizer_is_fused_on_plain_parameters_and_foreach_otherwise():
-    fused = make_optimizer([mlp()], TrainConfig())
-    assert fused.defaults["fused"] is True
-    on_meta = make_optimizer([nn.Linear(4, 4, device="meta")], TrainConfig())
-    assert not on_meta.defaults["fused"] and on_meta.defaults["foreach"] is True
-
-
-def test_the_fused_update_is_the_foreach_update():
-    """Same groups (weight decay on matrices only), same gradients: the same weights to float rounding."""
-    config = TrainConfig(lr=1e-2, weight_decay=0.1)
-    a, b = mlp(seed=1), mlp(seed=1)
-    fused = make_optimizer([a], config)
-    decay = [p for p in b.parameters() if p.dim() >= 2]
-    rest = [p for p in b.parameters() if p.dim() < 2]
-    foreach = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}], lr=1e-2, foreach=True
-    )
-    data = blobs(64)
-    for _ in range(5):
-        for model, optimizer in ((a, fused), (b, foreach)):
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(data.inputs), data.labels).backward()
-            optimizer.step()
-    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
-        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_the_python_api_does_not_clip_by_default_and_train_does(monkeypatch):
