@@ -14,7 +14,10 @@ OPS = list(OPERATIONS)
 
 
 def _money(value: float | None) -> str:
-    return "–" if value is None else f"${value:.4f}"
+    """Dollars to four decimals, or to three significant digits below a cent (a trace costs a few millionths)."""
+    if value is None:
+        return "–"
+    return f"${value:.4f}" if value == 0 or abs(value) >= 0.01 else f"${value:.3g}"
 
 
 def _kept(student: float, teacher: float) -> str:
