@@ -23,7 +23,6 @@ keeps what it wrote, and says so in its summary (`budget_reached`); a rerun with
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -34,7 +33,7 @@ from typing import Any
 from distill.config import GenerateOptions
 from distill.errors import DataError, DistillError
 from distill.generate.budget import CostBudget, check_max_cost
-from distill.generate.client import Completion, Prices, TeacherClient, TeacherClientError, Usage, run_async
+from distill.generate.client import Completion, Prices, TeacherClient, TeacherClientError, Usage, run_async, run_workers
 from distill.generate.output import read_done, read_output, sample_row
 from distill.generate.prompts import PromptRecord, apply_template, parse_prompt, read_prompts
 from distill.generate.request import Endpoint, RequestParams, ask, sample_id
@@ -263,13 +262,7 @@ async def agenerate(
 async def _work_all(run: _Run, jobs: list[Job], concurrency: int) -> None:
     """`concurrency` workers share the jobs; the first error stops them all."""
     shared = iter(jobs)
-    workers = [asyncio.ensure_future(run.work(shared)) for _ in range(concurrency)]
-    try:
-        await asyncio.gather(*workers)
-    finally:
-        for worker in workers:
-            worker.cancel()
-        await asyncio.gather(*workers, return_exceptions=True)
+    await run_workers([run.work(shared) for _ in range(concurrency)])
 
 
 def _close(summary: GenerateSummary, used: Usage, earlier_cost: float, started: float) -> None:

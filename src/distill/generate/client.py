@@ -470,6 +470,17 @@ def _retry_after(headers: httpx.Headers) -> float | None:
     return max(when.timestamp() - time.time(), 0.0)
 
 
+async def run_workers(workers: Sequence[Coroutine[Any, Any, None]]) -> None:
+    """Run `workers` together until all are done; the first error cancels the others (and is raised)."""
+    tasks = [asyncio.ensure_future(worker) for worker in workers]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 def run_async(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
     """The coroutine `make()` in an event loop of its own, on uvloop (uvicorn[standard], extra `service`) when
     installed: less client CPU per request."""

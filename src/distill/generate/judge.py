@@ -16,7 +16,6 @@ request the API refuses outright (a wrong key, an unknown model: retrying cannot
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 from collections.abc import Iterator, Mapping, Sequence
@@ -26,7 +25,7 @@ from typing import Any
 
 from distill.data import read_text
 from distill.errors import DataError, DistillError
-from distill.generate.client import TeacherClient, TeacherClientError
+from distill.generate.client import TeacherClient, TeacherClientError, run_workers
 from distill.progress import NULL, Cancelled, Reporter
 
 MAX_SCORE = 10.0
@@ -178,13 +177,9 @@ async def ajudge(
             reporter.advance(1, cost=client.usage.cost)
 
     reporter.stage("judge", total=len(rows))
-    workers = [asyncio.ensure_future(work()) for _ in range(min(client.concurrency, max(len(rows), 1)))]
     try:
-        await asyncio.gather(*workers)
+        await run_workers([work() for _ in range(min(client.concurrency, max(len(rows), 1)))])
     finally:
-        for worker in workers:
-            worker.cancel()
-        await asyncio.gather(*workers, return_exceptions=True)
         reporter.end()
     return [verdict for verdict in verdicts if verdict is not None]
 
