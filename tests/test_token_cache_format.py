@@ -23,18 +23,10 @@ from distill.teachers import huffman
 from distill.teachers.token_cache import TokenCache, build_token_cache, verify_token_cache
 from distill.teachers.token_codec import Codec
 from distill.teachers.token_shards import layout, pack, rank_bands
-from test_token_cache import SETTINGS, Counting, bigram, data
+from test_token_cache import SETTINGS, Counting, bigram, data, one_thread  # noqa: F401 (one_thread: autouse)
 
 OLD = Path(__file__).parent / "data" / "token_cache_v1"
 V_LM, K_LM = 2048, 128
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def lm_like_teacher(vocab: int = V_LM, seed: int = 0):
