@@ -238,7 +238,7 @@ def step_timing(cache: TokenCache, packed: list[np.ndarray], vocab: int, rounds:
     decoded = cache.batch(np.arange(len(data)), int(batch["inputs"]["input_ids"].shape[1]))
 
     def distill(teacher: Any = cache) -> None:
-        terms, weights = lm_terms(student, batch, teacher, loss)
+        terms, weights = lm_terms(student, batch, teacher, loss, fused=True)  # as `train` without accumulation
         value = sum(weights[k] * terms[k] for k in terms)
         optimizer.zero_grad(set_to_none=True)
         value.backward()  # type: ignore[union-attr]

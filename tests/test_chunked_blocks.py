@@ -91,3 +91,36 @@ def test_bf16_products_under_autocast_keep_the_float32_values():
     assert torch.allclose(ce16, ce32, rtol=5e-2)
     hidden_grad, head_grad = torch.autograd.grad(kd16 + ce16, student[:2])
     assert hidden_grad.dtype == torch.float32 and head_grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+@pytest.mark.parametrize("form", ["head", "sparse"])
+def test_fused_gradients_equal_the_separate_ones(divergence, form):
+    """With ce_per_kd the two terms' gradients share one pair of head products: the same values and gradients of
+    0.3 kd + 0.7 ce as the separate terms, for a cached (closed-form) and a live teacher."""
+    student, teacher, labels, weights = inputs(seed=5)
+    if form == "head":
+        given = {"teacher_hidden": teacher[0], "teacher_head": teacher[1], "teacher_bias": teacher[2]}
+    else:
+        top = F.log_softmax(F.linear(*teacher), -1).topk(4, dim=-1)
+        given = {"teacher_logprobs": top.values, "token_ids": top.indices}
+    common = {"student_bias": student[2], "divergence": divergence, "weights": weights, "chunk_size": 8,
+              "labels": labels, **given}  # fmt: skip
+    kd, ce = chunked_kd_and_ce(*student[:2], **common)
+    separate = torch.autograd.grad(0.3 * kd + 0.7 * ce, student)
+    kd_f, ce_f = chunked_kd_and_ce(*student[:2], ce_per_kd=0.7 / 0.3, **common)
+    fused = torch.autograd.grad(0.3 * kd_f + 0.7 * ce_f, student)
+    assert torch.equal(kd, kd_f) and torch.equal(ce, ce_f)
+    for got, expected in zip(fused, separate):
+        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_fused_gradients_refuse_other_weights():
+    student, teacher, labels, weights = inputs(seed=6)
+    given = {"teacher_hidden": teacher[0], "teacher_head": teacher[1], "labels": labels}
+    kd, ce = chunked_kd_and_ce(*student[:2], ce_per_kd=1.0, **given)
+    with pytest.raises(RuntimeError, match="ce_per_kd=1.0"):
+        torch.autograd.grad(0.3 * kd + 0.7 * ce, student[:2])
+    for bad in (float("nan"), -1.0, float("inf")):
+        with pytest.raises(ValueError, match="ce_per_kd"):
+            chunked_kd_and_ce(*student[:2], ce_per_kd=bad, **given)

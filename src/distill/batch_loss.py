@@ -30,15 +30,17 @@ def loss_terms(
     teacher: Teacher | None,
     loss: LossConfig,
     features: FeatureDistiller | None = None,
+    fused: bool = False,
 ) -> tuple[dict[str, Tensor], dict[str, float]]:
-    """The named loss terms of one batch and their weights in the total.
+    """The named loss terms of one batch and their weights in the total (with `fused`, the caller minimises exactly
+    sum_k weights[k] * terms[k]: see `distill.lm.lm_terms`).
 
     Logit terms (`loss.logits`): `ce` alone without a teacher, else Hinton's `kd` (weight alpha) and `ce` (1 - alpha),
     over all positions of the output (rows, or tokens of a sequence). Feature terms: one per `loss.features` pair,
     named `kind:student_module`, weighted as configured.
     """
     if loss.logits and features is None and "kd_mask" in batch and loss.chunk_size and is_causal_lm(model):
-        return lm_terms(model, batch, teacher, loss)
+        return lm_terms(model, batch, teacher, loss, fused=fused)
     with capture(model, features.student_hooks if features is not None else []) as captured:
         output = run_model(model, batch["inputs"])
     taught = teacher(batch) if teacher is not None else None

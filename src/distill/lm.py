@@ -50,13 +50,19 @@ def hidden_states(model: nn.Module, inputs: dict[str, Tensor]) -> tuple[Tensor, 
 
 
 def lm_terms(
-    model: nn.Module, batch: dict[str, Any], teacher: Teacher | None, loss: LossConfig, on_policy: bool = False
+    model: nn.Module,
+    batch: dict[str, Any],
+    teacher: Teacher | None,
+    loss: LossConfig,
+    on_policy: bool = False,
+    fused: bool = False,
 ) -> tuple[dict[str, Tensor], dict[str, float]]:
     """Hinton's `kd` and `ce` over the scored tokens (`distill.losses.hinton_weights`), from one chunked pass.
 
     Without a teacher only `ce`; on an on-policy batch only `kd` (the divergence on the student's own samples); only
     `kd` too when `ce` weighs 0 (alpha 1), whose log-softmax, gradients and head products took a fifth of a step at
-    vocabulary 32,000."""
+    vocabulary 32,000. `fused`: the caller minimises exactly sum_k weights[k] * terms[k] with the weights returned,
+    so both terms' gradients go through one pair of head products (`chunked_kd_and_ce`'s `ce_per_kd`)."""
     hidden, head = hidden_states(model, batch["inputs"])  # (B, T, H)
     mask = batch["kd_mask"].reshape(-1)  # (B*T,)
     scored = hidden.reshape(-1, hidden.shape[-1])[mask]  # (N, H)
@@ -71,10 +77,13 @@ def lm_terms(
                                   token_ids=labels[:, None], chunk_size=loss.chunk_size)  # fmt: skip
         return {"ce": ce}, {"ce": 1.0}
     given = _teacher_side(teacher, batch, mask, scored.device, weight.shape[0], loss.divergence)
-    hard = not on_policy and hinton_weights(loss.alpha, ["ce"])["ce"] > 0  # the hard-label term is computed
+    mix = hinton_weights(loss.alpha, ["kd", "ce"])
+    hard = not on_policy and mix["ce"] > 0  # the hard-label term is computed
+    kd_weight = mix["kd"] * loss.temperature**2  # the divergence's weight in the total: alpha T^2 (soft_target_term)
+    ce_per_kd = mix["ce"] / kd_weight if fused and hard and kd_weight > 0 else None
     kd, ce = chunked_kd_and_ce(
         scored, weight, student_bias=bias, divergence=loss.divergence, temperature=loss.temperature, beta=loss.beta,
-        chunk_size=loss.chunk_size, labels=labels if hard else None, **given,
+        chunk_size=loss.chunk_size, labels=labels if hard else None, ce_per_kd=ce_per_kd, **given,
     )  # fmt: skip
     terms = {"kd": soft_target_term(kd, loss.temperature)}
     if on_policy:

@@ -75,17 +75,8 @@ def sparse_pair(
     log-probs outside the K ids, so no probability mass is invented on either side. An id of -1 is an empty entry:
     LOG_FLOOR on both sides, left out of both tails' complements, so it changes nothing.
     """
-    if teacher_logprobs.shape != token_ids.shape:
-        raise ShapeMismatchError(
-            f"teacher top-k log-probs {tuple(teacher_logprobs.shape)} and ids {tuple(token_ids.shape)} differ"
-        )
-    if student_logits.shape[:-1] != token_ids.shape[:-1]:
-        raise ShapeMismatchError(
-            f"student outputs {tuple(student_logits.shape)} but teacher top-k ids are {tuple(token_ids.shape)}"
-        )
     vocab = student_logits.shape[-1]
-    ids = token_ids.long()  # (N, K)
-    _check_ids(ids, vocab)
+    ids = checked_ids(student_logits, teacher_logprobs, token_ids)  # (N, K)
     empty = ids < 0  # (N, K), the -1 entries
     scaled = student_logits.float() if temperature == 1.0 else student_logits.float() / temperature  # (N, V)
     student_all = F.log_softmax(scaled, dim=-1)  # (N, V)
@@ -100,6 +91,22 @@ def sparse_pair(
     student = torch.cat([student_top, student_tail.unsqueeze(-1)], dim=-1)  # (N, K+1)
     teacher = torch.cat([teacher_top, teacher_tail.unsqueeze(-1)], dim=-1)  # (N, K+1)
     return student, teacher
+
+
+def checked_ids(student_logits: Tensor, teacher_logprobs: Tensor, token_ids: Tensor) -> Tensor:
+    """The sparse teacher's ids as int64 (N, K), after checking that they fit its log-probs (N, K) and the student's
+    logits (N, V)."""
+    if teacher_logprobs.shape != token_ids.shape:
+        raise ShapeMismatchError(
+            f"teacher top-k log-probs {tuple(teacher_logprobs.shape)} and ids {tuple(token_ids.shape)} differ"
+        )
+    if student_logits.shape[:-1] != token_ids.shape[:-1]:
+        raise ShapeMismatchError(
+            f"student outputs {tuple(student_logits.shape)} but teacher top-k ids are {tuple(token_ids.shape)}"
+        )
+    ids = token_ids.long()  # (N, K)
+    _check_ids(ids, student_logits.shape[-1])
+    return ids
 
 
 def _check_ids(ids: Tensor, vocab: int) -> None:
@@ -401,8 +408,11 @@ def hinton_weights(alpha: float, terms: Iterable[str]) -> dict[str, float]:
 
 def weighted_total(terms: Mapping[str, Tensor], weights: Mapping[str, float]) -> Tensor:
     """sum_k weights[k] * terms[k]: the loss minimised, from its named terms, in the terms' order."""
-    total = sum(weights[name] * terms[name] for name in terms)
-    if not isinstance(total, Tensor):
+    total: Tensor | None = None
+    for name, term in terms.items():  # not sum(): its start 0 is one more addition per step
+        part = weights[name] * term
+        total = part if total is None else total + part
+    if total is None:
         raise ValueError("a loss needs at least one term")
     return total
 
