@@ -54,12 +54,15 @@ def output_dtypes(*modules: torch.nn.Module) -> Iterator[list[set[torch.dtype]]]
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_training_reaches_the_float32_loss(precision):
-    """A tiny GPT-2 pair distilled under bf16 / fp16 autocast ends within 5 % of the float32 run's last-epoch loss.
+    """A tiny GPT-2 pair distilled under bf16 / fp16 autocast ends within 5 % of the float32 run's loss, averaged
+    over the last three epochs.
 
     Why 5 %: bf16 keeps 8 bits of mantissa (a relative rounding of 2^-8 = 0.4 % per operation) and fp16 11, and
-    the rounding of each step moves the trajectory a little; the runs of this test end 1.5 % apart (both; 4 % for
-    fp16 with the teacher in fp16 too). Training lowers the loss by more than half, ten times the tolerance: a run that did not learn, or
-    learned from a broken (say bf16 log-softmax) loss, cannot pass."""
+    the rounding of each step moves the trajectory a little. Why three epochs: at this constant rate one epoch's
+    loss moves by up to 10 % from the next, so the runs' last epochs alone differed by 1.5 % to 5.3 % as unrelated
+    changes of rounding moved the trajectories (a closed-form gradient in the teacher's training, fused AdamW),
+    where the three-epoch means stay within 1.5 %. Training lowers the loss by more than half, ten times the
+    tolerance: a run that did not learn, or learned from a broken (say bf16 log-softmax) loss, cannot pass."""
     teacher, tokenizer, data = trained_teacher()
     loss = LossConfig(temperature=1.0, alpha=0.5, chunk_size=8)
     reference, _ = tiny_gpt2(seed=1)
@@ -76,7 +79,11 @@ def test_mixed_precision_training_reaches_the_float32_loss(precision):
     assert seen == {{"bf16": torch.bfloat16, "fp16": torch.float16}[precision]}  # the forward ran in it
     assert all(p.dtype == torch.float32 for p in student.parameters())  # master weights stay float32
     assert fp32[0]["loss"] - fp32[-1]["loss"] > 0.5 * fp32[0]["loss"]
-    assert mixed[-1]["loss"] == pytest.approx(fp32[-1]["loss"], rel=0.05)
+
+    def ends_at(history: list[dict[str, float]]) -> float:
+        return sum(h["loss"] for h in history[-3:]) / 3
+
+    assert ends_at(mixed) == pytest.approx(ends_at(fp32), rel=0.05)
 
 
 def test_a_bf16_teacher_teaches_a_float32_student():

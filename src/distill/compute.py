@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -74,8 +74,9 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
-    """The student's forward context: autocast to `dtype`, or a context that changes nothing when None."""
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+    """The student's forward context: autocast to `dtype`, or a context that changes nothing when None (entering
+    and leaving a disabled `torch.autocast` took some 1 % of a small classifier's step)."""
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def gradient_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:

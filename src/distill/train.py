@@ -49,7 +49,7 @@ from distill.errors import DistillError, NonFiniteLossError
 from distill.features import FeatureDistiller
 from distill.lm import lm_terms, on_policy_step, student_samples
 from distill.losses import weighted_total
-from distill.optim import make_optimizer, make_scheduler
+from distill.optim import make_optimizer, make_scheduler, rate_changes
 from distill.progress import NULL, Cancelled, Reporter
 from distill.teachers import Teacher
 from distill.teachers.local import to_device
@@ -97,6 +97,7 @@ class _Run:
     features: FeatureDistiller | None
     optimizer: torch.optim.Optimizer
     scheduler: Any
+    rate_changes: bool  # False: a constant rate, whose schedule is not stepped
     scaler: torch.amp.GradScaler  # enabled for fp16 only
     autocast_dtype: torch.dtype | None  # the student's forward under autocast (None: float32)
     reporter: Reporter
@@ -184,7 +185,8 @@ def _prepare(
         path.parent.mkdir(parents=True, exist_ok=True)
     return _Run(
         name=name, model=model, net=net, data=data, config=config, loss=loss, teacher=teacher, features=features,
-        optimizer=optimizer, scheduler=scheduler, scaler=gradient_scaler(device, config.precision),
+        optimizer=optimizer, scheduler=scheduler, rate_changes=rate_changes(config, config.epochs * batches_per_epoch),
+        scaler=gradient_scaler(device, config.precision),
         autocast_dtype=dtype, reporter=reporter if rank == 0 else NULL,  # one process reports
         device=device, rank=rank, world=world, batches_per_epoch=batches_per_epoch,
         signature=_signature(data, config, teacher, loss) | {"processes": world}, path=path,
@@ -265,12 +267,11 @@ def _step(run: _Run, group: list[Tensor], epoch: int) -> tuple[dict[str, float],
         _seed_micro_batch(run, j)
         with distributed.gradient_sync(run.net, j == len(micro) - 1):
             with autocast(run.device, run.autocast_dtype):
-                terms, weights = _forward(run, batch, sampled)
+                terms, weights = _forward(run, batch, sampled, fused=units is None)
             shares = _shares(terms, units, totals, j)
             total = weighted_total(terms, {k: weights[k] * shares[k] for k in terms})
-            _check_finite(run, terms, total, epoch)
+            value += _check_finite(run, terms, total, epoch)
             run.scaler.scale(total).backward()
-        value += float(total.detach())
         for key, term in terms.items():
             terms_sum[key] = terms_sum.get(key, 0.0) + shares[key] * float(term.detach())
     if run.features is not None:  # the projections are not inside the DDP wrapper
@@ -285,8 +286,10 @@ def _step(run: _Run, group: list[Tensor], epoch: int) -> tuple[dict[str, float],
 
 
 def _step_schedule(run: _Run) -> None:
-    """The schedule counts steps, skipped ones too; torch warns when the first was skipped, which only fp16's
+    """The schedule counts steps, skipped ones too (a constant rate is not stepped at all); torch warns when the first was skipped, which only fp16's
     scaler does: the warning is silenced there alone (a warnings filter per step costs a small student time)."""
+    if not run.rate_changes:
+        return
     if not run.scaler.is_enabled():
         run.scheduler.step()
         return
@@ -344,21 +347,27 @@ def _micro_batches(run: _Run, group: list[Tensor]) -> list[tuple[dict[str, Any],
     return micro
 
 
-def _check_finite(run: _Run, terms: dict[str, Tensor], total: Tensor, epoch: int) -> None:
-    if not math.isfinite(float(total.detach())):
+def _check_finite(run: _Run, terms: dict[str, Tensor], total: Tensor, epoch: int) -> float:
+    """The total's value, after checking that it is finite."""
+    value = float(total.detach())
+    if not math.isfinite(value):
         detail = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items())
         raise NonFiniteLossError(
             f"{run.name}: the loss became non-finite at step {run.state['step'] + 1} (epoch {epoch + 1}; {detail}); "
             "lower the learning rate or check the inputs for extreme values"
         )
+    return value
 
 
-def _forward(run: _Run, batch: dict[str, Any], on_policy: bool) -> tuple[dict[str, Tensor], dict[str, float]]:
+def _forward(
+    run: _Run, batch: dict[str, Any], on_policy: bool, fused: bool
+) -> tuple[dict[str, Tensor], dict[str, float]]:
     """The loss terms of one micro-batch and their weights: on an on-policy batch (the student's own completions,
-    GKD) the divergence alone, otherwise the terms of `loss_terms`."""
+    GKD) the divergence alone, otherwise the terms of `loss_terms`. `fused`: the step minimises the terms with
+    these weights exactly (no accumulation shares), so the chunked LM loss may form their gradients together."""
     if on_policy:
         return lm_terms(run.net, batch, run.teacher, run.loss, on_policy=True)
-    return loss_terms(run.net, batch, run.teacher, run.loss, run.features)
+    return loss_terms(run.net, batch, run.teacher, run.loss, run.features, fused=fused)
 
 
 def _end_epoch(run: _Run, epoch: int, evaluate: Evaluate | None) -> None:
