@@ -3,8 +3,10 @@ requests it is least confident about go to the teacher, and at what share of req
 
     python benchmarks/lm_cascade.py --run runs/reasoning-...     # a finished `distill run --recipe reasoning`
 
-The run's held-out problems (its config.yaml regenerates them) are split at random (`--seed`) into a validation and
-a test half. The teacher (models/teacher) and the student (models/student-traces, `--student`) answer every problem
+The run's held-out problems (its config.yaml regenerates them) are the test set; the validation set is `--validation`
+fresh problems from the recipe's generator (another seed), none sharing a question with the run's training or
+held-out problems (with `--validation 0`, the held-out problems are split at random (`--seed`) into a validation and
+a test half, as the script did first: 150 validation problems placed the threshold coarsely). The teacher (models/teacher) and the student (models/student-traces, `--student`) answer every problem
 greedily, with batched generation; the student's confidence in each answer is measured as `distill serve
 --teacher-url` measures it (`distill.lm_confidence`: the mean token log-prob; with the verifier, that an answer ends
 with a well-formed "#### N" line; the agreement of k sampled answers). On the validation half, each measure's
@@ -31,6 +33,7 @@ import yaml
 
 from distill import cascade_curve
 from distill.engine import Engine
+from distill.generate.problems import make_problems
 from distill.hf import load_causal_lm, load_tokenizer
 from distill.lm_confidence import ConfidenceConfig, same_answer
 from distill.recipes.reasoning import ReasoningConfig, problem_sets, prompt_of
@@ -59,12 +62,26 @@ def models_dir(run: Path) -> Path:
     sys.exit(f"error: {run} holds no models/teacher: give a finished `distill run --recipe reasoning` directory")
 
 
-def held_out(run: Path) -> tuple[ReasoningConfig, list[Any]]:
+def run_problems(run: Path) -> tuple[ReasoningConfig, list[Any], list[Any]]:
+    """The run's config, training problems and held-out problems."""
     path = run / "config.yaml" if (run / "config.yaml").is_file() else run / "output" / "config.yaml"
     if not path.is_file():
         sys.exit(f"error: {run} has no config.yaml (the run did not finish)")
     config = ReasoningConfig.model_validate(yaml.safe_load(path.read_text()))
-    return config, problem_sets(config)[1]
+    training, held = problem_sets(config)
+    return config, training, held
+
+
+def fresh_problems(config: ReasoningConfig, count: int, seen: list[Any]) -> list[Any]:
+    """`count` problems of the recipe's generator (another seed) whose questions none of `seen` has."""
+    taken = {" ".join(p.question.lower().split()) for p in seen}
+    found: list[Any] = []
+    draw = 2 * count
+    while len(found) < count:
+        drawn = make_problems(draw, seed=config.seed + 7_919, steps=config.steps)
+        found = [p for p in drawn if " ".join(p.question.lower().split()) not in taken][:count]
+        draw *= 2
+    return found
 
 
 def scored(
@@ -77,10 +94,14 @@ def scored(
     return rows, time.perf_counter() - started
 
 
-def split(count: int, seed: int) -> tuple[list[int], list[int]]:
-    order = list(range(count))
+def halves(validation: int, held: int, seed: int) -> tuple[list[int], list[int]]:
+    """(validation rows, test rows): the fresh validation problems and the held-out ones after them; without fresh
+    ones, the held-out problems split at random in halves."""
+    if validation:
+        return list(range(validation)), list(range(validation, validation + held))
+    order = list(range(held))
     random.Random(seed).shuffle(order)
-    return sorted(order[: count // 2]), sorted(order[count // 2 :])
+    return sorted(order[: held // 2]), sorted(order[held // 2 :])
 
 
 def on_test(confidence: torch.Tensor, student_ok: torch.Tensor, teacher_ok: torch.Tensor, threshold: float) -> dict:
@@ -156,7 +177,9 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--measure", default="logprob+verify", help="the measure the acceptance is judged on")
     parser.add_argument("--samples", type=int, default=5, help="answers sampled per prompt for agreement")
     parser.add_argument("--sample-temperature", type=float, default=0.7)
-    parser.add_argument("--seed", type=int, default=0, help="the validation/test split")
+    parser.add_argument("--validation", type=int, default=1000,
+                        help="fresh validation problems (0: split the held-out problems in halves)")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0, help="the validation/test split with --validation 0")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", type=Path, default=RESULTS / "lm_cascade.json")
@@ -167,7 +190,11 @@ def main() -> None:
     args = parse()
     torch.set_num_threads(args.threads)
     folder = models_dir(args.run)
-    config, problems = held_out(args.run)
+    config, training, held = run_problems(args.run)
+    if args.validation < 0:
+        sys.exit("error: --validation must be 0 or more")
+    validation = fresh_problems(config, args.validation, training + held) if args.validation else []
+    problems = validation + held
     table = measures(args.samples, args.sample_temperature)
     if args.measure not in table:
         sys.exit(f"error: --measure must be one of {', '.join(table)}")
@@ -179,7 +206,7 @@ def main() -> None:
     teacher_rows, teacher_seconds = scored(teacher, problems, max_tokens, None, args.batch_size)
     student_rows, student_seconds = scored(student, problems, max_tokens, table["agreement"], args.batch_size)
     data = {"student": student_rows, "teacher": [row.text for row, _ in teacher_rows],
-            "gold": [p.answer for p in problems], "halves": split(len(problems), args.seed)}  # fmt: skip
+            "gold": [p.answer for p in problems], "halves": halves(len(validation), len(held), args.seed)}  # fmt: skip
     results = [evaluate_measure(name, cfg, data, args.target) for name, cfg in table.items()]
     test = data["halves"][1]
     accuracy = {
@@ -190,8 +217,9 @@ def main() -> None:
     result = {
         "benchmark": "lm_cascade",
         "command": "python benchmarks/lm_cascade.py " + " ".join(sys.argv[1:]),
-        "description": (f"reasoning run {args.run}: {len(problems)} held-out problems, {len(data['halves'][0])} "
-                        f"validation / {len(test)} test; teacher vs {args.student}; greedy answers of at most "
+        "description": (f"reasoning run {args.run}: {len(data['halves'][0])} validation problems "
+                        f"({'fresh' if validation else 'half of the held-out ones'}) / {len(test)} held-out test "
+                        f"problems; teacher vs {args.student}; greedy answers of at most "
                         f"{max_tokens} tokens; threshold for {args.target:.0%} of the teacher's validation accuracy"),
         "accuracy": accuracy,
         "seconds": {"teacher_answers": teacher_seconds, "student_answers_and_samples": student_seconds},

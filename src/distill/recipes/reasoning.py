@@ -99,7 +99,7 @@ class ReasoningConfig(Strict):
         description="training problems: the teacher learns their worked solutions, the students their questions",
     )
     questions: Rows = Field(
-        10000, description="training questions the teacher answers with traces (the first); 0 = all"
+        20000, description="training questions the teacher answers with traces (the first); 0 = all"
     )
     held_out: Annotated[Rows, Field(ge=1)] = Field(
         300, description="problems held out for evaluation (no question seen in training)"
