@@ -108,8 +108,8 @@ def chunked_kd_and_ce(
 
     With `ce_per_kd` = w_ce / w_kd, the caller promises to minimise w_kd kd + w_ce ce (any w_kd > 0): the two
     terms' logit gradients are then added per chunk and go through one pair of products with the head instead of
-    two (a step from a cache: 1.07x a plain step instead of 1.10x, benchmarks/lm_cache.py); backward checks that the
-    incoming gradients keep that ratio and refuses others."""
+    two (benchmarks/lm_cache.py times the step); backward checks that the incoming gradients keep that ratio and
+    refuses others."""
     if divergence not in LOSSES:
         raise ValueError(f"unknown divergence {divergence!r}; choose one of {sorted(LOSSES)}")
     if chunk_size < 1:
