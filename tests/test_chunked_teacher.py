@@ -98,6 +98,22 @@ def test_lm_terms_with_the_live_teacher_equal_its_dense_log_probs(divergence, on
         torch.testing.assert_close(got, p.grad, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("live", [True, False])
+def test_the_teacher_runs_before_the_student_so_their_activations_never_coexist(live):
+    """The teacher's forward (live, chunked, or its full log-probs) is done before the student's starts: the
+    teacher's transient activations are freed before the student's, kept for backward, exist."""
+    student, teacher_model, tokenizer, batch = setup()
+    order = []
+    inner = LocalTeacher(teacher_model, len(tokenizer))
+    teacher = inner if live else DenseOnly(inner)
+    for model, name in ((teacher_model, "teacher"), (student, "student")):  # the base is called alone when live
+        for module in (model, model.transformer):
+            module.register_forward_pre_hook(lambda *_, name=name: order.append(name))
+    lm_terms(student, batch, teacher, LossConfig(chunk_size=5))
+    assert "teacher" in order and "student" in order, order
+    assert order.index("student") > max(i for i, name in enumerate(order) if name == "teacher"), order
+
+
 class NoHead(nn.Module):
     """A causal LM as a plain module: token ids in, logits out, no `get_output_embeddings`."""
 

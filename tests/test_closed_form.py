@@ -106,3 +106,43 @@ def test_cross_entropy_gradient_equals_autograd(dtype):
     tolerance = 1e-6 if dtype == torch.float32 else 1e-2
     assert torch.allclose(grad.float(), expected_grad, rtol=tolerance, atol=tolerance)
     assert float(grad[::3].abs().sum()) == 0.0  # rows without a label get no gradient
+
+
+def dense_reference(logits, teacher, row_scale, temperature):
+    """sum_i row_scale_i KL_i against a dense teacher and its gradient, by autograd through `losses.forward_kl`."""
+    z = logits.clone().requires_grad_(True)
+    value = sum(
+        row_scale[i] * losses.forward_kl(z[i : i + 1], teacher[i : i + 1], temperature=temperature,
+                                         teacher_temperature=temperature)
+        for i in range(len(z))
+    )  # fmt: skip
+    (grad,) = torch.autograd.grad(value, z)
+    return value.detach(), grad
+
+
+@pytest.mark.parametrize("temperature, spread", [(1.0, 2.0), (0.5, 2.0), (2.0, 2.0), (1.0, 30.0)])
+def test_dense_value_and_gradient_equal_autograd(temperature, spread):
+    g = torch.Generator().manual_seed(int(spread))
+    logits = torch.randn(S, V, generator=g) * spread
+    teacher = F.log_softmax(torch.randn(S, V, generator=g) * spread / temperature, -1)
+    row_scale = torch.rand(S, generator=g)
+    buffer = logits.clone()
+    value = closed_form.dense_forward_kl_grad(buffer, teacher, row_scale, temperature)
+    expected_value, expected_grad = dense_reference(logits, teacher, row_scale, temperature)
+    assert torch.allclose(value, expected_value, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(buffer, expected_grad, rtol=1e-4, atol=1e-6), (buffer - expected_grad).abs().max()
+    assert float(buffer.abs().sum()) > 0
+
+
+def test_dense_student_equal_to_teacher_has_zero_loss_and_gradient():
+    logits = torch.randn(S, V, generator=torch.Generator().manual_seed(3)) * 4
+    buffer = logits.clone()
+    value = closed_form.dense_forward_kl_grad(buffer, F.log_softmax(logits, -1), torch.ones(S), 1.0)
+    assert abs(float(value)) < 1e-5
+    assert float(buffer.abs().max()) < 1e-6
+
+
+def test_dense_teacher_of_another_width_is_refused():
+    logits = torch.randn(S, V)
+    with pytest.raises(ShapeMismatchError, match="teacher outputs"):
+        closed_form.dense_forward_kl_grad(logits, F.log_softmax(torch.randn(S, V + 1), -1), torch.ones(S), 1.0)

@@ -385,12 +385,7 @@ def _block_terms(
     with torch.no_grad():
         teacher, token_ids = teacher_chunk(rows)  # (S, V), or (S, K) and (S, K)
     weights, share = scale.kd(rows)
-    if (
-        wants_grad
-        and divergence == "forward_kl"
-        and token_ids is not None
-        and (options["teacher_temperature"] == options["temperature"])
-    ):
+    if wants_grad and _has_closed_form(divergence, options, teacher, token_ids, logits.shape[-1]):
         # each row's factor in the total: the block's mean over its rows (weighted), times its share
         row_scale = share / _mean_denominator(weights, logits.shape[0])
         row_scale = row_scale if weights is None else weights.float() * row_scale  # (S,) or one for all rows
@@ -417,12 +412,22 @@ def _block_terms(
     return term.detach(), ce.detach()
 
 
+def _has_closed_form(
+    divergence: str, options: dict[str, float], teacher: Tensor, token_ids: Tensor | None, vocab: int
+) -> bool:
+    """Whether `distill.closed_form` computes the block: forward KL with the teacher's log-probs at the student's
+    temperature, sparse top-K or dense over the student's V classes."""
+    same_temperature = options["teacher_temperature"] == options["temperature"]
+    dense = token_ids is None and teacher.shape[-1] == vocab
+    return divergence == "forward_kl" and same_temperature and (token_ids is not None or dense)
+
+
 def _closed_form_terms(
     logits: Tensor,  # (S, V), the block's rows of the chunk's logits buffer
     grad_ce: Tensor | None,  # (C, V), the chunk's cross-entropy gradient buffer
     local: slice,
-    teacher: Tensor,  # (S, K)
-    token_ids: Tensor,  # (S, K)
+    teacher: Tensor,  # (S, K) top-K, or (S, V) dense
+    token_ids: Tensor | None,  # (S, K), or None for a dense teacher
     row_scale: Tensor | float,  # (S,) or one factor for every row
     temperature: float,
     scale: _Scale,
@@ -430,8 +435,9 @@ def _closed_form_terms(
     labels: Tensor | None,  # (S,)
     bias_grads: tuple[Tensor | None, Tensor | None],
 ) -> tuple[Tensor, Tensor]:
-    """`_block_terms` for forward KL against a sparse teacher (a cache, the common case), with the gradients in
-    closed form (`distill.closed_form`): the same values and gradients with a few passes over the block's logits."""
+    """`_block_terms` for forward KL against a sparse teacher (a cache) or a dense one (a live teacher), with the
+    gradients in closed form (`distill.closed_form`): the same values and gradients with a few passes over the
+    block's logits and no saved autograd tensors."""
     exact = logits if logits.dtype == torch.float32 else logits.float()  # (S, V)
     ce = exact.new_zeros(())
     kd_bias, ce_bias = bias_grads
@@ -442,7 +448,10 @@ def _closed_form_terms(
         if ce_bias is not None:
             ce_bias += grad_ce[local].sum(0, dtype=torch.float32)  # (V,)
     row_scale = torch.as_tensor(row_scale, dtype=torch.float32, device=logits.device).expand(logits.shape[0])
-    kd = closed_form.sparse_forward_kl_grad(exact, teacher, token_ids, row_scale, temperature)
+    if token_ids is None:
+        kd = closed_form.dense_forward_kl_grad(exact, teacher, row_scale, temperature)
+    else:
+        kd = closed_form.sparse_forward_kl_grad(exact, teacher, token_ids, row_scale, temperature)
     if exact is not logits:
         logits.copy_(exact)
     if kd_bias is not None:

@@ -1,6 +1,6 @@
-"""Forward KL against a sparse (top-K) teacher and the hard-label cross-entropy, with their logit gradients in
-closed form: what the chunked LM loss (`distill.chunked`) computes for a cached teacher, the common case, without
-autograd's passes over a block's (S, V) tensors.
+"""Forward KL against a sparse (top-K) or dense teacher and the hard-label cross-entropy, with their logit gradients
+in closed form: what the chunked LM loss (`distill.chunked`) computes for a cached or live teacher, the common cases,
+without autograd's passes (and its saved (S, V) tensors) over a block.
 
 The values are those of `distill.losses.forward_kl` on sparse buckets and `distill.losses.hard_label_ce`; only the
 gradients are written out. With q = softmax(z / T) the student's distribution, the buckets b are the teacher's K
@@ -16,6 +16,11 @@ that is (s - r) q plus a correction at the K ids, r = t_tail / Q_tail: one scale
 values per row. The cross-entropy's gradient is softmax(z) - onehot(y). On a (131, 32000) block this replaces some
 fifteen passes of autograd by about six (benchmarks/lm_cache.py measures the step).
 
+Against a dense teacher p over all V classes (a live teacher's log_softmax at T), with P = sum_j p_j (1 but for
+rounding):
+
+    KL = sum_j p_j (log p_j - log q_j),     d KL / d z_j = (P q_j - p_j) / T
+
 Log-probabilities are floored at LOG_FLOOR in the value, as in `distill.losses`; the gradient is the exact one
 (autograd through the floor gives zero at a bucket below e^-100, where the difference is below float32's reach).
 """
@@ -25,6 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from distill.errors import ShapeMismatchError
 from distill.losses import LOG_FLOOR, TAIL_EPS, checked_ids
 
 
@@ -69,6 +75,37 @@ def sparse_forward_kl_grad(
     targets, values = _without_empty(ids, empty, top, q)
     q.scatter_(-1, targets, values)
     return value
+
+
+def dense_forward_kl_grad(
+    logits: Tensor,  # (S, V) float32, the student's logits (overwritten with the gradient)
+    teacher_logprobs: Tensor,  # (S, V), the teacher's normalised log-probs at T
+    row_scale: Tensor,  # (S,), each row's factor in the total
+    temperature: float,
+) -> Tensor:
+    """sum_i row_scale_i KL_i(teacher || student) over the block's rows (a float32 scalar), with its gradient with
+    respect to the logits written into `logits` in place (one other (S, V) tensor: the teacher's probabilities)."""
+    if teacher_logprobs.shape != logits.shape:
+        raise ShapeMismatchError(
+            f"student outputs shape {tuple(logits.shape)} but teacher outputs {tuple(teacher_logprobs.shape)}"
+        )
+    scaled = logits if temperature == 1.0 else logits.div_(temperature)  # (S, V), z / T
+    lse = torch.logsumexp(scaled, dim=-1)  # (S,)
+    log_p = teacher_logprobs.float()  # (S, V)
+    p = log_p.exp()  # (S, V)
+    mass = p.sum(-1)  # (S,), P
+    # sum_j p_j (log p_j - z_j / T + lse) as row-wise dot products, which allocate no (S, V) tensor
+    rows = _row_dot(p, log_p) - _row_dot(p, scaled) + lse * mass  # (S,)
+    value = (rows * row_scale).sum()
+    factor = (row_scale / temperature).unsqueeze(-1)  # (S, 1)
+    q = scaled.sub_(lse.unsqueeze(-1)).exp_()  # (S, V): the student's probabilities, in place of the logits
+    q.mul_(mass.unsqueeze(-1) * factor).sub_(p.mul_(factor))  # (S, V): (P q - p) / T, each row scaled
+    return value
+
+
+def _row_dot(a: Tensor, b: Tensor) -> Tensor:
+    """sum_j a_ij b_ij per row, by a batched product (no (S, V) temporary). (S, V), (S, V) -> (S,)"""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
 def _without_empty(ids: Tensor, empty: Tensor, top: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:

@@ -63,20 +63,22 @@ def lm_terms(
     `kd` too when `ce` weighs 0 (alpha 1), whose log-softmax, gradients and head products took a fifth of a step at
     vocabulary 32,000. `fused`: the caller minimises exactly sum_k weights[k] * terms[k] with the weights returned,
     so both terms' gradients go through one pair of head products (`chunked_kd_and_ce`'s `ce_per_kd`)."""
-    hidden, head = hidden_states(model, batch["inputs"])  # (B, T, H)
     mask = batch["kd_mask"].reshape(-1)  # (B*T,)
+    # The teacher runs first: its forward's activations are freed before the student's (kept for backward) exist.
+    given = None if teacher is None else _teacher_side(teacher, batch, mask, batch["inputs"]["input_ids"].device)
+    hidden, head = hidden_states(model, batch["inputs"])  # (B, T, H)
     scored = hidden.reshape(-1, hidden.shape[-1])[mask]  # (N, H)
     labels = batch["labels"].reshape(-1)[mask]  # (N,)
     weight: Tensor = head.weight  # type: ignore[assignment]
     found = getattr(head, "bias", None)
     bias: Tensor | None = found if isinstance(found, Tensor) else None
-    if teacher is None:
+    if given is None:
         # The cross-entropy as a divergence from a one-hot teacher: forward KL(onehot(y) || q) = -log q(y).
         one_hot = torch.zeros(len(labels), 1, device=scored.device)  # log-prob 0 at the label: probability 1
         ce, _ = chunked_kd_and_ce(scored, weight, student_bias=bias, teacher_logprobs=one_hot,
                                   token_ids=labels[:, None], chunk_size=loss.chunk_size)  # fmt: skip
         return {"ce": ce}, {"ce": 1.0}
-    given = _teacher_side(teacher, batch, mask, scored.device, weight.shape[0], loss.divergence)
+    _check_vocab(_teacher_vocab(given), weight.shape[0], loss.divergence)
     mix = hinton_weights(loss.alpha, ["kd", "ce"])
     hard = not on_policy and mix["ce"] > 0  # the hard-label term is computed
     kd_weight = mix["kd"] * loss.temperature**2  # the divergence's weight in the total: alpha T^2 (soft_target_term)
@@ -93,9 +95,7 @@ def lm_terms(
     return terms, hinton_weights(loss.alpha, terms)
 
 
-def _teacher_side(
-    teacher: Teacher, batch: dict[str, Any], mask: Tensor, device: torch.device, vocab: int, divergence: str
-) -> dict[str, Any]:
+def _teacher_side(teacher: Teacher, batch: dict[str, Any], mask: Tensor, device: torch.device) -> dict[str, Any]:
     """The teacher's arguments of `chunked_kd_and_ce` at the batch's scored positions `mask` (B*T,).
 
     A live causal LM teacher (`LocalTeacher.final_hidden`) gives its final hidden states (N, H_t) and output
@@ -106,7 +106,6 @@ def _teacher_side(
     get_head = getattr(teacher, "final_hidden", None)
     head: TeacherHead | None = get_head(batch) if callable(get_head) else None
     if head is not None:
-        _check_vocab(head.weight.shape[0], vocab, divergence)
         hidden = head.hidden.reshape(-1, head.hidden.shape[-1])[mask.to(head.hidden.device)]  # (N, H_t)
         bias = None if head.bias is None else head.bias.to(device)
         return {"teacher_hidden": hidden.to(device), "teacher_head": head.weight.to(device), "teacher_bias": bias}
@@ -114,8 +113,6 @@ def _teacher_side(
     if output.logprobs is None:
         raise DistillError("the teacher gives no log-probs for token-level distillation")
     width = output.logprobs.shape[-1]
-    if output.token_ids is None:
-        _check_vocab(width, vocab, divergence)
     teacher_logprobs = output.logprobs.reshape(-1, width)[mask.to(output.logprobs.device)].to(device)  # (N, V|K)
     ids = output.token_ids
     token_ids = None if ids is None else ids.reshape(-1, width)[mask.to(ids.device)].to(device)  # (N, K)
@@ -124,9 +121,16 @@ def _teacher_side(
             "weights": None if covered is None else covered.float(), "teacher_temperature": output.temperature}  # fmt: skip
 
 
-def _check_vocab(teacher_vocab: int, vocab: int, divergence: str) -> None:
+def _teacher_vocab(given: dict[str, Any]) -> int | None:
+    """The vocabulary a dense teacher predicts over (None for a sparse top-k one, whose ids are checked later)."""
+    if "teacher_head" in given:
+        return int(given["teacher_head"].shape[0])
+    return None if given["token_ids"] is not None else int(given["teacher_logprobs"].shape[-1])
+
+
+def _check_vocab(teacher_vocab: int | None, vocab: int, divergence: str) -> None:
     """A dense teacher must predict the student's vocabulary (but for ULD, which compares sorted distributions)."""
-    if teacher_vocab != vocab and divergence != "uld":
+    if teacher_vocab is not None and teacher_vocab != vocab and divergence != "uld":
         raise ShapeMismatchError(
             f"the teacher's vocabulary has {teacher_vocab} tokens but the student's {vocab}; logits cannot be "
             "compared token by token: distill through generated text instead (distill generate)"
