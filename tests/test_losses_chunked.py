@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill import chunked, losses
+from distill import chunked, closed_form, losses
 from distill.errors import ShapeMismatchError
 
 NAMES = sorted(losses.LOSSES)
@@ -123,17 +123,24 @@ def test_zero_weight_rows_contribute_nothing():
     assert float(none_kept.detach()) == 0.0
 
 
-def test_positions_are_taken_chunk_by_chunk(monkeypatch):
+@pytest.mark.parametrize("divergence", ["reverse_kl", "forward_kl"])
+def test_positions_are_taken_chunk_by_chunk(monkeypatch, divergence):
+    """By LOSSES with autograd, or (forward KL with gradients) by `closed_form`: a chunk at a time either way."""
     seen = []
-    original = losses.LOSSES["forward_kl"]
+    owner, name = (closed_form, "dense_forward_kl_grad") if divergence == "forward_kl" else (losses.LOSSES, divergence)
+    original = owner[name] if isinstance(owner, dict) else getattr(owner, name)
 
     def spy(student_logits, *args, **kwargs):
         seen.append(tuple(student_logits.shape))
         return original(student_logits, *args, **kwargs)
 
-    monkeypatch.setitem(losses.LOSSES, "forward_kl", spy)
+    if isinstance(owner, dict):
+        monkeypatch.setitem(owner, name, spy)
+    else:
+        monkeypatch.setattr(owner, name, spy)
     student, teacher = models(seed=5)
-    chunked.chunked_token_loss(student[0], student[1], teacher_hidden=teacher[0], teacher_head=teacher[1], chunk_size=4)
+    chunked.chunked_token_loss(student[0], student[1], teacher_hidden=teacher[0], teacher_head=teacher[1],
+                               divergence=divergence, chunk_size=4)  # fmt: skip
     assert seen == [(4, V), (4, V), (2, V)]
 
 
