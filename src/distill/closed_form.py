@@ -30,8 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from distill.errors import ShapeMismatchError
-from distill.losses import LOG_FLOOR, TAIL_EPS, checked_ids
+from distill.losses import LOG_FLOOR, TAIL_EPS, check_same_shape, checked_ids
 
 
 def sparse_forward_kl_grad(
@@ -85,10 +84,7 @@ def dense_forward_kl_grad(
 ) -> Tensor:
     """sum_i row_scale_i KL_i(teacher || student) over the block's rows (a float32 scalar), with its gradient with
     respect to the logits written into `logits` in place (one other (S, V) tensor: the teacher's probabilities)."""
-    if teacher_logprobs.shape != logits.shape:
-        raise ShapeMismatchError(
-            f"student outputs shape {tuple(logits.shape)} but teacher outputs {tuple(teacher_logprobs.shape)}"
-        )
+    check_same_shape(logits, teacher_logprobs)
     scaled = logits if temperature == 1.0 else logits.div_(temperature)  # (S, V), z / T
     lse = torch.logsumexp(scaled, dim=-1)  # (S,)
     log_p = teacher_logprobs.float()  # (S, V)

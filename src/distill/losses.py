@@ -51,10 +51,7 @@ def dense_pair(
     z / t0 - const, rescaling by t0 / T and renormalising gives log_softmax(z / T) exactly (when t0 == T they are
     used as they are, so they must be normalised).
     """
-    if student_logits.shape != teacher_logprobs.shape:
-        raise ShapeMismatchError(
-            f"student outputs shape {tuple(student_logits.shape)} but teacher outputs {tuple(teacher_logprobs.shape)}"
-        )
+    check_same_shape(student_logits, teacher_logprobs)
     scaled = student_logits.float() if temperature == 1.0 else student_logits.float() / temperature
     student = F.log_softmax(scaled, dim=-1)  # (N, V)
     ratio = teacher_temperature / temperature
@@ -63,6 +60,14 @@ def dense_pair(
     else:
         teacher = F.log_softmax(teacher_logprobs.float() * ratio, dim=-1)  # (N, V)
     return student, teacher
+
+
+def check_same_shape(student_logits: Tensor, teacher_logprobs: Tensor) -> None:
+    """A dense teacher gives one log-prob per class of the student's, at every position."""
+    if student_logits.shape != teacher_logprobs.shape:
+        raise ShapeMismatchError(
+            f"student outputs shape {tuple(student_logits.shape)} but teacher outputs {tuple(teacher_logprobs.shape)}"
+        )
 
 
 def sparse_pair(
