@@ -127,17 +127,16 @@ def test_zero_weight_rows_contribute_nothing():
 def test_positions_are_taken_chunk_by_chunk(monkeypatch, divergence):
     """By LOSSES with autograd, or (forward KL with gradients) by `closed_form`: a chunk at a time either way."""
     seen = []
-    owner, name = (closed_form, "dense_forward_kl_grad") if divergence == "forward_kl" else (losses.LOSSES, divergence)
-    original = owner[name] if isinstance(owner, dict) else getattr(owner, name)
 
-    def spy(student_logits, *args, **kwargs):
-        seen.append(tuple(student_logits.shape))
-        return original(student_logits, *args, **kwargs)
+    def spying(original):
+        def spy(student_logits, *args, **kwargs):
+            seen.append(tuple(student_logits.shape))
+            return original(student_logits, *args, **kwargs)
 
-    if isinstance(owner, dict):
-        monkeypatch.setitem(owner, name, spy)
-    else:
-        monkeypatch.setattr(owner, name, spy)
+        return spy
+
+    monkeypatch.setitem(losses.LOSSES, divergence, spying(losses.LOSSES[divergence]))
+    monkeypatch.setattr(closed_form, "dense_forward_kl_grad", spying(closed_form.dense_forward_kl_grad))
     student, teacher = models(seed=5)
     chunked.chunked_token_loss(student[0], student[1], teacher_hidden=teacher[0], teacher_head=teacher[1],
                                divergence=divergence, chunk_size=4)  # fmt: skip

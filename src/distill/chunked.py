@@ -418,8 +418,7 @@ def _has_closed_form(
     """Whether `distill.closed_form` computes the block: forward KL with the teacher's log-probs at the student's
     temperature, sparse top-K or dense over the student's V classes."""
     same_temperature = options["teacher_temperature"] == options["temperature"]
-    dense = token_ids is None and teacher.shape[-1] == vocab
-    return divergence == "forward_kl" and same_temperature and (token_ids is not None or dense)
+    return divergence == "forward_kl" and same_temperature and (token_ids is not None or teacher.shape[-1] == vocab)
 
 
 def _closed_form_terms(
