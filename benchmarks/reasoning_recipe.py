@@ -5,8 +5,9 @@ per verified trace and per point of the student's accuracy.
 
     python benchmarks/reasoning_recipe.py                       # runs `distill run --recipe reasoning`
     python benchmarks/reasoning_recipe.py --from-run runs/reasoning-...   # a finished run's metrics
+    python benchmarks/reasoning_recipe.py --seed 1              # other problems, split and initial weights
 
-Writes benchmarks/results/reasoning.json.
+Writes benchmarks/results/reasoning.json (reasoning-seed<N>.json for another seed).
 """
 
 from __future__ import annotations
@@ -74,7 +75,11 @@ def print_table(result: dict[str, Any]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--from-run", type=Path, help="use this finished run's metrics.json instead of running")
+    parser.add_argument("--seed", type=int, default=0, help="the recipe's seed: its problems, split and models (0)")
+    parser.add_argument("--output", type=Path, help="results file (benchmarks/results/reasoning.json; other seeds: "
+                        "reasoning-seed<N>.json)")  # fmt: skip
     args = parser.parse_args()
+    output = args.output or RESULTS / ("reasoning.json" if args.seed == 0 else f"reasoning-seed{args.seed}.json")
     if args.from_run is not None:
         run_dir = args.from_run
         metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -85,14 +90,16 @@ def main() -> None:
         from distill.stages import RunContext
 
         run_dir = Path("runs") / f"bench-reasoning-{time.strftime('%Y%m%d-%H%M%S')}"
-        metrics = run_recipe(RECIPES["reasoning"], ReasoningConfig(), RunContext(run_dir, store=store_dir()))
+        metrics = run_recipe(
+            RECIPES["reasoning"], ReasoningConfig(seed=args.seed), RunContext(run_dir, store=store_dir())
+        )
         command = "python benchmarks/reasoning_recipe.py " + " ".join(sys.argv[1:])
     result = {"benchmark": "reasoning", "command": command, "seconds": metrics["seconds"], **summary(metrics)}
     print(json.dumps(result, indent=2))
     print_table(result)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "reasoning.json").write_text(json.dumps(result, indent=2))
-    print(f"wrote {RESULTS / 'reasoning.json'}")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2))
+    print(f"wrote {output}")
 
 
 if __name__ == "__main__":
