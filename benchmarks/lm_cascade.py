@@ -11,7 +11,8 @@ greedily, with batched generation; the student's confidence in each answer is me
 --teacher-url` measures it (`distill.lm_confidence`: the mean token log-prob; with the verifier, that an answer ends
 with a well-formed "#### N" line; the agreement of k sampled answers). On the validation half, each measure's
 threshold is chosen as the cascade chooses it (`distill.serve.calibrate.judge` against the gold answers: the lowest
-threshold whose accuracy reaches `--target` of the teacher's); on the test half the cascade is scored with that
+threshold whose accuracy reaches `--target` of the teacher's, judged by a lower confidence bound at level
+`--assurance`, as `distill serve` judges it by default); on the test half the cascade is scored with that
 threshold. Prints the test curve of accuracy against the share of requests sent to the teacher and a table per
 measure; writes benchmarks/results/lm_cascade.json. Acceptance (the `--measure` chosen in advance, logprob+verify
 by default): on the test half, at least 98 % of the teacher's accuracy with at most 40 % of requests escalated.
@@ -113,12 +114,15 @@ def on_test(confidence: torch.Tensor, student_ok: torch.Tensor, teacher_ok: torc
             "escalated": 1 - float(kept.double().mean())}  # fmt: skip
 
 
-def evaluate_measure(name: str, config: ConfidenceConfig, data: dict[str, Any], target: float) -> dict[str, Any]:
+def evaluate_measure(
+    name: str, config: ConfidenceConfig, data: dict[str, Any], target: float, assurance: float
+) -> dict[str, Any]:
     """One measure: threshold on the validation half, the cascade on the test half, and the test curve."""
     student, teacher, gold, halves = data["student"], data["teacher"], data["gold"], data["halves"]
     found = [Answered(row.text, row_confidence(config, row, samples)) for row, samples in student]
     val, test = halves
-    chosen = judge([found[i] for i in val], [teacher[i] for i in val], [gold[i] for i in val], config, target)
+    chosen = judge([found[i] for i in val], [teacher[i] for i in val], [gold[i] for i in val], config, target,
+                   assurance)  # fmt: skip
     confidence = torch.tensor([found[i].confidence for i in test], dtype=torch.float64)  # (N,)
     student_ok = torch.tensor([same_answer(found[i].text, gold[i], "final") for i in test])  # (N,)
     teacher_ok = torch.tensor([same_answer(teacher[i], gold[i], "final") for i in test])  # (N,)
@@ -174,6 +178,8 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--run", type=Path, required=True, help="a finished distill run --recipe reasoning")
     parser.add_argument("--student", default="student-traces", help="the student under models/ (student-traces)")
     parser.add_argument("--target", type=float, default=0.99, help="share of the teacher's accuracy to keep (val)")
+    parser.add_argument("--assurance", type=float, default=cascade_curve.ASSURANCE,
+                        help="level of the lower bound that must reach --target on validation (0.5: point estimate)")  # fmt: skip
     parser.add_argument("--measure", default="logprob+verify", help="the measure the acceptance is judged on")
     parser.add_argument("--samples", type=int, default=5, help="answers sampled per prompt for agreement")
     parser.add_argument("--sample-temperature", type=float, default=0.7)
@@ -193,6 +199,8 @@ def main() -> None:
     config, training, held = run_problems(args.run)
     if args.validation < 0:
         sys.exit("error: --validation must be 0 or more")
+    if not 0 < args.assurance < 1:
+        sys.exit("error: --assurance must lie strictly between 0 and 1")
     validation = fresh_problems(config, args.validation, training + held) if args.validation else []
     problems = validation + held
     table = measures(args.samples, args.sample_temperature)
@@ -207,7 +215,7 @@ def main() -> None:
     student_rows, student_seconds = scored(student, problems, max_tokens, table["agreement"], args.batch_size)
     data = {"student": student_rows, "teacher": [row.text for row, _ in teacher_rows],
             "gold": [p.answer for p in problems], "halves": halves(len(validation), len(held), args.seed)}  # fmt: skip
-    results = [evaluate_measure(name, cfg, data, args.target) for name, cfg in table.items()]
+    results = [evaluate_measure(name, cfg, data, args.target, args.assurance) for name, cfg in table.items()]
     test = data["halves"][1]
     accuracy = {
         name: sum(same_answer(text, data["gold"][i], "final") for i, text in enumerate(texts) if i in test) / len(test)
@@ -220,7 +228,8 @@ def main() -> None:
         "description": (f"reasoning run {args.run}: {len(data['halves'][0])} validation problems "
                         f"({'fresh' if validation else 'half of the held-out ones'}) / {len(test)} held-out test "
                         f"problems; teacher vs {args.student}; greedy answers of at most "
-                        f"{max_tokens} tokens; threshold for {args.target:.0%} of the teacher's validation accuracy"),
+                        f"{max_tokens} tokens; threshold for {args.target:.0%} of the teacher's validation accuracy "
+                        f"at {args.assurance:.0%} confidence"),
         "accuracy": accuracy,
         "seconds": {"teacher_answers": teacher_seconds, "student_answers_and_samples": student_seconds},
         "acceptance": {"measure": args.measure, "min_relative": MIN_RELATIVE, "max_escalated": MAX_ESCALATED,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from statistics import NormalDist
 
 import httpx
 import pytest
@@ -140,20 +141,22 @@ def test_confidence_measures():
         ConfidenceConfig(verify=True)
 
 
-def brute_force(confidence, student_ok, teacher_ok, target):
-    """Every threshold tried: the lowest whose score reaches target x the teacher's (never keeping a -inf row)."""
-    teacher_score, best = float(teacher_ok.double().mean()), math.inf
+def brute_force(confidence, student_ok, teacher_ok, target, assurance):
+    """Every threshold tried: the lowest whose lower bound of score - target x teacher's score (the paired normal
+    bound at level `assurance`, sample standard deviation) reaches 0, never keeping a -inf row."""
+    z, n, best = NormalDist().inv_cdf(assurance), confidence.numel(), math.inf
     for t in sorted({*confidence.tolist(), math.inf}):
         keep = confidence >= t
         if bool((keep & torch.isinf(confidence) & (confidence < 0)).any()):
             continue
-        score = float(torch.where(keep, student_ok.double(), teacher_ok.double()).mean())
-        if score >= target * teacher_score - 1e-12:
+        d = torch.where(keep, student_ok.double(), teacher_ok.double()) - target * teacher_ok.double()  # (N,)
+        if float(d.mean()) - z * float(d.std()) / math.sqrt(n) >= -1e-12:
             best = min(best, t)
     return best
 
 
-def test_choose_matches_brute_force_with_gold_answers_and_refused_rows():
+@pytest.mark.parametrize("assurance", [0.5, 0.8, 0.95])
+def test_choose_matches_brute_force_with_gold_answers_and_refused_rows(assurance):
     generator = torch.Generator().manual_seed(0)
     for _ in range(60):
         confidence = (torch.randint(0, 6, (30,), generator=generator).double() - 6) / 2  # ties
@@ -161,9 +164,10 @@ def test_choose_matches_brute_force_with_gold_answers_and_refused_rows():
         student_ok = torch.rand(30, generator=generator) < 0.6
         teacher_ok = torch.rand(30, generator=generator) < 0.85
         target = float(torch.rand(1, generator=generator)) * 0.3 + 0.7
-        choice = cascade_curve.choose(confidence, student_ok, teacher_ok, target)
-        expected = brute_force(confidence, student_ok, teacher_ok, target)
-        assert choice.relative >= target - 1e-9
+        choice = cascade_curve.choose(confidence, student_ok, teacher_ok, target, assurance)
+        expected = brute_force(confidence, student_ok, teacher_ok, target, assurance)
+        assert choice.relative >= target - 1e-9 and choice.assurance == assurance
+        assert choice.score - choice.margin >= target * choice.teacher_score - 1e-9
         if expected == math.inf:
             assert choice.escalation_rate == 1.0
         else:
@@ -344,8 +348,10 @@ def test_judge_scores_against_gold_answers():
     found = judge(student, teacher, ["1", "2", "3", "4"], config, target=1.0)
     assert found.choice.teacher_score == 0.75 and found.choice.student_score == 0.5
     assert found.choice.escalation_rate == 0.5 and found.choice.threshold == pytest.approx(-0.2)  # 3/4 = teacher's
-    relative = judge(student, teacher, [None, "2", "3", "4"], config, target=0.5)
+    relative = judge(student, teacher, [None, "2", "3", "4"], config, target=0.5, assurance=0.5)  # point estimate
     assert relative.reference == "teacher" and relative.choice.escalation_rate == 0.0  # 2/4 agree with the teacher
+    assured = judge(student, teacher, [None, "2", "3", "4"], config, target=0.5)  # 4 rows assure little at 95 %
+    assert assured.choice.escalation_rate == 0.5 and assured.choice.margin == 0.0  # the 2 kept rows agree
 
 
 @pytest.mark.parametrize(
@@ -494,6 +500,11 @@ def test_hostile_lm_deployments_are_refused(service):
         ),
         (["--teacher-url", "http://x/v1", "--teacher-model", "t", "--threshold", "-1", "--verify"], "--answers final"),
         (["--teacher-url", "http://x/v1", "--teacher-model", "t", "--threshold", "-1", "--target", "1.5"], "--target"),
+        (
+            ["--teacher-url", "http://x/v1", "--teacher-model", "t", "--threshold", "-1", "--assurance", "1"],
+            "--assurance must lie",
+        ),  # fmt: skip
+        (["--assurance", "0.9"], "give the teacher's --teacher-url"),
     ],
 )
 def test_serve_cascade_options_that_do_not_fit_get_one_line(student_dir, monkeypatch, capsys, args, fragment):
@@ -571,6 +582,8 @@ def test_a_service_deployment_escalating_to_a_configured_endpoint(tmp_path):
             body = {"name": "remote-cascade", "student": job, "validation": file_id, "teacher_endpoint": "remote",
                     "teacher": "fake", "confidence": {"answers": "final"}, "target_agreement": 1.0,
                     "max_tokens": 40}  # fmt: skip
+            sure = client.post("/v1/deployments", json=body | {"assurance": 1})
+            assert sure.status_code == 422 and "assurance" in sure.text, sure.text
             gone = client.post("/v1/deployments", json=body | {"teacher_endpoint": "gone"})
             assert gone.status_code == 502 and gone.json()["error"]["code"] == "teacher_failed", gone.text
             created = client.post("/v1/deployments", json=body)
@@ -578,6 +591,7 @@ def test_a_service_deployment_escalating_to_a_configured_endpoint(tmp_path):
             shown = created.json()
             assert shown["teacher"] == {"model": "fake", "endpoint": "remote"}
             assert shown["validation"]["reference"] == "gold" and shown["validation"]["teacher_score"] == 1.0
+            assert shown["validation"]["assurance"] == 0.95 and shown["validation"]["margin"] >= 0
             reply = client.post(
                 "/v1/completions", json={"model": "remote-cascade", "prompt": "20 + 22", "max_tokens": 40}
             )

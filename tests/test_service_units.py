@@ -50,13 +50,15 @@ def brute_force(confidence, agree, target):
 def test_threshold_is_the_lowest_that_keeps_the_target_agreement():
     confidence = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5])
     agree = torch.tensor([True, True, False, True, False])
-    every = choose_threshold(confidence, agree, 0.6)  # all rows to the student: 3/5 = 0.6
+    every = choose_threshold(
+        confidence, agree, 0.6, assurance=0.5
+    )  # the point estimate; all rows to the student: 3/5 = 0.6
     assert every.threshold == pytest.approx(0.5) and every.escalation_rate == 0 and every.agreement == 0.6
-    choice = choose_threshold(confidence, agree, 0.8)  # the least confident goes to the teacher: 4/5
+    choice = choose_threshold(confidence, agree, 0.8, assurance=0.5)  # the least confident goes to the teacher: 4/5
     assert choice.threshold == pytest.approx(0.6) and choice.escalation_rate == pytest.approx(0.2)
     assert choice.agreement == pytest.approx(0.8)
-    assert choose_threshold(confidence, agree, 0.9).threshold == pytest.approx(0.8)  # 0.7 would give 4/5 again
-    exact = choose_threshold(confidence, agree, 1.0)
+    assert choose_threshold(confidence, agree, 0.9, assurance=0.5).threshold == pytest.approx(0.8)  # 0.7: 4/5 again
+    exact = choose_threshold(confidence, agree, 1.0)  # every kept row agrees: no spread, the bound is the estimate
     assert exact.agreement == 1.0 and exact.escalation_rate == pytest.approx(0.6)  # only the top two stay
     assert exact.threshold == pytest.approx(0.8)
 
@@ -67,7 +69,7 @@ def test_threshold_matches_brute_force_with_ties():
         confidence = torch.randint(1, 8, (40,), generator=generator).float() / 8  # many ties
         agree = torch.rand(40, generator=generator) < 0.7
         target = float(torch.rand(1, generator=generator)) * 0.4 + 0.6
-        choice = choose_threshold(confidence, agree, target)
+        choice = choose_threshold(confidence, agree, target, assurance=0.5)
         assert choice.agreement >= target - 1e-9
         expected = brute_force(confidence, agree, target)
         if expected == 2.0:

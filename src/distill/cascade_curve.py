@@ -13,17 +13,30 @@ every k at once with cumulative sums. A threshold cannot split rows of equal con
 -inf (an answer its verifier refused) is never kept. `choose` takes the largest k (the fewest escalations) whose
 score reaches `target` times the teacher's score mean_i r_i: with the teacher's answers as the reference, that is an
 agreement of at least `target`; with gold answers, at least `target` of the teacher's accuracy.
+
+Reaching the target on the validation rows is not reaching it on the next requests: the k chosen on a point estimate
+falls short about half the time (one validation row in a thousand is a tenth of a point). So the target must hold
+for a one-sided lower confidence bound at level `assurance` (0.95 by default). Per row, the cascade's margin over
+the target is
+
+    d_i = (s_i if row i is kept else r_i) - target * r_i         score_k - target * teacher = mean_i d_i
+
+and k qualifies when mean(d) - z * sd(d) / sqrt(N) >= 0, z the standard normal quantile at `assurance` (the
+paired normal approximation: the teacher's and the cascade's answers are scored on the same rows, so only the kept
+rows where the two differ add variance). `assurance` 0.5 (z = 0) is the point estimate.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import torch
 from torch import Tensor
 
 TOLERANCE = 1e-12  # a score that reaches the target up to rounding counts as reaching it
+ASSURANCE = 0.95  # the level of the lower confidence bound that must reach the target
 
 
 @dataclass(frozen=True)
@@ -46,6 +59,8 @@ class Choice:
     teacher_score: float  # the teacher answering everything
     target: float
     rows: int
+    assurance: float  # the level of the lower bound that reached the target
+    margin: float  # z * sd(d) / sqrt(N) at the threshold: score - margin >= target x teacher_score
 
 
 @dataclass(frozen=True)
@@ -53,6 +68,8 @@ class _Sorted:
     thresholds: Tensor  # (N + 1,) the threshold that keeps the k most confident rows, k = 0..N
     scores: Tensor  # (N + 1,) float64
     allowed: Tensor  # (N + 1,) bool: k is a possible split
+    student: Tensor  # (N,) float64 s_i, most confident first
+    teacher: Tensor  # (N,) float64 r_i, in the same order
     teacher_score: float
     student_score: float
 
@@ -79,7 +96,9 @@ def _sorted(confidence: Tensor, student_ok: Tensor, teacher_ok: Tensor) -> _Sort
     top = conf_sorted[0]
     above = torch.nextafter(top, torch.tensor(math.inf, dtype=top.dtype))  # just above the highest: k = 0
     thresholds = torch.cat([above[None], conf_sorted]).double()  # (N + 1,)
-    return _Sorted(thresholds, (kept + rest) / n, allowed, float(teacher.mean()), float(student.mean()))
+    return _Sorted(
+        thresholds, (kept + rest) / n, allowed, student, teacher, float(teacher.mean()), float(student.mean())
+    )
 
 
 def _relative(score: float, teacher_score: float) -> float:
@@ -102,11 +121,35 @@ def curve(confidence: Tensor, student_ok: Tensor, teacher_ok: Tensor) -> list[Po
     ]
 
 
-def choose(confidence: Tensor, student_ok: Tensor, teacher_ok: Tensor, target: float) -> Choice:
-    """The lowest threshold (the fewest rows escalated) whose score reaches `target` x the teacher's score; k = 0
-    (the teacher answers everything) always does."""
+def _margins(table: _Sorted, target: float, assurance: float) -> Tensor:
+    """(N + 1,) z * sd(d) / sqrt(N) for every k (the module's docstring): sd from the sums of d and d^2 of the kept
+    rows (cumulative, most confident first) and of the escalated ones (cumulative from the end)."""
+    n = int(table.student.numel())
+    z = NormalDist().inv_cdf(assurance)
+    if z == 0 or n < 2:
+        return torch.zeros(n + 1, dtype=torch.float64)
+    kept_d = table.student - target * table.teacher  # (N,) d_i of a kept row
+    sent_d = (1 - target) * table.teacher  # (N,) d_i of an escalated row
+    zero = torch.zeros(1, dtype=torch.float64)
+    sums = torch.cat([zero, kept_d.cumsum(0)]) + torch.cat([zero, sent_d.flip(0).cumsum(0)]).flip(0)  # (N + 1,)
+    squares = torch.cat([zero, (kept_d**2).cumsum(0)]) + torch.cat([zero, (sent_d**2).flip(0).cumsum(0)]).flip(0)
+    variance = (squares - sums**2 / n) / (n - 1)  # (N + 1,) sample variance of d
+    rounding = 64 * torch.finfo(torch.float64).eps * squares / (n - 1)  # (N + 1,) what the subtraction can leave
+    variance = torch.where(variance > rounding, variance, torch.zeros_like(variance))  # rows alike: exactly 0
+    return z * (variance / n).sqrt()
+
+
+def choose(
+    confidence: Tensor, student_ok: Tensor, teacher_ok: Tensor, target: float, assurance: float = ASSURANCE
+) -> Choice:
+    """The lowest threshold (the fewest rows escalated) whose score reaches `target` x the teacher's score with
+    probability `assurance` (the lower bound of the module's docstring); k = 0 (the teacher answers everything)
+    always qualifies."""
+    if not 0 < assurance < 1:
+        raise ValueError(f"assurance must lie in (0, 1), not {assurance}")
     table, n = _sorted(confidence, student_ok, teacher_ok), int(confidence.numel())
-    feasible = table.allowed & (table.scores >= target * table.teacher_score - TOLERANCE)  # (N + 1,)
+    margins = _margins(table, target, assurance)  # (N + 1,)
+    feasible = table.allowed & (table.scores - margins >= target * table.teacher_score - TOLERANCE)  # (N + 1,)
     feasible[0] = True
     best = int(torch.nonzero(feasible).flatten().max())
     score = float(table.scores[best])
@@ -119,6 +162,8 @@ def choose(confidence: Tensor, student_ok: Tensor, teacher_ok: Tensor, target: f
         teacher_score=table.teacher_score,
         target=target,
         rows=n,
+        assurance=assurance,
+        margin=float(margins[best]),
     )
 
 

@@ -9,10 +9,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+from distill import cascade_curve
 from distill.cli.app import err
 from distill.errors import DistillError
 
-CASCADE_ONLY = ("teacher_model", "threshold", "validation", "target", "confidence", "samples", "answers", "verify")
+CASCADE_ONLY = ("teacher_model", "threshold", "validation", "target", "assurance", "confidence", "samples", "answers",
+                "verify")  # fmt: skip
 
 
 def announce(calibration: Any) -> None:
@@ -22,7 +24,8 @@ def announce(calibration: Any) -> None:
     err.print(
         f"cascade: threshold {choice.threshold:.6g} chosen on {choice.rows} validation rows ({judged}): "
         f"{choice.escalation_rate:.1%} escalated, {choice.score:.1%} ({choice.relative:.1%} of the teacher's "
-        f"{choice.teacher_score:.1%}); the student alone {choice.student_score:.1%}",
+        f"{choice.teacher_score:.1%}; at least {choice.target:.1%} of it at {choice.assurance:.0%} confidence); "
+        f"the student alone {choice.student_score:.1%}",
         markup=False,
         highlight=False,
     )
@@ -50,6 +53,9 @@ def cascade_setup(teacher_url: str | None, options: dict[str, Any]) -> Any:
         raise DistillError("--verify checks the final answer line '#### N': add --answers final")
     if threshold is not None and not math.isfinite(threshold):
         raise DistillError(f"--threshold must be a finite number, not {threshold}")
+    assurance = options.get("assurance")
+    if assurance is not None and not 0 < assurance < 1:
+        raise DistillError(f"--assurance must lie strictly between 0 and 1, not {assurance}")
     if validation is not None and not Path(validation).is_file():
         raise DistillError(f"--validation {validation} is not a file")
     confidence = ConfidenceConfig(
@@ -62,6 +68,6 @@ def cascade_setup(teacher_url: str | None, options: dict[str, Any]) -> Any:
         raise DistillError(str(error)) from None
     return CascadeSetup(
         teacher=teacher, confidence=confidence, threshold=threshold, validation=validation,
-        target=options.get("target") or 0.95, max_tokens=options.get("validation_max_tokens") or 256,
+        target=options.get("target") or 0.95, assurance=assurance or cascade_curve.ASSURANCE, max_tokens=options.get("validation_max_tokens") or 256,
         on_calibrated=announce,
     )  # fmt: skip

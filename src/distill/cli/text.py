@@ -29,6 +29,8 @@ GEN = cfg.GenerateOptions
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 CASCADE_HELP = {
     "target": "Cascade, --validation: agreement with the teacher to keep (gold answers: share of its accuracy); 0.95.",
+    "assurance": "Cascade, --validation: confidence that the threshold keeps --target beyond the validation rows "
+    "(a lower bound at this level must reach it; 0.5: the point estimate); 0.95.",
     "answers": "Cascade: text (whole answers compared, default) or final (final answers, '#### 42').",
     "verify": "Cascade, --answers final: an answer without a well-formed last line '#### N' goes to the teacher.",
     "tokens": "Cascade, --validation: tokens per validation answer at most (default: 256).",
@@ -81,6 +83,7 @@ def serve(
     threshold: Optional[float] = typer.Option(None, help="Cascade: the teacher answers below this confidence."),
     validation: Optional[Path] = typer.Option(None, help="Cascade: JSONL to choose the threshold on at start-up."),
     target: Optional[float] = typer.Option(None, callback=between(0, 1, above=True), help=CASCADE_HELP["target"]),
+    assurance: Optional[float] = typer.Option(None, callback=between(0, 1), help=CASCADE_HELP["assurance"]),
     confidence: Optional[str] = typer.Option(None, help="Cascade: logprob (default) or agreement (of k samples)."),
     samples: Optional[int] = typer.Option(None, min=1, max=32, help="Cascade, agreement: k (default: 5)."),
     answers: Optional[str] = typer.Option(None, help=CASCADE_HELP["answers"]),
@@ -101,7 +104,7 @@ def serve(
 
     cascade = cascade_setup(teacher_url, {
         "teacher_model": teacher_model, "key_env": teacher_key_env, "threshold": threshold, "validation": validation,
-        "target": target, "confidence": confidence, "samples": samples, "answers": answers, "verify": verify,
+        "target": target, "assurance": assurance, "confidence": confidence, "samples": samples, "answers": answers, "verify": verify,
         "validation_max_tokens": validation_max_tokens,
     })  # fmt: skip
 

@@ -1,6 +1,6 @@
 """An LM cascade's threshold, chosen on a validation file: the student answers its prompts (batched generation, with
 its confidence in each answer), the teacher's answers come from the file or from the teacher, and
-`distill.cascade_curve.choose` takes the lowest threshold that keeps the target.
+`distill.cascade_curve.choose` takes the lowest threshold that keeps the target (with 95 % confidence by default).
 
 The validation file is JSONL, one object per line: `prompt` (a completions prompt, text) or `messages` (a chat
 conversation, as the chat endpoint takes it), and optionally `answer` (the gold answer) and `teacher` (the teacher's
@@ -196,10 +196,15 @@ def teacher_answers(client: TeacherClient, rows: list[ValidationRow], max_tokens
 
 
 def judge(
-    student: list[Answered], teacher: list[str], gold: list[str | None], config: ConfidenceConfig, target: float
+    student: list[Answered],
+    teacher: list[str],
+    gold: list[str | None],
+    config: ConfidenceConfig,
+    target: float,
+    assurance: float = cascade_curve.ASSURANCE,
 ) -> Calibration:
-    """The curve and the chosen threshold: judged by accuracy when every row has a gold answer, else by agreement
-    with the teacher."""
+    """The curve and the chosen threshold (`cascade_curve.choose`: the target reached by the lower bound at level
+    `assurance`): judged by accuracy when every row has a gold answer, else by agreement with the teacher."""
     reference: Reference = "gold" if all(g is not None for g in gold) else "teacher"
     refs = [g or "" for g in gold] if reference == "gold" else teacher
     student_ok = torch.tensor([same_answer(s.text, r, config.answers) for s, r in zip(student, refs)])  # (N,)
@@ -207,7 +212,7 @@ def judge(
     if reference == "teacher":
         teacher_ok = torch.ones_like(student_ok)
     measured = torch.tensor([s.confidence for s in student], dtype=torch.float64)  # (N,)
-    choice = cascade_curve.choose(measured, student_ok, teacher_ok, target)
+    choice = cascade_curve.choose(measured, student_ok, teacher_ok, target, assurance)
     points = cascade_curve.curve(measured, student_ok, teacher_ok)
     return Calibration(choice, points, reference, student, teacher)
 
@@ -220,9 +225,10 @@ def calibrate(
     target: float,
     max_tokens: int,
     batch_size: int = 64,
+    assurance: float = cascade_curve.ASSURANCE,
 ) -> Calibration:
     """The student (`engine`) answers the rows' prompts; `teacher` gives the teacher's answers to the rows
     (`teacher_answers` through its endpoint, or a local engine's); then `judge`."""
     prompts = [prompt_ids(engine, row, max_tokens) for row in rows]
     student = answer(engine, prompts, config, max_tokens, batch_size)
-    return judge(student, teacher(rows), [row.answer for row in rows], config, target)
+    return judge(student, teacher(rows), [row.answer for row in rows], config, target, assurance)

@@ -53,14 +53,15 @@ Record = Callable[[int, int, int], None]  # (prompts, escalated, escalated that 
 @dataclass
 class CascadeSetup:
     """What `create_app` needs to serve a cascade: the teacher, the confidence measure, and a threshold (given, or
-    chosen on `validation` for `target`: agreement with the teacher, or a share of its accuracy with gold answers;
-    validation answers are at most `max_tokens` long). `on_calibrated` sees the calibration (the CLI prints it)."""
+    chosen on `validation` for `target`: agreement with the teacher, or a share of its accuracy with gold answers,
+    reached by the lower confidence bound at level `assurance`; validation answers are at most `max_tokens` long). `on_calibrated` sees the calibration (the CLI prints it)."""
 
     teacher: TeacherEndpoint
     confidence: ConfidenceConfig = field(default_factory=ConfidenceConfig)
     threshold: float | None = None
     validation: Path | None = None
     target: float = 0.95
+    assurance: float = cascade_curve.ASSURANCE
     max_tokens: int = 256
     batch_size: int = 64
     on_calibrated: Callable[[Calibration], None] | None = None
@@ -71,6 +72,8 @@ class CascadeSetup:
             raise ValueError("a cascade needs a threshold or a validation file to choose one on, not both")
         if not 0 < self.target <= 1 or not 1 <= self.max_tokens <= 1_000_000 or self.batch_size < 1:
             raise ValueError("target must be in (0, 1], max_tokens 1 to 1000000 and batch_size at least 1")
+        if not 0 < self.assurance < 1:
+            raise ValueError(f"assurance must lie in (0, 1), not {self.assurance}")
 
 
 @dataclass
@@ -134,7 +137,7 @@ def build(setup: CascadeSetup, engine: Engine) -> Cascade:
                            max_retries=2, transport=teacher.transport)  # fmt: skip
     found = calibrate(
         engine, rows, lambda todo: teacher_answers(client, todo, setup.max_tokens), setup.confidence, setup.target,
-        setup.max_tokens, setup.batch_size,
+        setup.max_tokens, setup.batch_size, setup.assurance,
     )  # fmt: skip
     if setup.on_calibrated is not None:
         setup.on_calibrated(found)

@@ -8,7 +8,7 @@ the teacher's, a threshold t gives
     agreement(t)  = mean_i (a_i if c_i >= t else 1)   (the cascade's answer equals the teacher's)
 
 agreement(t) only grows with t, so `choose_threshold` takes the lowest t (the fewest escalations) whose agreement
-reaches the target. The deployment keeps these validation figures and counts live traffic: requests, escalations,
+reaches the target, as judged by a lower confidence bound at level `assurance` (`distill.cascade_curve`). The deployment keeps these validation figures and counts live traffic: requests, escalations,
 and, for escalated inputs (where both models ran), how often the student would have agreed.
 """
 
@@ -42,22 +42,28 @@ class Choice:
     agreement: float
     student_agreement: float  # the student alone, for comparison
     rows: int
+    assurance: float  # the level of the lower bound that reached the target
+    margin: float  # agreement - margin >= the target
 
 
-def choose_threshold(confidence: Tensor, agree: Tensor, target: float) -> Choice:
-    """The lowest confidence threshold whose cascade agreement with the teacher is at least `target`
-    (`distill.cascade_curve.choose` with the teacher's answers as the reference).
+def choose_threshold(
+    confidence: Tensor, agree: Tensor, target: float, assurance: float = cascade_curve.ASSURANCE
+) -> Choice:
+    """The lowest confidence threshold whose cascade agreement with the teacher is at least `target` at confidence
+    `assurance` (`distill.cascade_curve.choose` with the teacher's answers as the reference).
 
     confidence: (N,) the student's top probability; agree: (N,) bool, student top-1 == teacher top-1."""
     if confidence.numel() == 0:
         raise ServiceError(422, "validation: no inputs to choose a threshold on", param="validation")
-    chosen = cascade_curve.choose(confidence, agree, torch.ones_like(agree, dtype=torch.bool), target)
+    chosen = cascade_curve.choose(confidence, agree, torch.ones_like(agree, dtype=torch.bool), target, assurance)
     return Choice(
         threshold=chosen.threshold,
         escalation_rate=chosen.escalation_rate,
         agreement=chosen.score,
         student_agreement=chosen.student_score,
         rows=chosen.rows,
+        assurance=chosen.assurance,
+        margin=chosen.margin,
     )
 
 
@@ -139,6 +145,7 @@ def create(
     *,
     name: str,
     target: float,
+    assurance: float,
     validation: str | None,
     size: int,
     created_by: str,
@@ -157,7 +164,7 @@ def create(
     inputs, source = validation_inputs(settings, engine, job, validation, size, student.input_shape)
     student_logp, teacher_logp = student.logprobs(inputs), teacher.logprobs(inputs)  # (N, C), (N, C)
     confidence, predicted = student_logp.exp().max(-1)  # (N,), (N,)
-    choice = choose_threshold(confidence, predicted == teacher_logp.argmax(-1), target)
+    choice = choose_threshold(confidence, predicted == teacher_logp.argmax(-1), target, assurance)
     record = {
         "id": name,
         "student": job["id"],

@@ -120,7 +120,8 @@ def _calibrate(settings: Settings, engine: Engine, folder: Path, body: Deploymen
         student = Generator(load_causal_lm(folder), load_tokenizer(folder))
         teacher = _teacher_answers(settings, where, body.max_tokens)
         config = body.confidence or ConfidenceConfig()
-        return calibrate(student, rows, teacher, config, body.target_agreement, body.max_tokens)
+        return calibrate(student, rows, teacher, config, body.target_agreement, body.max_tokens,
+                         assurance=body.assurance)  # fmt: skip
     except DataError as error:
         raise ServiceError(422, f"validation: {settings.redact(str(error))}", param="validation") from None
     except TeacherClientError as error:

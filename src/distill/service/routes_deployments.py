@@ -47,6 +47,7 @@ def create_deployment(
         job,
         name=body.name,
         target=body.target_agreement,
+        assurance=body.assurance,
         validation=body.validation,
         size=body.validation_size,
         created_by=principal.key_id,

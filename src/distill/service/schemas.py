@@ -33,6 +33,10 @@ class DeploymentCreate(_Body):
         0.95, gt=0, le=1, description="agreement with the teacher to keep, at least (LM students with gold answers "
         "in the validation file: the share of the teacher's accuracy to keep)",
     )  # fmt: skip
+    assurance: float = Field(
+        0.95, gt=0, lt=1, description="confidence that the threshold keeps target_agreement beyond the validation "
+        "inputs: a lower confidence bound at this level must reach it (0.5: the point estimate)",
+    )  # fmt: skip
     validation: str | None = Field(
         None,
         description="an uploaded file (file-...) to choose the threshold on: inputs for a classifier (mnist1d jobs "
