@@ -179,7 +179,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--student", default="student-traces", help="the student under models/ (student-traces)")
     parser.add_argument("--target", type=float, default=0.99, help="share of the teacher's accuracy to keep (val)")
     parser.add_argument("--assurance", type=float, default=cascade_curve.ASSURANCE,
-                        help="level of the lower bound that must reach --target on validation (0.5: point estimate)")  # fmt: skip
+                        help="level of the lower bound that must reach --target (0.5: the point estimate)")  # fmt: skip
     parser.add_argument("--measure", default="logprob+verify", help="the measure the acceptance is judged on")
     parser.add_argument("--samples", type=int, default=5, help="answers sampled per prompt for agreement")
     parser.add_argument("--sample-temperature", type=float, default=0.7)

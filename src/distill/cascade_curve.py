@@ -74,6 +74,14 @@ class _Sorted:
     student_score: float
 
 
+def _split_sums(kept: Tensor, sent: Tensor) -> Tensor:
+    """(N + 1,) for every k: the sum of `kept` over the k first rows plus the sum of `sent` over the others.
+
+    kept, sent: (N,) per-row values of a row the student keeps and of a row sent to the teacher."""
+    zero = torch.zeros(1, dtype=kept.dtype)
+    return torch.cat([zero, kept.cumsum(0)]) + torch.cat([zero, sent.flip(0).cumsum(0)]).flip(0)
+
+
 def _sorted(confidence: Tensor, student_ok: Tensor, teacher_ok: Tensor) -> _Sorted:
     n = int(confidence.numel())
     if n == 0:
@@ -87,18 +95,14 @@ def _sorted(confidence: Tensor, student_ok: Tensor, teacher_ok: Tensor) -> _Sort
     order = torch.argsort(confidence, descending=True, stable=True)  # (N,)
     conf_sorted = confidence[order]  # (N,) in the confidences' own precision
     student, teacher = student_ok[order].double(), teacher_ok[order].double()  # (N,), (N,)
-    zero = torch.zeros(1, dtype=torch.float64)
-    kept = torch.cat([zero, student.cumsum(0)])  # (N + 1,) right answers of the k rows the student keeps
-    rest = torch.cat([zero, teacher.flip(0).cumsum(0)]).flip(0)  # (N + 1,) right answers the teacher gives the rest
+    right = _split_sums(student, teacher)  # (N + 1,) right answers: the student's k rows, the teacher's the rest
     allowed = torch.ones(n + 1, dtype=torch.bool)  # (N + 1,)
     allowed[1:n] = conf_sorted[:-1] != conf_sorted[1:]
     allowed[1:] &= torch.isfinite(conf_sorted) | (conf_sorted > 0)  # a -inf row stays with the teacher
     top = conf_sorted[0]
     above = torch.nextafter(top, torch.tensor(math.inf, dtype=top.dtype))  # just above the highest: k = 0
     thresholds = torch.cat([above[None], conf_sorted]).double()  # (N + 1,)
-    return _Sorted(
-        thresholds, (kept + rest) / n, allowed, student, teacher, float(teacher.mean()), float(student.mean())
-    )
+    return _Sorted(thresholds, right / n, allowed, student, teacher, float(teacher.mean()), float(student.mean()))
 
 
 def _relative(score: float, teacher_score: float) -> float:
@@ -122,17 +126,14 @@ def curve(confidence: Tensor, student_ok: Tensor, teacher_ok: Tensor) -> list[Po
 
 
 def _margins(table: _Sorted, target: float, assurance: float) -> Tensor:
-    """(N + 1,) z * sd(d) / sqrt(N) for every k (the module's docstring): sd from the sums of d and d^2 of the kept
-    rows (cumulative, most confident first) and of the escalated ones (cumulative from the end)."""
+    """(N + 1,) z * sd(d) / sqrt(N) for every k (the module's docstring), sd from the sums of d and d^2."""
     n = int(table.student.numel())
     z = NormalDist().inv_cdf(assurance)
     if z == 0 or n < 2:
         return torch.zeros(n + 1, dtype=torch.float64)
     kept_d = table.student - target * table.teacher  # (N,) d_i of a kept row
     sent_d = (1 - target) * table.teacher  # (N,) d_i of an escalated row
-    zero = torch.zeros(1, dtype=torch.float64)
-    sums = torch.cat([zero, kept_d.cumsum(0)]) + torch.cat([zero, sent_d.flip(0).cumsum(0)]).flip(0)  # (N + 1,)
-    squares = torch.cat([zero, (kept_d**2).cumsum(0)]) + torch.cat([zero, (sent_d**2).flip(0).cumsum(0)]).flip(0)
+    sums, squares = _split_sums(kept_d, sent_d), _split_sums(kept_d**2, sent_d**2)  # (N + 1,), (N + 1,)
     variance = (squares - sums**2 / n) / (n - 1)  # (N + 1,) sample variance of d
     rounding = 64 * torch.finfo(torch.float64).eps * squares / (n - 1)  # (N + 1,) what the subtraction can leave
     variance = torch.where(variance > rounding, variance, torch.zeros_like(variance))  # rows alike: exactly 0

@@ -68,6 +68,6 @@ def cascade_setup(teacher_url: str | None, options: dict[str, Any]) -> Any:
         raise DistillError(str(error)) from None
     return CascadeSetup(
         teacher=teacher, confidence=confidence, threshold=threshold, validation=validation,
-        target=options.get("target") or 0.95, assurance=assurance or cascade_curve.ASSURANCE, max_tokens=options.get("validation_max_tokens") or 256,
-        on_calibrated=announce,
+        target=options.get("target") or 0.95, assurance=assurance or cascade_curve.ASSURANCE,
+        max_tokens=options.get("validation_max_tokens") or 256, on_calibrated=announce,
     )  # fmt: skip
