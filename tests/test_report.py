@@ -93,3 +93,16 @@ def test_ensemble_summary_compares_with_single_teacher():
     text = " ".join(lines)
     assert "3-model ensemble (90.0 %) is at least as accurate as its best member (88.0 %)" in text
     assert "from teacher 0 alone (+5.0 points)" in text
+
+
+def test_report_states_each_students_batches_and_learning_rate():
+    """The note on the baseline's training names each student's batches and learning rate when the run recorded
+    them, and is still written for metrics of runs from before they were recorded."""
+    metrics = fake_metrics()
+    metrics["student_alone"] |= {"steps": 2625, "batch_size": 32, "lr": 0.01}
+    metrics["student_distilled"] |= {"steps": 2580, "batch_size": 512, "lr": 0.03}
+    notes = " ".join(report.classification_report(metrics).notes)
+    assert "2,625 optimizer steps on the labeled rows (batches of 32, learning rate 0.01)" in notes
+    assert "the distilled student's 2,580 (batches of 512, learning rate 0.03)" in notes
+    older = " ".join(report.classification_report(fake_metrics()).notes)
+    assert "optimizer steps on the labeled rows, at least as many" in older and "learning rate" not in older

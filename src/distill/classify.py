@@ -26,7 +26,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from distill import evaluate, models
-from distill.config import BatchSize, LossConfig, ModelSpec, Rows, Seed, Strict, TrainConfig
+from distill.config import BatchSize, LearningRate, LossConfig, ModelSpec, Rows, Seed, Strict, TrainConfig
 from distill.data import ArrayDataset, concat
 from distill.stages import RunContext, train_or_resume
 from distill.teachers import CachedTeacher, EnsembleTeacher, LocalTeacher, Teacher, build_cache
@@ -75,6 +75,9 @@ class ClassifyConfig(Strict):
     teacher_train: TrainConfig = Field(default_factory=TrainConfig)
     student_train: TrainConfig = Field(default_factory=TrainConfig)
     alone_batch_size: BatchSize = Field(32, description="batches of the student alone, over its smaller data")
+    alone_lr: LearningRate | None = Field(
+        None, description="learning rate of the student alone, in its smaller batches; null: student_train.lr"
+    )
     seed: Seed = 0
 
 
@@ -94,6 +97,7 @@ class Task:
     student_train: TrainConfig
     loss: LossConfig
     alone_batch_size: int
+    alone_lr: float | None = None  # None: student_train.lr
     teachers: int = 1
     ensemble: Ensemble = "mean"
     seed: int = 0
@@ -103,7 +107,7 @@ class Task:
 
 def task_settings(config: ClassifyConfig) -> dict[str, Any]:
     """The Task fields a classification config sets."""
-    names = ("teacher", "student", "teacher_train", "student_train", "loss", "alone_batch_size", "teachers")
+    names = ("teacher", "student", "teacher_train", "student_train", "loss", "alone_batch_size", "alone_lr", "teachers")
     return {name: getattr(config, name) for name in names} | {"ensemble": config.ensemble, "seed": config.seed}
 
 
@@ -203,16 +207,21 @@ def _soft_targets(task: Task, members: list[Trained], data: ArrayDataset, run: R
     return SoftTargets(teacher, cache, single)
 
 
-def _students(task: Task, data: ArrayDataset, soft: SoftTargets, run: RunContext) -> dict[str, Trained]:
-    """Stages 3 and 4: the student alone and distilled, from the same initialisation. Alone it gets at least as
-    many optimizer steps as the distilled student (more epochs over its smaller data), so the baseline is not
-    starved."""
-    seed, init = task.seed, task.seed + 7
+def _alone_train(task: Task, data: ArrayDataset) -> TrainConfig:
+    """The student alone's training: at least as many optimizer steps as the distilled student's over `data` (more
+    epochs over its smaller data), so the baseline is not starved, in its own batches at its own learning rate."""
     steps = task.student_train.epochs * math.ceil(len(data) / task.student_train.batch_size)
-    alone_epochs = math.ceil(steps / math.ceil(len(task.train) / task.alone_batch_size))
-    alone = task.student_train.model_copy(
-        update={"seed": seed, "batch_size": task.alone_batch_size, "epochs": max(alone_epochs, 1)}
+    epochs = math.ceil(steps / math.ceil(len(task.train) / task.alone_batch_size))
+    lr = task.alone_lr if task.alone_lr is not None else task.student_train.lr
+    return task.student_train.model_copy(
+        update={"seed": task.seed, "batch_size": task.alone_batch_size, "epochs": max(epochs, 1), "lr": lr}
     )
+
+
+def _students(task: Task, data: ArrayDataset, soft: SoftTargets, run: RunContext) -> dict[str, Trained]:
+    """Stages 3 and 4: the student alone (`_alone_train`) and distilled, from the same initialisation."""
+    seed, init = task.seed, task.seed + 7
+    alone = _alone_train(task, data)
     distilled = task.student_train.model_copy(update={"seed": seed})
     temperature = task.loss.temperature
     students = {
@@ -259,9 +268,10 @@ def _teacher_scores(task: Task, members: list[Trained], logits: Tensor, speed: A
     }
 
 
-def _alone_scores(alone: Trained, teacher_logits: Tensor, task: Task) -> dict[str, Any]:
+def _alone_scores(alone: Trained, teacher_logits: Tensor, task: Task, data: ArrayDataset) -> dict[str, Any]:
     scores = _student_scores(alone.model, teacher_logits, task.test)
-    scores.update(train_seconds=alone.seconds, rows=len(task.train))
+    config = _alone_train(task, data)
+    scores.update(train_seconds=alone.seconds, rows=len(task.train), batch_size=config.batch_size, lr=config.lr)
     scores["steps"] = alone.history[-1]["step"] if alone.history else None
     return scores
 
@@ -277,6 +287,8 @@ def _distilled_scores(
         train_seconds=distilled.seconds,
         rows=len(data),
         steps=distilled.history[-1]["step"] if distilled.history else None,
+        batch_size=task.student_train.batch_size,
+        lr=task.student_train.lr,
         labeled_rows=len(task.train),
         transfer_rows=len(data) - len(task.train),
         architecture=task.student.model_dump(),
@@ -313,7 +325,7 @@ def _evaluation(
     speed = evaluate.measure_speed({"teacher": forward, "student": distilled.model}, *example)
     teacher_logits = evaluate.teacher_logprobs(soft.teacher, test.inputs)  # (N, C) log-probs are valid logits
     teacher = _teacher_scores(task, members, teacher_logits, speed["teacher"])
-    alone = _alone_scores(students["student-alone"], teacher_logits, task)
+    alone = _alone_scores(students["student-alone"], teacher_logits, task, data)
     student = _distilled_scores(distilled, teacher_logits, task, data, speed["student"])
     metrics = {"teacher": teacher, "student_alone": alone, "student_distilled": student}
     if "student-from-teacher-0" in students:

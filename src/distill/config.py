@@ -69,6 +69,7 @@ Temperature = Annotated[float, Field(gt=0, le=MAX_TEMPERATURE)]
 SamplingTemperature = Annotated[float, Field(ge=0, le=2)]  # 0 = greedy
 Steps = Annotated[int, Field(ge=0, le=MAX_STEPS)]
 Workers = Annotated[int, Field(ge=1, le=MAX_WORKERS)]
+LearningRate = Annotated[float, Field(gt=0)]
 Weight = Annotated[float, Field(ge=0)]  # finite: Strict refuses inf and nan everywhere
 Share = Annotated[float, Field(ge=0, le=1)]
 
@@ -171,7 +172,7 @@ class TrainConfig(Strict):
 
     epochs: Epochs = 20
     batch_size: BatchSize = 256
-    lr: float = Field(3e-3, gt=0)
+    lr: LearningRate = 3e-3
     weight_decay: Weight = 0.01
     schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
     warmup: Annotated[float, Field(ge=0, lt=1)] = Field(
