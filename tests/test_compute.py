@@ -197,7 +197,9 @@ def test_activation_checkpointing_recomputes_blocks_and_gives_the_same_gradients
     for before, after in zip(plain, recomputed):
         for a, b in zip(before, after):
             assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
-    assert history[0] == pytest.approx(plain_history[0])
+    # the logged losses to the gradients' float32 tolerance: under a loaded xdist run the recomputed forward's kd
+    # differed from the plain one's in the 6th digit (4e-6 relative, dropout 0.1)
+    assert history[0] == pytest.approx(plain_history[0], rel=1e-5)
 
 
 def test_activation_checkpointing_is_refused_for_a_model_without_it():
