@@ -7,7 +7,7 @@ freshly generated labelled signals (a generator seed no recipe uses), with the g
     PYTHONPATH=../old/src python benchmarks/demo_seeds.py --output benchmarks/results/other.json  # another commit
 
 On 1,000 test signals one signal is 0.1 point of accuracy, and the gap closed divides by the teacher's lead over
-the student alone (about 27 points): one signal moves it by about 0.004, and the default seed's figure wanders by a
+the student alone (about 25 points): one signal moves it by about 0.004, and the default seed's figure wanders by a
 few hundredths from one change of rounding to the next. The fresh signals show whether a change moved the students
 or only the test split's draw. Writes benchmarks/results/demo_seeds.json.
 """

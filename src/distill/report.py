@@ -199,7 +199,7 @@ def classification_summary(metrics: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _steps(scores: dict[str, Any]) -> str:
+def _batches_and_rate(scores: dict[str, Any]) -> str:
     """' (batches of 32, learning rate 0.005)' where the run recorded them (older runs' metrics did not)."""
     if scores.get("batch_size") is None or scores.get("lr") is None:
         return ""
@@ -214,9 +214,9 @@ def classification_report(metrics: dict[str, Any]) -> Report:
         f"T = {loss['temperature']}, alpha = {loss['alpha']}; the hard-label term applies only to labeled rows.",
         f"The distilled student trained on {count(student.get('rows'))} rows: {count(student.get('labeled_rows'))} "
         f"labeled and {count(student.get('transfer_rows'))} transfer rows labeled only by the teacher.",
-        f"The student alone trained for {count(alone.get('steps'))} optimizer steps on the labeled rows{_steps(alone)}, "
-        f"at least as many as the distilled student's {count(student.get('steps'))}{_steps(student)}, so the baseline "
-        "is not short of training.",
+        f"The student alone trained for {count(alone.get('steps'))} optimizer steps on the labeled rows"
+        f"{_batches_and_rate(alone)}, at least as many as the distilled student's {count(student.get('steps'))}"
+        f"{_batches_and_rate(student)}, so the baseline is not short of training.",
         "Latency and throughput were measured on the CPU for teacher and student side by side (interleaved rounds, "
         "median); the teacher's figures include every ensemble member.",
         f"Whole run: {seconds(metrics.get('seconds'))}.",
